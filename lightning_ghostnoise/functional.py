@@ -1,0 +1,447 @@
+"""Pure tensor math of ghost noise: no module state, no Lightning.
+
+Every formula of the methods lives here once; the layers in :mod:`lightning_ghostnoise.layers` only
+choose which function to call and keep the norm layer's parameters and buffers.
+
+Notation: ``x`` has a batch dimension 0 and a channel dimension (``channel_dim``, 1 for BatchNorm and
+GroupNorm, -1 for LayerNorm over the last dimension); every other dimension is "spatial" (pixels,
+time steps, tokens). Per-sample moments are taken over the spatial dimensions, in float32.
+
+Example:
+    >>> import torch
+    >>> from lightning_ghostnoise import functional as GF
+    >>> x = torch.randn(32, 8, 4, 4)
+    >>> x_hat = torch.nn.functional.batch_norm(x, None, None, training=True)
+    >>> g = torch.Generator().manual_seed(0)
+    >>> idx = GF.ghost_indices(32, 16, generator=g)
+    >>> shift, scale = GF.ghost_noise(*GF.per_sample_moments(x_hat), idx)
+    >>> y = GF.apply_noise(x_hat, shift, scale, strength=1.0)
+    >>> y.shape
+    torch.Size([32, 8, 4, 4])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NOISE_EPS",
+    "analytic_noise",
+    "apply_noise",
+    "broadcast_channels",
+    "exclusive_batch_norm",
+    "ghost_batch_norm",
+    "ghost_groups",
+    "ghost_indices",
+    "ghost_noise",
+    "per_sample_moments",
+    "update_running_stats",
+]
+
+#: The paper's epsilon inside the noise scale ``sqrt((ghost_var + eps) / (batch_var + eps))``.
+NOISE_EPS = 1e-3
+
+StrengthLike = Union[float, Tensor]
+
+
+def _spatial_dims(x: Tensor, channel_dim: int) -> Tuple[int, ...]:
+    channel_dim = channel_dim % x.dim()
+    return tuple(d for d in range(1, x.dim()) if d != channel_dim)
+
+
+def broadcast_channels(values: Tensor, x: Tensor, channel_dim: int = 1) -> Tensor:
+    """View a per-(sample, channel) tensor ``(B, C)`` so that it broadcasts against ``x``.
+
+    Example:
+        >>> x = torch.zeros(2, 3, 5, 5)
+        >>> broadcast_channels(torch.ones(2, 3), x).shape
+        torch.Size([2, 3, 1, 1])
+    """
+    channel_dim = channel_dim % x.dim()
+    shape = [1] * x.dim()
+    shape[0] = values.shape[0]
+    shape[channel_dim] = values.shape[1]
+    return values.view(shape)
+
+
+def per_sample_moments(x: Tensor, channel_dim: int = 1) -> Tuple[Tensor, Tensor]:
+    """Per-(sample, channel) mean and (biased) variance over the spatial dimensions, in float32.
+
+    Args:
+        x: input of shape ``(B, C, *spatial)`` (``channel_dim=1``) or ``(B, *spatial, C)``
+            (``channel_dim=-1``). Any memory format; low precision inputs are accumulated in float32.
+        channel_dim: the channel dimension.
+
+    Returns:
+        ``(mean, var)``, each of shape ``(B, C)`` and dtype float32 (float64 for float64 inputs). With
+        no spatial dimension the variance is zero.
+
+    Example:
+        >>> m, v = per_sample_moments(torch.ones(4, 3, 2, 2))
+        >>> m.shape, float(v.abs().max())
+        (torch.Size([4, 3]), 0.0)
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"ghost noise needs a floating point input, got dtype {x.dtype}.")
+    dims = _spatial_dims(x, channel_dim)
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if not dims:
+        mean = xf.reshape(x.shape[0], -1)
+        return mean, torch.zeros_like(mean)
+    var, mean = torch.var_mean(xf, dim=dims, correction=0)
+    return mean.reshape(x.shape[0], -1), var.reshape(x.shape[0], -1)
+
+
+def ghost_indices(
+    batch_size: int,
+    ghost_batch_size: int,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[Union[torch.device, str]] = None,
+    num_rows: Optional[int] = None,
+) -> Tensor:
+    """Draw, for each sample, the ``N`` members of its ghost batch (uniform, with replacement).
+
+    Args:
+        batch_size: ``B``, the number of samples to draw from (the pool).
+        ghost_batch_size: ``N``, members per ghost batch; any ``N >= 1`` (``N`` may exceed ``B``).
+        generator: the random generator to draw from (on ``device``). ``None`` uses the global one.
+        device: where to draw; defaults to the generator's device.
+        num_rows: how many ghost batches to draw (defaults to ``batch_size``).
+
+    Returns:
+        Long tensor of shape ``(num_rows, N)`` with values in ``[0, B)``.
+
+    Example:
+        >>> ghost_indices(8, 4, generator=torch.Generator().manual_seed(0)).shape
+        torch.Size([8, 4])
+    """
+    if ghost_batch_size < 1:
+        raise ValueError(f"ghost_batch_size must be >= 1, got {ghost_batch_size}.")
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    rows = batch_size if num_rows is None else num_rows
+    return torch.randint(0, batch_size, (rows, ghost_batch_size), generator=generator, device=device)
+
+
+def _ghost_counts(indices: Tensor, pool_size: int) -> Tensor:
+    """``counts[b, j]``: how often sample ``j`` is in the ghost batch of sample ``b`` (float32)."""
+    counts = torch.zeros(indices.shape[0], pool_size, device=indices.device, dtype=torch.float32)
+    return counts.scatter_add_(1, indices, torch.ones_like(indices, dtype=torch.float32))
+
+
+def ghost_noise(
+    mean: Tensor,
+    var: Tensor,
+    indices: Tensor,
+    eps: float = NOISE_EPS,
+) -> Tuple[Tensor, Tensor]:
+    """GNI's per-(sample, channel) shift and scale from the per-sample moments of normalized features.
+
+    For sample ``b`` the ghost moments are the means of the first and second moments of the rows
+    ``indices[b]``; then ``shift = ghost_mean - batch_mean`` and
+    ``scale = sqrt((ghost_var + eps) / (batch_var + eps))``. Carries no gradient.
+
+    Args:
+        mean: per-sample means ``(P, C)`` of the pool of ``P`` samples (see :func:`per_sample_moments`).
+        var: per-sample biased variances ``(P, C)``.
+        indices: ``(B, N)`` indices into the pool (see :func:`ghost_indices`).
+        eps: the noise epsilon (the paper's 1e-3).
+
+    Returns:
+        ``(shift, scale)``, each ``(B, C)`` float32.
+    """
+    with torch.no_grad():
+        mean = mean.float()
+        second = var.float() + mean * mean
+        n = indices.shape[1]
+        counts = _ghost_counts(indices, mean.shape[0])
+        ghost_m1 = counts @ mean / n
+        ghost_m2 = counts @ second / n
+        ghost_var = (ghost_m2 - ghost_m1 * ghost_m1).clamp_min(0)
+        batch_m1 = mean.mean(0)
+        batch_var = (second.mean(0) - batch_m1 * batch_m1).clamp_min(0)
+        shift = ghost_m1 - batch_m1
+        scale = torch.sqrt((ghost_var + eps) / (batch_var + eps))
+    return shift, scale
+
+
+def analytic_noise(
+    batch_size: int,
+    num_channels: int,
+    ghost_batch_size: int,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[Union[torch.device, str]] = None,
+) -> Tuple[Tensor, Tensor]:
+    """The paper's "noisy affine transform": ghost noise drawn from its law, without data sampling.
+
+    ``shift ~ Normal(0, 1) / sqrt(N)`` and ``scale = sqrt(chi2(N - 1) / N)``, i.e. GNI's law for one
+    value per sample. Needs ``N >= 2`` (``chi2(0)`` is zero).
+
+    Returns:
+        ``(shift, scale)``, each ``(batch_size, num_channels)`` float32.
+
+    Example:
+        >>> s, k = analytic_noise(4, 3, 16, generator=torch.Generator().manual_seed(0))
+        >>> s.shape, bool((k > 0).all())
+        (torch.Size([4, 3]), True)
+    """
+    if ghost_batch_size < 2:
+        raise ValueError(
+            f"analytic ghost noise needs ghost_batch_size >= 2 (chi2 with N-1 degrees of freedom), "
+            f"got {ghost_batch_size}."
+        )
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    n = ghost_batch_size
+    shape = (batch_size, num_channels)
+    shift = torch.randn(shape, generator=generator, device=device) / math.sqrt(n)
+    # chi2(k) = 2 * Gamma(k / 2, 1)
+    alpha = torch.full(shape, (n - 1) / 2.0, device=device)
+    chi2 = 2.0 * torch._standard_gamma(alpha, generator=generator)
+    scale = torch.sqrt(chi2 / n)
+    return shift, scale
+
+
+def apply_noise(
+    x_hat: Tensor,
+    shift: Tensor,
+    scale: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    strength: StrengthLike = 1.0,
+    channel_dim: int = 1,
+    shift_noise: bool = True,
+    scale_noise: bool = True,
+) -> Tensor:
+    """``y = weight * (x_hat - s * shift) / scale**s + bias``, folded into one per-(sample, channel) affine.
+
+    Args:
+        x_hat: normalized features (no affine applied yet).
+        shift: ``(B, C)`` shift noise (no gradient).
+        scale: ``(B, C)`` scale noise (no gradient), positive.
+        weight: per-channel gamma (or ``None``).
+        bias: per-channel beta (or ``None``).
+        strength: ``s``; a float or a 0-dim tensor (a tensor avoids recompilation when it changes).
+        channel_dim: the channel dimension of ``x_hat``.
+        shift_noise: apply the shift part.
+        scale_noise: apply the scale part.
+
+    Returns:
+        Tensor like ``x_hat`` (same dtype and memory format).
+    """
+    s = strength if isinstance(strength, Tensor) else torch.tensor(float(strength))
+    s = s.to(device=shift.device, dtype=torch.float32)
+    inv = torch.pow(scale, -s) if scale_noise else torch.ones_like(scale)
+    a = inv
+    d = -(s * shift) * inv if shift_noise else torch.zeros_like(shift)
+    if weight is not None:
+        w = weight.float()
+        a = a * w
+        d = d * w
+    if bias is not None:
+        d = d + bias.float()
+    a = broadcast_channels(a.to(x_hat.dtype), x_hat, channel_dim)
+    d = broadcast_channels(d.to(x_hat.dtype), x_hat, channel_dim)
+    return torch.addcmul(d, x_hat, a)
+
+
+def ghost_groups(batch_size: int, ghost_batch_size: int, device: Optional[Union[torch.device, str]] = None) -> Tuple[Tensor, int]:
+    """Assign consecutive samples to ghost batches; the remainder rule of GBN and XBN.
+
+    Samples ``0..N-1`` form ghost batch 0, ``N..2N-1`` ghost batch 1, and so on. The ``r = B mod N``
+    trailing samples are merged into the last full ghost batch (which then has ``N + r`` members), so
+    no ghost batch is ever smaller than ``N``; a batch smaller than ``N`` is one ghost batch.
+
+    Returns:
+        ``(group, num_groups)``: a long tensor ``(B,)`` of ghost batch ids and their count.
+
+    Example:
+        >>> ghost_groups(7, 3)
+        (tensor([0, 0, 0, 1, 1, 1, 1]), 2)
+    """
+    if ghost_batch_size < 1:
+        raise ValueError(f"ghost_batch_size must be >= 1, got {ghost_batch_size}.")
+    num_groups = max(batch_size // ghost_batch_size, 1)
+    group = torch.arange(batch_size, device=device) // ghost_batch_size
+    return group.clamp_max_(num_groups - 1), num_groups
+
+
+def _group_sum(values: Tensor, group: Tensor, num_groups: int) -> Tensor:
+    out = values.new_zeros((num_groups,) + tuple(values.shape[1:]))
+    return out.index_add(0, group, values)
+
+
+def update_running_stats(
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """Update running statistics in place as ``F.batch_norm`` does with ``momentum``.
+
+    ``batch_var`` is the biased batch variance over ``count`` values per channel; the running
+    variance receives the unbiased one (``count / (count - 1)``). The caller resolves BatchNorm's
+    ``momentum=None`` (cumulative average) into a factor, as ``nn.BatchNorm`` does.
+    """
+    if running_mean is None or running_var is None:
+        return
+    factor = momentum
+    with torch.no_grad():
+        unbiased = batch_var * (count / max(count - 1, 1))
+        running_mean.mul_(1 - factor).add_(batch_mean.to(running_mean.dtype), alpha=factor)
+        running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+
+
+def _ghost_normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    ghost_mean: Tensor,
+    ghost_var: Tensor,
+    centre: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    strength: StrengthLike,
+    shift_noise: bool,
+    scale_noise: bool,
+    channel_dim: int,
+) -> Tensor:
+    """Normalize each sample by statistics between the batch's (``s = 0``) and its ghost's (``s = 1``).
+
+    ``mean``/``var`` are the per-sample moments (``(B, C)``, with gradient), ``ghost_mean``/``ghost_var``
+    the ghost statistics of each sample (``(B, C)``, means relative to ``centre``). With
+    ``shift = ghost_mean - batch_mean`` and ``ratio = std_ghost / std_batch`` the sample is normalized by
+    ``batch_mean + s * shift`` and ``std_batch * ratio**s``: at ``s = 1`` exactly by its ghost statistics.
+    """
+    c = mean - centre
+    batch_mean = c.mean(0)
+    batch_var = (var + c * c).mean(0) - batch_mean * batch_mean
+    std_b = torch.sqrt(batch_var.clamp_min(0) + eps)
+    s = strength if isinstance(strength, Tensor) else torch.tensor(float(strength))
+    s = s.to(device=x.device, dtype=mean.dtype)
+    mean_eff = batch_mean + s * (ghost_mean - batch_mean) if shift_noise else batch_mean.expand_as(ghost_mean)
+    if scale_noise:
+        std_eff = std_b * torch.pow(torch.sqrt(ghost_var + eps) / std_b, s)
+    else:
+        std_eff = std_b.expand_as(ghost_var)
+    a = 1.0 / std_eff
+    d = -(mean_eff + centre) * a
+    if weight is not None:
+        a = a * weight.to(a.dtype)
+        d = d * weight.to(a.dtype)
+    if bias is not None:
+        d = d + bias.to(a.dtype)
+    a = broadcast_channels(a.to(x.dtype), x, channel_dim)
+    d = broadcast_channels(d.to(x.dtype), x, channel_dim)
+    return torch.addcmul(d, x, a)
+
+
+def ghost_batch_norm(
+    x: Tensor,
+    ghost_batch_size: int,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    strength: StrengthLike = 1.0,
+    shift_noise: bool = True,
+    scale_noise: bool = True,
+    channel_dim: int = 1,
+) -> Tensor:
+    """Ghost Batch Normalization (training mode): each ghost batch is normalized by its own moments.
+
+    Ghost batches follow :func:`ghost_groups` (consecutive samples, remainder merged into the last
+    full ghost batch). Gradients flow through the ghost statistics. Running statistics are updated
+    from the *full* batch, exactly as plain BatchNorm would, so they estimate the population moments.
+    ``strength`` interpolates between BatchNorm (0) and GBN (1), see :func:`_ghost_normalize`.
+
+    Example:
+        >>> y = ghost_batch_norm(torch.randn(10, 3, 4, 4), 4)
+        >>> y.shape
+        torch.Size([10, 3, 4, 4])
+    """
+    mean, var = per_sample_moments(x, channel_dim)
+    _update_from_samples(mean, var, x, channel_dim, running_mean, running_var, momentum)
+    group, num_groups = ghost_groups(x.shape[0], ghost_batch_size, device=x.device)
+    centre = mean.detach().mean(0)  # shift for a numerically stable variance
+    c = mean - centre
+    size = _group_sum(torch.ones_like(mean[:, :1]), group, num_groups)
+    g_mean = _group_sum(c, group, num_groups) / size
+    g_second = _group_sum(var + c * c, group, num_groups) / size
+    g_var = (g_second - g_mean * g_mean).clamp_min(0)
+    return _ghost_normalize(
+        x, mean, var, g_mean[group], g_var[group], centre, weight, bias, eps, strength, shift_noise, scale_noise, channel_dim
+    )
+
+
+def exclusive_batch_norm(
+    x: Tensor,
+    ghost_batch_size: int,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    strength: StrengthLike = 1.0,
+    shift_noise: bool = True,
+    scale_noise: bool = True,
+    channel_dim: int = 1,
+) -> Tensor:
+    """Exclusive Batch Normalization (training mode): leave-one-out ghost statistics.
+
+    Each sample is normalized by the moments of the *other* members of its ghost batch (ghost
+    batches as in :func:`ghost_groups`). A ghost batch of one sample (only when the whole batch has
+    one sample) falls back to the sample's own moments. Running statistics come from the full batch.
+
+    Example:
+        >>> y = exclusive_batch_norm(torch.randn(8, 3, 4, 4), 4)
+        >>> y.shape
+        torch.Size([8, 3, 4, 4])
+    """
+    if ghost_batch_size < 2:
+        raise ValueError(
+            f"XBN needs ghost_batch_size >= 2 (a sample and at least one other), got {ghost_batch_size}."
+        )
+    mean, var = per_sample_moments(x, channel_dim)
+    _update_from_samples(mean, var, x, channel_dim, running_mean, running_var, momentum)
+    group, num_groups = ghost_groups(x.shape[0], ghost_batch_size, device=x.device)
+    centre = mean.detach().mean(0)
+    c = mean - centre
+    second = var + c * c
+    size = _group_sum(torch.ones_like(mean[:, :1]), group, num_groups)[group]
+    others = (size - 1).clamp_min(1)
+    alone = size == 1
+    loo_mean = torch.where(alone, c, (_group_sum(c, group, num_groups)[group] - c) / others)
+    loo_second = torch.where(alone, second, (_group_sum(second, group, num_groups)[group] - second) / others)
+    loo_var = (loo_second - loo_mean * loo_mean).clamp_min(0)
+    return _ghost_normalize(
+        x, mean, var, loo_mean, loo_var, centre, weight, bias, eps, strength, shift_noise, scale_noise, channel_dim
+    )
+
+
+def _update_from_samples(
+    mean: Tensor,
+    var: Tensor,
+    x: Tensor,
+    channel_dim: int,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    momentum: float,
+) -> None:
+    if running_mean is None:
+        return
+    with torch.no_grad():
+        bm = mean.mean(0)
+        bv = var.mean(0) + (mean - bm).pow(2).mean(0)
+    count = x.numel() // mean.shape[1]
+    update_running_stats(running_mean, running_var, bm, bv, count, momentum)

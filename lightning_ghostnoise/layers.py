@@ -1,0 +1,421 @@
+"""Ghost-noise versions of PyTorch's normalization layers.
+
+Each class subclasses the norm layer it replaces and keeps its parameters and buffers under the same
+names, so a ``state_dict`` moves freely between the plain and the ghost-noise model (``strict=True``).
+The only added buffer, ``_ghost_strength``, is non-persistent: it is not part of the state dict.
+
+In eval mode, with ``strength == 0``, or when the module itself is in eval mode during training (a
+frozen BatchNorm), every layer runs the plain layer's own ``forward``.
+
+Example:
+    >>> import torch
+    >>> from lightning_ghostnoise.layers import GhostBatchNorm2d
+    >>> bn = torch.nn.BatchNorm2d(8)
+    >>> gbn = GhostBatchNorm2d.from_module(bn, method="gni", ghost_batch_size=16)
+    >>> sorted(gbn.state_dict()) == sorted(bn.state_dict())
+    True
+    >>> gbn(torch.randn(32, 8, 4, 4)).shape
+    torch.Size([32, 8, 4, 4])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Dict, Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_ghostnoise import functional as GF
+
+__all__ = [
+    "METHODS",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "GhostGroupNorm",
+    "GhostLayerNorm",
+    "GhostNoiseMixin",
+    "ghost_class_for",
+    "is_ghost_layer",
+    "min_ghost_batch_size",
+]
+
+#: The methods: Ghost Noise Injection (default), Ghost Batch Norm, Exclusive Batch Norm, analytic GNI.
+METHODS: Tuple[str, ...] = ("gni", "gbn", "xbn", "analytic")
+
+_STRENGTH_BUFFER = "_ghost_strength"
+
+
+def _check_method(method: str, allowed: Tuple[str, ...], layer: str) -> str:
+    if not isinstance(method, str) or method.lower() not in METHODS:
+        raise ValueError(f"Unknown ghost noise method {method!r}: choose one of {', '.join(METHODS)}.")
+    method = method.lower()
+    if method not in allowed:
+        raise ValueError(
+            f"Method {method!r} does not apply to {layer}: it normalizes each sample on its own, so there are "
+            f"no batch statistics to split into ghost batches. Use one of {', '.join(allowed)} for {layer}, "
+            "or exclude these layers."
+        )
+    return method
+
+
+def min_ghost_batch_size(method: str, scale_noise: bool = True) -> int:
+    """The smallest ghost batch size a method can use: 2 for XBN and analytic scale noise, else 1."""
+    if method == "xbn" or (method == "analytic" and scale_noise):
+        return 2
+    return 1
+
+
+class GhostNoiseMixin:
+    """State and settings shared by every ghost-noise layer.
+
+    Attributes:
+        method: ``"gni"``, ``"gbn"``, ``"xbn"`` or ``"analytic"``.
+        ghost_batch_size: ``N``; settable (a schedule changes it between steps).
+        strength: ``s >= 0``; settable; stored also as a tensor buffer so that a compiled model does
+            not recompile when it changes.
+        shift_noise: apply the shift (mean) part of the noise.
+        scale_noise: apply the scale (variance) part of the noise.
+        noise_eps: the epsilon inside GNI's noise scale (the paper's 1e-3).
+        seed: the seed of the layer's own random generator (see :meth:`reseed`).
+    """
+
+    _base: ClassVar[Type[nn.Module]]
+    _methods: ClassVar[Tuple[str, ...]] = METHODS
+    _ghost_attrs: ClassVar[Tuple[str, ...]] = (
+        "method",
+        "_ghost_batch_size",
+        "_strength_value",
+        "_noise_on",
+        "shift_noise",
+        "scale_noise",
+        "noise_eps",
+        "seed",
+        "_generator",
+        "sync",
+        "process_group",
+    )
+
+    method: str
+    shift_noise: bool
+    scale_noise: bool
+    noise_eps: float
+    seed: int
+    sync: bool
+
+    # ------------------------------------------------------------------ construction / reversal
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        method: str = "gni",
+        ghost_batch_size: int = 16,
+        strength: float = 1.0,
+        shift_noise: bool = True,
+        scale_noise: bool = True,
+        noise_eps: float = GF.NOISE_EPS,
+        seed: int = 0,
+    ) -> "GhostNoiseMixin":
+        """Build the ghost-noise layer around ``module``'s parameters and buffers (shared, not copied).
+
+        Raises:
+            TypeError: ``module`` is not exactly this class's plain layer.
+            ValueError: a bad setting; the message says which and why.
+        """
+        if type(module) is not cls._base:
+            raise TypeError(f"{cls.__name__}.from_module expects a {cls._base.__name__}, got {type(module).__name__}.")
+        new = cls.__new__(cls)
+        # validate everything before touching any state, so an error leaves nothing half-done
+        method = _check_method(method, cls._methods, cls._base.__name__)
+        cls._check_module(module)
+        new.__dict__.update(module.__dict__)
+        new._parameters = dict(module._parameters)
+        new._buffers = dict(module._buffers)
+        new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+        new.method = method
+        new.shift_noise = bool(shift_noise)
+        new.scale_noise = bool(scale_noise)
+        new._strength_value = 0.0
+        new._noise_on = False
+        new._ghost_batch_size = 1
+        new.sync = False
+        new.process_group = None
+        new._generator = None
+        new.seed = 0
+        new.noise_eps = new._validated_noise_eps(noise_eps)
+        new.ghost_batch_size = ghost_batch_size
+        device = new._state_device()
+        new.register_buffer(_STRENGTH_BUFFER, torch.zeros((), device=device), persistent=False)
+        new.strength = strength
+        new.reseed(seed)
+        return new
+
+    @classmethod
+    def _check_module(cls, module: nn.Module) -> None:
+        """Refuse layer configurations the method cannot handle (overridden per family)."""
+
+    def to_plain(self) -> nn.Module:
+        """Return the plain layer with the same parameters and buffers (shared, not copied).
+
+        Example:
+            >>> from lightning_ghostnoise.layers import GhostBatchNorm1d
+            >>> type(GhostBatchNorm1d.from_module(torch.nn.BatchNorm1d(3)).to_plain()).__name__
+            'BatchNorm1d'
+        """
+        base = self._base
+        plain = base.__new__(base)
+        state = {k: v for k, v in self.__dict__.items() if k not in self._ghost_attrs}
+        plain.__dict__.update(state)
+        plain._parameters = dict(self._parameters)
+        plain._buffers = {k: v for k, v in self._buffers.items() if k != _STRENGTH_BUFFER}
+        plain._non_persistent_buffers_set = set(self._non_persistent_buffers_set) - {_STRENGTH_BUFFER}
+        return plain
+
+    def _validated_noise_eps(self, eps: float) -> float:
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+            raise ValueError(f"noise_eps must be a positive finite number, got {eps!r}.")
+        return float(eps)
+
+    def _state_device(self) -> torch.device:
+        for t in list(self._parameters.values()) + list(self._buffers.values()):  # type: ignore[attr-defined]
+            if t is not None:
+                return t.device
+        return torch.device("cpu")
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def ghost_batch_size(self) -> int:
+        """The ghost batch size ``N`` (an int ``>= 1``; ``>= 2`` for XBN and analytic scale noise)."""
+        return self._ghost_batch_size
+
+    @ghost_batch_size.setter
+    def ghost_batch_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+            raise ValueError(f"ghost_batch_size must be a whole number, got {value!r}.")
+        value = int(value)
+        low = min_ghost_batch_size(self.method, self.scale_noise)
+        if value < low:
+            why = {
+                "xbn": "XBN normalizes each sample by the other members of its ghost batch",
+                "analytic": "the analytic scale noise is chi2 with N - 1 degrees of freedom",
+            }.get(self.method, "a ghost batch needs at least one sample")
+            raise ValueError(f"ghost_batch_size must be >= {low} for method {self.method!r} ({why}), got {value}.")
+        self._ghost_batch_size = value
+
+    @property
+    def strength(self) -> float:
+        """The noise strength ``s >= 0``: 0 is the plain layer, 1 the method exactly."""
+        return self._strength_value
+
+    @strength.setter
+    def strength(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"strength must be a finite number >= 0, got {value!r}.")
+        value = float(value)
+        self._strength_value = value
+        self._noise_on = value != 0.0
+        buf = getattr(self, _STRENGTH_BUFFER, None)
+        if buf is not None:
+            with torch.no_grad():
+                buf.fill_(value)
+
+    # ------------------------------------------------------------------ randomness
+    def reseed(self, seed: int) -> None:
+        """(Re)seed the layer's own generator; the global RNG is never used.
+
+        The generator lives on the device of the layer's tensors and follows the layer when it moves.
+        """
+        seed = int(seed)
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {seed}.")
+        self.seed = seed
+        device = self._state_device()
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(seed)
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        gen = self._generator
+        if gen is None or gen.device != device:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generator = gen
+        return gen
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:  # device moves: follow with the generator
+        out = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        if self._generator is not None and self._generator.device != self._state_device():
+            self.reseed(self.seed)
+        return out
+
+    # ------------------------------------------------------------------ noise
+    def _noise_active(self) -> bool:
+        return bool(self.training and self._noise_on)  # type: ignore[attr-defined]
+
+    def _ghost_noise(self, x_hat: Tensor, channel_dim: int) -> Tuple[Tensor, Tensor]:
+        """Per-(sample, channel) ``(shift, scale)`` for GNI or analytic GNI."""
+        batch = x_hat.shape[0]
+        gen = self._generator_for(x_hat.device)
+        if self.method == "analytic":
+            channels = x_hat.shape[channel_dim]
+            return GF.analytic_noise(batch, channels, self._ghost_batch_size, generator=gen, device=x_hat.device)
+        mean, var = GF.per_sample_moments(x_hat.detach(), channel_dim)
+        idx = GF.ghost_indices(batch, self._ghost_batch_size, generator=gen, device=x_hat.device)
+        return GF.ghost_noise(mean, var, idx, eps=self.noise_eps)
+
+    def _inject(self, x_hat: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], channel_dim: int) -> Tensor:
+        shift, scale = self._ghost_noise(x_hat, channel_dim)
+        return GF.apply_noise(
+            x_hat,
+            shift,
+            scale,
+            weight,
+            bias,
+            strength=getattr(self, _STRENGTH_BUFFER),
+            channel_dim=channel_dim,
+            shift_noise=self.shift_noise,
+            scale_noise=self.scale_noise,
+        )
+
+    def ghost_extra_repr(self) -> str:
+        return (
+            f"method={self.method}, ghost_batch_size={self._ghost_batch_size}, strength={self._strength_value:g}"
+            + ("" if self.shift_noise else ", shift_noise=False")
+            + ("" if self.scale_noise else ", scale_noise=False")
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", " + self.ghost_extra_repr()  # type: ignore[misc]
+
+
+def _check_floating(x: Tensor) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"ghost noise layers need a floating point input, got dtype {x.dtype}.")
+
+
+class _GhostBatchNorm(GhostNoiseMixin):
+    """Forward of the BatchNorm family: GNI and analytic after BN; GBN and XBN with ghost statistics."""
+
+    def _running_factor(self) -> float:
+        # mirrors torch.nn.modules.batchnorm._BatchNorm.forward
+        factor = 0.0 if self.momentum is None else self.momentum  # type: ignore[attr-defined]
+        if self.track_running_stats and self.num_batches_tracked is not None:  # type: ignore[attr-defined]
+            self.num_batches_tracked.add_(1)  # type: ignore[attr-defined]
+            if self.momentum is None:  # type: ignore[attr-defined]
+                factor = 1.0 / float(self.num_batches_tracked)  # type: ignore[attr-defined]
+        return factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._noise_active():
+            return super().forward(x)  # type: ignore[misc]
+        self._check_input_dim(x)  # type: ignore[attr-defined]
+        _check_floating(x)
+        factor = self._running_factor()
+        rm, rv = self.running_mean, self.running_var  # type: ignore[attr-defined]
+        weight, bias, eps = self.weight, self.bias, self.eps  # type: ignore[attr-defined]
+        if self.method in ("gbn", "xbn"):
+            fn = GF.ghost_batch_norm if self.method == "gbn" else GF.exclusive_batch_norm
+            return fn(
+                x,
+                self._ghost_batch_size,
+                rm,
+                rv,
+                weight,
+                bias,
+                momentum=factor,
+                eps=eps,
+                strength=getattr(self, _STRENGTH_BUFFER),
+                shift_noise=self.shift_noise,
+                scale_noise=self.scale_noise,
+            )
+        x_hat = F.batch_norm(x, rm, rv, None, None, True, factor, eps)
+        return self._inject(x_hat, weight, bias, channel_dim=1)
+
+
+class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
+    """:class:`torch.nn.BatchNorm1d` with ghost noise, for ``(B, C)`` and ``(B, C, L)`` inputs."""
+
+    _base = nn.BatchNorm1d
+
+
+class GhostBatchNorm2d(_GhostBatchNorm, nn.BatchNorm2d):
+    """:class:`torch.nn.BatchNorm2d` with ghost noise, for ``(B, C, H, W)`` inputs (any memory format)."""
+
+    _base = nn.BatchNorm2d
+
+
+class GhostBatchNorm3d(_GhostBatchNorm, nn.BatchNorm3d):
+    """:class:`torch.nn.BatchNorm3d` with ghost noise, for ``(B, C, D, H, W)`` inputs."""
+
+    _base = nn.BatchNorm3d
+
+
+class GhostLayerNorm(GhostNoiseMixin, nn.LayerNorm):
+    """:class:`torch.nn.LayerNorm` over the last dimension, then GNI across the batch, then the affine.
+
+    Input ``(B, *, D)``: the channel is the last dimension and every middle dimension (tokens,
+    positions) plays the role of spatial positions. The batch is dimension 0 (use ``batch_first=True``
+    transformers). Methods: ``"gni"`` and ``"analytic"``.
+    """
+
+    _base = nn.LayerNorm
+    _methods = ("gni", "analytic")
+
+    @classmethod
+    def _check_module(cls, module: nn.Module) -> None:
+        if len(module.normalized_shape) != 1:  # type: ignore[arg-type]
+            raise ValueError(
+                f"GhostLayerNorm supports LayerNorm over the last dimension only, got normalized_shape="
+                f"{tuple(module.normalized_shape)}. Exclude this layer, or use GroupNorm(1, C) for "  # type: ignore[arg-type]
+                "channel-first feature maps."
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._noise_active():
+            return super().forward(x)
+        _check_floating(x)
+        if x.dim() < 2:
+            raise ValueError(
+                f"GhostLayerNorm needs a batch dimension: got an input of shape {tuple(x.shape)}, expected (B, *, D)."
+            )
+        x_hat = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        return self._inject(x_hat, self.weight, self.bias, channel_dim=-1)
+
+
+class GhostGroupNorm(GhostNoiseMixin, nn.GroupNorm):
+    """:class:`torch.nn.GroupNorm` (e.g. ``GroupNorm(1, C)``, a channel-first LayerNorm), then GNI, then the affine.
+
+    Methods: ``"gni"`` and ``"analytic"``.
+    """
+
+    _base = nn.GroupNorm
+    _methods = ("gni", "analytic")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._noise_active():
+            return super().forward(x)
+        _check_floating(x)
+        if x.dim() < 2:
+            raise ValueError(
+                f"GhostGroupNorm needs a batch dimension: got an input of shape {tuple(x.shape)}, expected (B, C, *)."
+            )
+        x_hat = F.group_norm(x, self.num_groups, None, None, self.eps)
+        return self._inject(x_hat, self.weight, self.bias, channel_dim=1)
+
+
+_GHOST_CLASSES: Dict[Type[nn.Module], Type[GhostNoiseMixin]] = {
+    cls._base: cls  # type: ignore[misc]
+    for cls in (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, GhostLayerNorm, GhostGroupNorm)
+}
+
+
+def ghost_class_for(module_type: Type[nn.Module]) -> Optional[Type[GhostNoiseMixin]]:
+    """The ghost-noise class for an exact plain norm layer type, else ``None``."""
+    return _GHOST_CLASSES.get(module_type)
+
+
+def is_ghost_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a ghost-noise layer."""
+    return isinstance(module, GhostNoiseMixin)

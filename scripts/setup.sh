@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh machine: virtual environment, torch (CPU wheel), the package with its
+# test extras, and Debian's Fashion-MNIST package for the real-data jobs. Sourced by run.sh/test.sh.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${GHOSTNOISE_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.ghostnoise-installed"
+if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+  # torch first, pinned, so that no range ever resolves to a multi-GB CUDA build
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test,plot,cli]" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/python" -c "import lightning_ghostnoise, lightning, torchmetrics, scipy, jsonargparse" 
+  touch "$stamp"
+fi
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
+      || echo "setup: could not install dataset-fashion-mnist; the jobs fall back to scikit-learn's digits" >&2
+  else
+    echo "setup: no root apt-get; the jobs fall back to scikit-learn's digits" >&2
+  fi
+fi
