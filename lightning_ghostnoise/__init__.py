@@ -6,6 +6,7 @@ Example:
     >>> model = apply_ghost_noise(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)))
 """
 
+from lightning_ghostnoise.callback import GhostNoise
 from lightning_ghostnoise.layers import (
     METHODS,
     GhostBatchNorm1d,
@@ -33,6 +34,7 @@ __all__ = [
     "GhostBatchNorm3d",
     "GhostGroupNorm",
     "GhostLayerNorm",
+    "GhostNoise",
     "GhostNoiseMixin",
     "__version__",
     "apply_ghost_noise",

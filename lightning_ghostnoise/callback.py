@@ -1,0 +1,266 @@
+"""The ``GhostNoise`` Lightning callback: ghost noise for any LightningModule in one line.
+
+Example:
+    >>> from lightning.pytorch import Trainer
+    >>> from lightning_ghostnoise import GhostNoise
+    >>> trainer = Trainer(callbacks=[GhostNoise(ghost_batch_size=16)], logger=False)
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any, Dict, List, Optional, Union
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lightning_ghostnoise import functional as GF
+from lightning_ghostnoise.layers import METHODS, GhostNoiseMixin, min_ghost_batch_size
+from lightning_ghostnoise.schedules import Schedule, as_schedule, to_ghost_batch_size
+from lightning_ghostnoise.seeding import derive_seed, validate_seed
+from lightning_ghostnoise.surgery import SurgeryReport, apply_ghost_noise, ghost_layers, revert_ghost_noise
+
+__all__ = ["GhostNoise"]
+
+
+class GhostNoise(Callback):
+    r"""Rewrite the model's normalization layers with ghost noise for the duration of ``fit``.
+
+    The layers are rewritten in :meth:`setup` (``stage="fit"``), before ``configure_optimizers`` and
+    the DDP wrap; layers created in ``configure_model`` are rewritten at ``on_fit_start``. Plain layers
+    are put back when fit ends (``revert_on_fit_end``). Parameters and buffers keep their names, so
+    checkpoints load strictly into the plain model and back.
+
+    Args:
+        ghost_batch_size: ``N``, a number or a :class:`~lightning_ghostnoise.schedules.Schedule`
+            (rounded with :func:`~lightning_ghostnoise.schedules.to_ghost_batch_size`).
+        strength: the noise strength ``s >= 0`` (0: plain layer, 1: the method), a number or a schedule.
+        method: ``"gni"`` (Ghost Noise Injection, default), ``"gbn"`` (Ghost Batch Norm), ``"xbn"``
+            (Exclusive Batch Norm) or ``"analytic"`` (GNI's noise drawn from its law).
+        include_types: only these layer types, e.g. ``["BatchNorm2d"]`` (``"BatchNorm"`` = all three).
+        exclude_types: never these layer types.
+        include_names: only layers whose qualified name matches one of these glob patterns.
+        exclude_names: never layers whose qualified name matches one of these glob patterns.
+        shift_noise: inject the shift (mean) part of the noise.
+        scale_noise: inject the scale (variance) part of the noise.
+        noise_eps: GNI's epsilon in the noise scale (the paper's 1e-3).
+        seed: base seed of the noise, in ``[0, 2**32 - 1]``. ``None``: Lightning's global seed when
+            ``seed_everything`` was called, else drawn once and saved in the checkpoint.
+        sync: draw ghost batches from the *global* batch across processes with global normalization
+            statistics (SyncBatchNorm semantics); ``False`` draws per process from its local batch.
+        revert_on_fit_end: put the plain layers back when fit ends.
+        log_values: log the current ghost batch size and strength through the Trainer's logger.
+
+    Example:
+        >>> from lightning_ghostnoise.schedules import Cosine
+        >>> cb = GhostNoise(ghost_batch_size=16, strength=Cosine(0.0, 1.0, start=0, end=5))
+    """
+
+    def __init__(
+        self,
+        ghost_batch_size: Union[int, float, Schedule] = 16,
+        strength: Union[float, Schedule] = 1.0,
+        method: str = "gni",
+        include_types: Optional[List[str]] = None,
+        exclude_types: Optional[List[str]] = None,
+        include_names: Optional[List[str]] = None,
+        exclude_names: Optional[List[str]] = None,
+        shift_noise: bool = True,
+        scale_noise: bool = True,
+        noise_eps: float = GF.NOISE_EPS,
+        seed: Optional[int] = None,
+        sync: bool = False,
+        revert_on_fit_end: bool = True,
+        log_values: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(method, str) or method.lower() not in METHODS:
+            raise ValueError(f"Unknown ghost noise method {method!r}: choose one of {', '.join(METHODS)}.")
+        self.method = method.lower()
+        self.ghost_batch_size = as_schedule(ghost_batch_size).validate_for("ghost_batch_size")
+        self.strength = as_schedule(strength).validate_for("strength")
+        low = min_ghost_batch_size(self.method, scale_noise)
+        if low > 1:
+            first = self.ghost_batch_size(0)
+            if to_ghost_batch_size(first) < low:
+                raise ValueError(f"ghost_batch_size must be >= {low} for method {self.method!r}, got {first:g}.")
+        self.include_types = include_types
+        self.exclude_types = exclude_types
+        self.include_names = include_names
+        self.exclude_names = exclude_names
+        self.shift_noise = shift_noise
+        self.scale_noise = scale_noise
+        self.noise_eps = noise_eps
+        self.seed = None if seed is None else validate_seed(seed)
+        self.sync = bool(sync)
+        self.revert_on_fit_end = revert_on_fit_end
+        self.log_values = log_values
+        self._base_seed: Optional[int] = self.seed
+        self._current: Dict[str, float] = {}
+        self._layers: List[GhostNoiseMixin] = []
+        self.report = SurgeryReport()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.method, include_names=self.include_names, include_types=self.include_types)
+
+    @property
+    def base_seed(self) -> Optional[int]:
+        """The base seed in use (resolved at ``setup``)."""
+        return self._base_seed
+
+    def _resolve_seed(self) -> int:
+        if self.seed is not None:
+            return self.seed
+        if self._base_seed is not None:
+            return self._base_seed
+        env = os.environ.get("PL_GLOBAL_SEED")
+        if env is not None:
+            return validate_seed(int(env))
+        # drawn once from the OS (never the global torch RNG) and saved in the checkpoint; rank 0's
+        # value is broadcast in setup so every process agrees
+        return secrets.randbelow(2**32)
+
+    def _apply(self, pl_module: nn.Module, warn: bool) -> SurgeryReport:
+        report = SurgeryReport()
+        apply_ghost_noise(
+            pl_module,
+            ghost_batch_size=self._value("ghost_batch_size", 0, 0, None, None),
+            method=self.method,
+            strength=self._value("strength", 0, 0, None, None),
+            shift_noise=self.shift_noise,
+            scale_noise=self.scale_noise,
+            noise_eps=self.noise_eps,
+            seed=self._base_seed or 0,
+            include_types=self.include_types,
+            exclude_types=self.exclude_types,
+            include_names=self.include_names,
+            exclude_names=self.exclude_names,
+            warn=warn,
+            report=report,
+        )
+        for _, layer in ghost_layers(pl_module):
+            layer.sync = self.sync
+        return report
+
+    def _value(self, which: str, epoch: int, step: int, steps: Optional[int], max_epochs: Optional[int]) -> Any:
+        schedule = self.ghost_batch_size if which == "ghost_batch_size" else self.strength
+        value = schedule(epoch, step, steps, max_epochs)
+        return to_ghost_batch_size(value) if which == "ghost_batch_size" else value
+
+    def _set_values(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch_idx: int) -> None:
+        steps = trainer.num_training_batches
+        steps = None if steps in (None, float("inf")) else int(steps)
+        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        n = self._value("ghost_batch_size", trainer.current_epoch, batch_idx, steps, max_epochs)
+        s = self._value("strength", trainer.current_epoch, batch_idx, steps, max_epochs)
+        if self._current.get("ghost_batch_size") != n or self._current.get("strength") != s:
+            for layer in self._layers:
+                if layer.ghost_batch_size != n:
+                    layer.ghost_batch_size = n
+                if layer.strength != s:
+                    layer.strength = s
+            self._current = {"ghost_batch_size": n, "strength": s}
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        layer_sync = getattr(trainer.strategy, "_layer_sync", None)
+        if layer_sync is not None:
+            raise MisconfigurationException(
+                "GhostNoise cannot be combined with Trainer(sync_batchnorm=True): Lightning converts every BatchNorm "
+                "into a plain SyncBatchNorm after callbacks are set up, which would silently drop the ghost noise. "
+                "Use GhostNoise(sync=True) instead: it synchronizes the normalization statistics across processes "
+                "(SyncBatchNorm semantics) and draws ghost batches from the global batch."
+            )
+        others = [cb for cb in trainer.callbacks if isinstance(cb, GhostNoise) and cb is not self]
+        if others:
+            rank_zero_warn(
+                "Several GhostNoise callbacks are attached: the noise is not stacked, the later one reconfigures the "
+                "layers the earlier one rewrote. Give them disjoint include/exclude filters or keep one."
+            )
+        seed = self._resolve_seed()
+        self._base_seed = int(trainer.strategy.broadcast(seed, src=0))
+        self.report = self._apply(pl_module, warn=True)
+        self._current = {}
+        if self.report.num_replaced:
+            rank_zero_info(
+                f"GhostNoise: rewrote {self.report.summary()} with method={self.method}, "
+                f"ghost_batch_size={self.ghost_batch_size!r}, strength={self.strength!r}"
+                + (", sync=True" if self.sync else "")
+                + f" (seed {self._base_seed})."
+            )
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # layers created in ``configure_model`` did not exist at ``setup``; the parameters are shared
+        # with the plain layers, so the optimizer and the DDP wrap keep valid references
+        before = len(ghost_layers(pl_module))
+        report = self._apply(pl_module, warn=False)
+        if report.num_replaced > before:
+            rank_zero_info(f"GhostNoise: rewrote {report.num_replaced - before} more layer(s) created in configure_model.")
+        self.report = report
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # ``current_epoch`` is restored only from here on
+        self._layers = [layer for _, layer in ghost_layers(pl_module)]
+        self._current = {}
+        self._set_values(trainer, pl_module, 0)
+
+    @override
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._set_values(trainer, pl_module, 0)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        self._set_values(trainer, pl_module, batch_idx)
+        # one fresh stream per (base seed, rank, batch, layer): exact on resume, distinct per rank
+        counter = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        rank = 0 if self.sync else trainer.global_rank
+        for index, layer in enumerate(self._layers):
+            layer.reseed(derive_seed(self._base_seed or 0, rank, counter, index))
+        if self.log_values and trainer.logger is not None:
+            pl_module.log("ghostnoise/ghost_batch_size", float(self._current["ghost_batch_size"]), on_step=True, on_epoch=False)
+            pl_module.log("ghostnoise/strength", float(self._current["strength"]), on_step=True, on_epoch=False)
+
+    def _revert(self, pl_module: "pl.LightningModule") -> None:
+        revert_ghost_noise(pl_module)
+        self._layers = []
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit" and self.revert_on_fit_end:
+            self._revert(pl_module)
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        if self.revert_on_fit_end:
+            self._revert(pl_module)
+
+    @override
+    def state_dict(self) -> Dict[str, Any]:
+        return {"base_seed": self._base_seed, "method": self.method, "version": 1}
+
+    @override
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        saved = state_dict.get("base_seed")
+        if saved is None:
+            return
+        if self.seed is not None and self.seed != saved:
+            rank_zero_warn(
+                f"GhostNoise: the checkpoint was trained with noise seed {saved}, this callback has seed={self.seed}; "
+                f"keeping seed={self.seed} (resume will not reproduce the uninterrupted noise)."
+            )
+            return
+        self._base_seed = int(saved)
