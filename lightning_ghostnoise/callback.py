@@ -97,6 +97,12 @@ class GhostNoise(Callback):
         self.scale_noise = scale_noise
         self.noise_eps = noise_eps
         self.seed = None if seed is None else validate_seed(seed)
+        if sync and self.method in ("gbn", "xbn"):
+            raise ValueError(
+                f"sync=True supports the methods 'gni' and 'analytic': {self.method!r} forms its ghost batches inside "
+                "each process's batch (identical to a global split when the per-process batch is a multiple of "
+                "ghost_batch_size). Use sync=False."
+            )
         self.sync = bool(sync)
         self.revert_on_fit_end = revert_on_fit_end
         self.log_values = log_values

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_ghostnoise import functional as GF
+from lightning_ghostnoise.distributed import gather_rows, global_batch_norm, sync_world
 
 __all__ = [
     "METHODS",
@@ -254,19 +255,42 @@ class GhostNoiseMixin:
     def _noise_active(self) -> bool:
         return bool(self.training and self._noise_on)  # type: ignore[attr-defined]
 
-    def _ghost_noise(self, x_hat: Tensor, channel_dim: int) -> Tuple[Tensor, Tensor]:
-        """Per-(sample, channel) ``(shift, scale)`` for GNI or analytic GNI."""
+    def _sync_world(self) -> Optional[Tuple[int, int]]:
+        return sync_world(self.process_group) if self.sync else None
+
+    def _ghost_noise(
+        self, x_hat: Tensor, channel_dim: int, moments: Optional[Tuple[Tensor, Tensor]] = None
+    ) -> Tuple[Tensor, Tensor]:
+        """Per-(sample, channel) ``(shift, scale)`` for GNI or analytic GNI.
+
+        With ``sync`` in a process group, the draws cover the global batch (identical on every
+        process) and each process keeps its own rows.
+        """
         batch = x_hat.shape[0]
         gen = self._generator_for(x_hat.device)
+        world = self._sync_world()
+        first = world[0] * batch if world else 0
+        pool = batch * world[1] if world else batch
         if self.method == "analytic":
             channels = x_hat.shape[channel_dim]
-            return GF.analytic_noise(batch, channels, self._ghost_batch_size, generator=gen, device=x_hat.device)
-        mean, var = GF.per_sample_moments(x_hat.detach(), channel_dim)
-        idx = GF.ghost_indices(batch, self._ghost_batch_size, generator=gen, device=x_hat.device)
-        return GF.ghost_noise(mean, var, idx, eps=self.noise_eps)
+            shift, scale = GF.analytic_noise(pool, channels, self._ghost_batch_size, generator=gen, device=x_hat.device)
+            return shift[first : first + batch], scale[first : first + batch]
+        mean, var = moments if moments is not None else GF.per_sample_moments(x_hat.detach(), channel_dim)
+        if world:
+            both = gather_rows(torch.cat([mean, var], 1), self.process_group)
+            mean, var = both.chunk(2, dim=1)
+        idx = GF.ghost_indices(pool, self._ghost_batch_size, generator=gen, device=x_hat.device)
+        return GF.ghost_noise(mean, var, idx[first : first + batch], eps=self.noise_eps)
 
-    def _inject(self, x_hat: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], channel_dim: int) -> Tensor:
-        shift, scale = self._ghost_noise(x_hat, channel_dim)
+    def _inject(
+        self,
+        x_hat: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        channel_dim: int,
+        moments: Optional[Tuple[Tensor, Tensor]] = None,
+    ) -> Tensor:
+        shift, scale = self._ghost_noise(x_hat, channel_dim, moments)
         return GF.apply_noise(
             x_hat,
             shift,
@@ -316,6 +340,12 @@ class _GhostBatchNorm(GhostNoiseMixin):
         rm, rv = self.running_mean, self.running_var  # type: ignore[attr-defined]
         weight, bias, eps = self.weight, self.bias, self.eps  # type: ignore[attr-defined]
         if self.method in ("gbn", "xbn"):
+            if self._sync_world():
+                raise RuntimeError(
+                    f"sync=True supports the methods 'gni' and 'analytic'; {self.method!r} forms its ghost batches "
+                    "inside each process's batch. Use sync=False (identical when the per-process batch is a "
+                    "multiple of ghost_batch_size)."
+                )
             fn = GF.ghost_batch_norm if self.method == "gbn" else GF.exclusive_batch_norm
             return fn(
                 x,
@@ -330,6 +360,9 @@ class _GhostBatchNorm(GhostNoiseMixin):
                 shift_noise=self.shift_noise,
                 scale_noise=self.scale_noise,
             )
+        if self._sync_world():
+            x_hat, m_hat, v_hat = global_batch_norm(x, rm, rv, factor, eps, self.process_group)
+            return self._inject(x_hat, weight, bias, channel_dim=1, moments=(m_hat, v_hat))
         x_hat = F.batch_norm(x, rm, rv, None, None, True, factor, eps)
         return self._inject(x_hat, weight, bias, channel_dim=1)
 

@@ -1,0 +1,83 @@
+"""Cross-process pieces of ``sync=True``: global normalization statistics and the global noise pool.
+
+With ``sync=True`` each process holds a slice of the global batch (process ``r`` holds rows
+``r * B .. (r + 1) * B - 1``, equal local batch sizes ``B``). The normalization uses the global
+batch's statistics (SyncBatchNorm semantics, with gradients through them) and every process draws
+the same ghost indices over the global batch and keeps its own rows, so ``k`` processes with batch
+``B`` give the same per-sample noise as one process with batch ``k * B`` and the same seed.
+
+Cost per layer and step: one ``all_reduce`` of ``2 C`` floats (BatchNorm only; its backward one
+more of the same size) and one ``all_gather`` of ``2 C`` floats per sample (``8 * B * C`` bytes sent
+per process, ``8 * k * B * C`` received).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_ghostnoise.functional import per_sample_moments, update_running_stats
+
+__all__ = ["gather_rows", "global_batch_norm", "sync_world"]
+
+
+def sync_world(group: Optional[Any] = None) -> Optional[Tuple[int, int]]:
+    """``(rank, world_size)`` in ``group`` when a process group with more than one process is up, else ``None``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    world = dist.get_world_size(group)
+    if world < 2:
+        return None
+    return dist.get_rank(group), world
+
+
+def gather_rows(t: Tensor, group: Optional[Any] = None) -> Tensor:
+    """Concatenate ``t`` (rows = samples) from every process in rank order, without gradient.
+
+    Every process must pass the same shape (equal local batch sizes).
+    """
+    world = dist.get_world_size(group)
+    t = t.detach().contiguous()
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t, group=group)
+    return torch.cat(parts, 0)
+
+
+def global_batch_norm(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    momentum: float,
+    eps: float,
+    group: Optional[Any] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Normalize ``x`` (no affine) with the global batch's statistics; gradients flow across processes.
+
+    Returns:
+        ``(x_hat, mean, var)``: normalized features, and ``x``'s per-sample moments (no gradient).
+    """
+    from torch.distributed.nn.functional import all_reduce
+
+    mean, var = per_sample_moments(x, 1)
+    channels = mean.shape[1]
+    world = dist.get_world_size(group)
+    count = x.shape[0] * world  # equal local batch sizes
+    # a centre shared by all processes (the running mean is identical everywhere) keeps E[x^2] - E[x]^2 stable
+    centre = running_mean.detach().to(mean.dtype) if running_mean is not None else mean.new_zeros(channels)
+    c = mean - centre
+    total = all_reduce(torch.cat([c.sum(0), (var + c * c).sum(0)]), op=dist.ReduceOp.SUM, group=group)
+    g_c = total[:channels] / count
+    g_var = (total[channels:] / count - g_c * g_c).clamp_min(0)
+    g_mean = g_c + centre
+    spatial = x.numel() // (x.shape[0] * channels)
+    update_running_stats(running_mean, running_var, g_mean.detach(), g_var.detach(), count * spatial, momentum)
+    shape = [1, channels] + [1] * (x.dim() - 2)
+    rstd = torch.rsqrt(g_var + eps)
+    x_hat = (x - g_mean.view(shape).to(x.dtype)) * rstd.view(shape).to(x.dtype)
+    with torch.no_grad():
+        m_hat = (mean - g_mean) * rstd
+        v_hat = var * rstd * rstd
+    return x_hat, m_hat.detach(), v_hat.detach()
