@@ -20,7 +20,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_ghostnoise import functional as GF
-from lightning_ghostnoise.layers import METHODS, GhostNoiseMixin, min_ghost_batch_size
+from lightning_ghostnoise.layers import METHODS, GhostNoiseMixin, Method, min_ghost_batch_size
 from lightning_ghostnoise.schedules import Schedule, as_schedule, to_ghost_batch_size
 from lightning_ghostnoise.seeding import derive_seed, validate_seed
 from lightning_ghostnoise.surgery import SurgeryReport, apply_ghost_noise, ghost_layers, revert_ghost_noise
@@ -65,7 +65,7 @@ class GhostNoise(Callback):
         self,
         ghost_batch_size: Union[int, float, Schedule] = 16,
         strength: Union[float, Schedule] = 1.0,
-        method: str = "gni",
+        method: Method = "gni",
         include_types: Optional[List[str]] = None,
         exclude_types: Optional[List[str]] = None,
         include_names: Optional[List[str]] = None,
@@ -195,25 +195,26 @@ class GhostNoise(Callback):
             )
         seed = self._resolve_seed()
         self._base_seed = int(trainer.strategy.broadcast(seed, src=0))
-        self.report = self._apply(pl_module, warn=True)
+        # warnings wait for on_fit_start: layers built in ``configure_model`` do not exist yet
+        self.report = self._apply(pl_module, warn=False)
         self._current = {}
-        if self.report.num_replaced:
-            rank_zero_info(
-                f"GhostNoise: rewrote {self.report.summary()} with method={self.method}, "
-                f"ghost_batch_size={self.ghost_batch_size!r}, strength={self.strength!r}"
-                + (", sync=True" if self.sync else "")
-                + f" (seed {self._base_seed})."
-            )
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # layers created in ``configure_model`` did not exist at ``setup``; the parameters are shared
-        # with the plain layers, so the optimizer and the DDP wrap keep valid references
-        before = len(ghost_layers(pl_module))
-        report = self._apply(pl_module, warn=False)
-        if report.num_replaced > before:
-            rank_zero_info(f"GhostNoise: rewrote {report.num_replaced - before} more layer(s) created in configure_model.")
-        self.report = report
+        # with the plain layers, so the optimizer and the DDP wrap keep valid references. The seed is
+        # final here (a checkpoint's callback state is loaded after ``setup``).
+        before = self.report.num_replaced
+        self.report = self._apply(pl_module, warn=True)
+        if self.report.num_replaced:
+            late = self.report.num_replaced - before
+            rank_zero_info(
+                f"GhostNoise: rewrote {self.report.summary()} with method={self.method}, "
+                f"ghost_batch_size={self.ghost_batch_size!r}, strength={self.strength!r}"
+                + (", sync=True" if self.sync else "")
+                + f" (seed {self._base_seed})"
+                + (f"; {late} of them created in configure_model." if late > 0 else ".")
+            )
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

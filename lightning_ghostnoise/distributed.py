@@ -19,9 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_ghostnoise.functional import per_sample_moments, update_running_stats
 
-__all__ = ["gather_rows", "global_batch_norm", "sync_world"]
+__all__ = ["gather_rows", "global_batch_moments", "sync_world"]
 
 
 def sync_world(group: Optional[Any] = None) -> Optional[Tuple[int, int]]:
@@ -46,38 +45,27 @@ def gather_rows(t: Tensor, group: Optional[Any] = None) -> Tensor:
     return torch.cat(parts, 0)
 
 
-def global_batch_norm(
-    x: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    momentum: float,
-    eps: float,
-    group: Optional[Any] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Normalize ``x`` (no affine) with the global batch's statistics; gradients flow across processes.
+def global_batch_moments(
+    mean: Tensor, var: Tensor, running_mean: Optional[Tensor] = None, group: Optional[Any] = None
+) -> Tuple[Tensor, Tensor]:
+    """Global batch mean and biased variance per channel from every process's per-sample moments.
+
+    Differentiable: the backward all-reduces the gradients, so every sample's gradient sees the
+    global statistics (SyncBatchNorm semantics). Equal local batch sizes are required.
 
     Returns:
-        ``(x_hat, mean, var)``: normalized features, and ``x``'s per-sample moments (no gradient).
+        ``(mean, var)``, each ``(C,)``.
     """
     from torch.distributed.nn.functional import all_reduce
 
-    mean, var = per_sample_moments(x, 1)
     channels = mean.shape[1]
     world = dist.get_world_size(group)
-    count = x.shape[0] * world  # equal local batch sizes
-    # a centre shared by all processes (the running mean is identical everywhere) keeps E[x^2] - E[x]^2 stable
+    samples = mean.shape[0] * world
+    # a centre shared by every process (the running mean is identical everywhere) keeps E[x^2] - E[x]^2 stable
     centre = running_mean.detach().to(mean.dtype) if running_mean is not None else mean.new_zeros(channels)
     c = mean - centre
     total = all_reduce(torch.cat([c.sum(0), (var + c * c).sum(0)]), op=dist.ReduceOp.SUM, group=group)
-    g_c = total[:channels] / count
-    g_var = (total[channels:] / count - g_c * g_c).clamp_min(0)
-    g_mean = g_c + centre
-    spatial = x.numel() // (x.shape[0] * channels)
-    update_running_stats(running_mean, running_var, g_mean.detach(), g_var.detach(), count * spatial, momentum)
-    shape = [1, channels] + [1] * (x.dim() - 2)
-    rstd = torch.rsqrt(g_var + eps)
-    x_hat = (x - g_mean.view(shape).to(x.dtype)) * rstd.view(shape).to(x.dtype)
-    with torch.no_grad():
-        m_hat = (mean - g_mean) * rstd
-        v_hat = var * rstd * rstd
-    return x_hat, m_hat.detach(), v_hat.detach()
+    g_c = total[:channels] / samples
+    g_var = (total[channels:] / samples - g_c * g_c).clamp_min(0)
+    return g_c + centre, g_var
+

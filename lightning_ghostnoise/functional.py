@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -34,8 +34,13 @@ __all__ = [
     "apply_noise",
     "broadcast_channels",
     "exclusive_batch_norm",
+    "batch_moments",
     "ghost_batch_norm",
     "ghost_groups",
+    "ghost_noise_batch_norm",
+    "ghost_statistics_coefficients",
+    "moment_affine",
+    "noise_coefficients",
     "ghost_indices",
     "ghost_noise",
     "per_sample_moments",
@@ -179,7 +184,8 @@ def analytic_noise(
     """The paper's "noisy affine transform": ghost noise drawn from its law, without data sampling.
 
     ``shift ~ Normal(0, 1) / sqrt(N)`` and ``scale = sqrt(chi2(N - 1) / N)``, i.e. GNI's law for one
-    value per sample. Needs ``N >= 2`` (``chi2(0)`` is zero).
+    value per sample. The scale needs ``N >= 2``: ``chi2(0)`` is zero, so ``N = 1`` returns a zero
+    scale, usable only for shift-only noise.
 
     Returns:
         ``(shift, scale)``, each ``(batch_size, num_channels)`` float32.
@@ -189,18 +195,17 @@ def analytic_noise(
         >>> s.shape, bool((k > 0).all())
         (torch.Size([4, 3]), True)
     """
-    if ghost_batch_size < 2:
-        raise ValueError(
-            f"analytic ghost noise needs ghost_batch_size >= 2 (chi2 with N-1 degrees of freedom), "
-            f"got {ghost_batch_size}."
-        )
+    if ghost_batch_size < 1:
+        raise ValueError(f"ghost_batch_size must be >= 1, got {ghost_batch_size}.")
     if device is None:
         device = generator.device if generator is not None else "cpu"
     n = ghost_batch_size
     shape = (batch_size, num_channels)
-    shift = torch.randn(shape, generator=generator, device=device) / math.sqrt(n)
+    shift = torch.randn(shape, generator=generator, device=device, dtype=torch.float32) / math.sqrt(n)
+    if n == 1:
+        return shift, torch.zeros_like(shift)
     # chi2(k) = 2 * Gamma(k / 2, 1)
-    alpha = torch.full(shape, (n - 1) / 2.0, device=device)
+    alpha = torch.full(shape, (n - 1) / 2.0, device=device, dtype=torch.float32)
     chi2 = 2.0 * torch._standard_gamma(alpha, generator=generator)
     scale = torch.sqrt(chi2 / n)
     return shift, scale
@@ -233,7 +238,7 @@ def apply_noise(
     Returns:
         Tensor like ``x_hat`` (same dtype and memory format).
     """
-    s = strength if isinstance(strength, Tensor) else torch.tensor(float(strength))
+    s = strength if isinstance(strength, Tensor) else torch.tensor(float(strength), dtype=torch.float32)
     s = s.to(device=shift.device, dtype=torch.float32)
     inv = torch.pow(scale, -s) if scale_noise else torch.ones_like(scale)
     a = inv
@@ -298,49 +303,232 @@ def update_running_stats(
         running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
 
 
-def _ghost_normalize(
-    x: Tensor,
+CoeffFn = Callable[..., Tuple[Tensor, Tensor]]
+
+
+def _spatial_count(x: Tensor, channel_dim: int) -> int:
+    return x.numel() // (x.shape[0] * x.shape[channel_dim]) if x.numel() else 1
+
+
+class _MomentAffine(torch.autograd.Function):
+    """``y = x * A + D`` with ``(A, D) = coeff_fn(mean, var, *params)`` of ``x``'s per-sample moments.
+
+    Two passes over ``x`` forward (moments, affine) and two backward (the per-(sample, channel)
+    reductions, then ``grad_x = grad_y * A + x * P + Q``), as many as BatchNorm's own kernels, whatever
+    the method: the method only changes the small ``(B, C)`` graph of ``coeff_fn``, which is
+    differentiated by autograd inside :meth:`backward`.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, channel_dim: int, coeff_fn: CoeffFn, *params: Optional[Tensor]) -> Tensor:
+        mean, var = per_sample_moments(x, channel_dim)
+        with torch.enable_grad():
+            m = mean.detach().requires_grad_()
+            v = var.detach().requires_grad_()
+            leaves = [None if p is None else p.detach().requires_grad_(p.requires_grad) for p in params]
+            a, d = coeff_fn(m, v, *leaves)
+        ctx.save_for_backward(x)
+        ctx.graph = (m, v, leaves, a, d)
+        ctx.channel_dim = channel_dim
+        return torch.addcmul(
+            broadcast_channels(d.detach().to(x.dtype), x, channel_dim), x, broadcast_channels(a.detach().to(x.dtype), x, channel_dim)
+        )
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
+        (x,) = ctx.saved_tensors
+        m, v, leaves, a, d = ctx.graph
+        channel_dim = ctx.channel_dim
+        dims = _spatial_dims(x, channel_dim)
+        batch = x.shape[0]
+        if dims:
+            r0 = grad_y.sum(dims, dtype=m.dtype).reshape(batch, -1)
+            r1 = (grad_y * x).sum(dims, dtype=m.dtype).reshape(batch, -1)
+        else:
+            r0 = grad_y.to(m.dtype)
+            r1 = (grad_y * x).to(m.dtype)
+        inputs = [m, v] + [p for p in leaves if p is not None and p.requires_grad]
+        # the small (B, C) graph is kept (retain_graph) so that a second backward through y also works
+        grads = torch.autograd.grad((a, d), inputs, (r1, r0), allow_unused=True, retain_graph=True)
+        gm = grads[0] if grads[0] is not None else torch.zeros_like(m)
+        gv = grads[1] if grads[1] is not None else torch.zeros_like(v)
+        count = _spatial_count(x, channel_dim)
+        p_coef = 2.0 * gv / count
+        q_coef = gm / count - p_coef * m
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addcmul(
+                broadcast_channels(q_coef.to(x.dtype), x, channel_dim), x, broadcast_channels(p_coef.to(x.dtype), x, channel_dim)
+            )
+            grad_x.addcmul_(grad_y, broadcast_channels(a.detach().to(x.dtype), x, channel_dim))
+        param_grads: List[Optional[Tensor]] = []
+        it = iter(grads[2:])
+        for p in leaves:
+            param_grads.append(next(it) if p is not None and p.requires_grad else None)
+        return (grad_x, None, None, *param_grads)
+
+
+def moment_affine(
+    x: Tensor, coeff_fn: CoeffFn, params: Sequence[Optional[Tensor]] = (), channel_dim: int = 1, fused: Optional[bool] = None
+) -> Tensor:
+    """``x * A[b, c] + D[b, c]`` where ``(A, D) = coeff_fn(mean, var, *params)`` and ``mean``/``var`` are
+    ``x``'s per-sample moments (:func:`per_sample_moments`); gradients flow through everything.
+
+    Every BatchNorm-family method is one ``coeff_fn``. ``fused=None`` picks the fused autograd function
+    in eager mode and plain autograd under ``torch.compile`` (which fuses it by itself); both compute the
+    same forward, and gradients equal to float rounding.
+
+    Example:
+        >>> def standardize(mean, var):
+        ...     return torch.rsqrt(var + 1e-5), -mean * torch.rsqrt(var + 1e-5)
+        >>> y = moment_affine(torch.randn(2, 3, 8), standardize)
+        >>> bool(y.mean(-1).abs().max() < 1e-5)
+        True
+    """
+    if fused is None:
+        fused = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if fused:
+        return _MomentAffine.apply(x, channel_dim, coeff_fn, *params)
+    mean, var = per_sample_moments(x, channel_dim)
+    a, d = coeff_fn(mean, var, *params)
+    return torch.addcmul(broadcast_channels(d.to(x.dtype), x, channel_dim), x, broadcast_channels(a.to(x.dtype), x, channel_dim))
+
+
+def _as_strength(strength: StrengthLike, like: Tensor) -> Tensor:
+    s = strength if isinstance(strength, Tensor) else torch.tensor(float(strength), dtype=torch.float32)
+    return s.to(device=like.device, dtype=like.dtype)
+
+
+def _with_affine(a: Tensor, d: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    if weight is not None:
+        w = weight.to(a.dtype)
+        a, d = a * w, d * w
+    if bias is not None:
+        d = d + bias.to(a.dtype)
+    return a, d
+
+
+def batch_moments(mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
+    """Batch mean and biased variance per channel from per-sample moments (differentiable, stable).
+
+    Example:
+        >>> x = torch.randn(6, 2, 5)
+        >>> mu, var = batch_moments(*per_sample_moments(x))
+        >>> torch.allclose(var, x.transpose(0, 1).reshape(2, -1).var(1, unbiased=False), atol=1e-6)
+        True
+    """
+    centre = mean.detach().mean(0)
+    c = mean - centre
+    mu = c.mean(0)
+    return mu + centre, ((var + c * c).mean(0) - mu * mu).clamp_min(0)
+
+
+def noise_coefficients(
+    mean: Tensor,
+    var: Tensor,
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    noise_fn: Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    strength: StrengthLike = 1.0,
+    shift_noise: bool = True,
+    scale_noise: bool = True,
+) -> Tuple[Tensor, Tensor]:
+    """``(A, D)`` of GNI on BatchNorm: ``y = x * A + D = w * ((x - mu) * rstd - s * shift) / scale**s + b``.
+
+    ``noise_fn(m_hat, v_hat)`` receives the per-sample moments of the normalized features (no
+    gradient) and returns ``(shift, scale)`` (e.g. :func:`ghost_noise` over drawn indices, or
+    :func:`analytic_noise`). Gradients flow through the batch statistics and the affine only.
+    """
+    rstd = torch.rsqrt(batch_var + eps)
+    with torch.no_grad():
+        r = rstd.detach()
+        shift, scale = noise_fn((mean.detach() - batch_mean.detach()) * r, var.detach() * r * r)
+        s = _as_strength(strength, shift)
+        inv = torch.pow(scale, -s) if scale_noise else torch.ones_like(scale)
+        offset = s * shift * inv if shift_noise else torch.zeros_like(shift)
+    a = rstd * inv.to(rstd.dtype)
+    d = -batch_mean * a - offset.to(rstd.dtype)
+    return _with_affine(a, d, weight, bias)
+
+
+def ghost_statistics_coefficients(
     mean: Tensor,
     var: Tensor,
     ghost_mean: Tensor,
     ghost_var: Tensor,
-    centre: Tensor,
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    strength: StrengthLike = 1.0,
+    shift_noise: bool = True,
+    scale_noise: bool = True,
+) -> Tuple[Tensor, Tensor]:
+    """``(A, D)`` normalizing each sample by statistics between the batch's (``s = 0``) and its ghost's (``s = 1``).
+
+    With ``shift = ghost_mean - batch_mean`` and ``ratio = std_ghost / std_batch`` the sample is
+    normalized by ``batch_mean + s * shift`` and ``std_batch * ratio**s``: at ``s = 1`` exactly by its
+    ghost statistics (GBN, XBN). All arguments may carry gradients.
+    """
+    del mean, var
+    std_b = torch.sqrt(batch_var + eps)
+    s = _as_strength(strength, ghost_mean)
+    mean_eff = batch_mean + s * (ghost_mean - batch_mean) if shift_noise else batch_mean.expand_as(ghost_mean)
+    std_eff = std_b * torch.pow(torch.sqrt(ghost_var + eps) / std_b, s) if scale_noise else std_b.expand_as(ghost_var)
+    a = 1.0 / std_eff
+    return _with_affine(a, -mean_eff * a, weight, bias)
+
+
+def _group_statistics(mean: Tensor, var: Tensor, ghost_batch_size: int, exclusive: bool) -> Tuple[Tensor, Tensor]:
+    """Per-sample ghost mean and biased variance: of its ghost batch, or (``exclusive``) of the others in it."""
+    group, num_groups = ghost_groups(mean.shape[0], ghost_batch_size, device=mean.device)
+    centre = mean.detach().mean(0)  # shift for a numerically stable variance
+    c = mean - centre
+    second = var + c * c
+    size = _group_sum(torch.ones_like(mean[:, :1]), group, num_groups)[group]
+    sum_c = _group_sum(c, group, num_groups)[group]
+    sum_second = _group_sum(second, group, num_groups)[group]
+    if exclusive:
+        others = (size - 1).clamp_min(1)
+        alone = size == 1
+        g_mean = torch.where(alone, c, (sum_c - c) / others)
+        g_second = torch.where(alone, second, (sum_second - second) / others)
+    else:
+        g_mean, g_second = sum_c / size, sum_second / size
+    return g_mean + centre, (g_second - g_mean * g_mean).clamp_min(0)
+
+
+def _ghost_statistics_norm(
+    x: Tensor,
+    ghost_batch_size: int,
+    exclusive: bool,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
     weight: Optional[Tensor],
     bias: Optional[Tensor],
+    momentum: float,
     eps: float,
     strength: StrengthLike,
     shift_noise: bool,
     scale_noise: bool,
     channel_dim: int,
+    fused: Optional[bool],
 ) -> Tensor:
-    """Normalize each sample by statistics between the batch's (``s = 0``) and its ghost's (``s = 1``).
+    count = x.numel() // max(x.shape[channel_dim], 1)
 
-    ``mean``/``var`` are the per-sample moments (``(B, C)``, with gradient), ``ghost_mean``/``ghost_var``
-    the ghost statistics of each sample (``(B, C)``, means relative to ``centre``). With
-    ``shift = ghost_mean - batch_mean`` and ``ratio = std_ghost / std_batch`` the sample is normalized by
-    ``batch_mean + s * shift`` and ``std_batch * ratio**s``: at ``s = 1`` exactly by its ghost statistics.
-    """
-    c = mean - centre
-    batch_mean = c.mean(0)
-    batch_var = (var + c * c).mean(0) - batch_mean * batch_mean
-    std_b = torch.sqrt(batch_var.clamp_min(0) + eps)
-    s = strength if isinstance(strength, Tensor) else torch.tensor(float(strength))
-    s = s.to(device=x.device, dtype=mean.dtype)
-    mean_eff = batch_mean + s * (ghost_mean - batch_mean) if shift_noise else batch_mean.expand_as(ghost_mean)
-    if scale_noise:
-        std_eff = std_b * torch.pow(torch.sqrt(ghost_var + eps) / std_b, s)
-    else:
-        std_eff = std_b.expand_as(ghost_var)
-    a = 1.0 / std_eff
-    d = -(mean_eff + centre) * a
-    if weight is not None:
-        a = a * weight.to(a.dtype)
-        d = d * weight.to(a.dtype)
-    if bias is not None:
-        d = d + bias.to(a.dtype)
-    a = broadcast_channels(a.to(x.dtype), x, channel_dim)
-    d = broadcast_channels(d.to(x.dtype), x, channel_dim)
-    return torch.addcmul(d, x, a)
+    def coeffs(mean: Tensor, var: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        batch_mean, batch_var = batch_moments(mean, var)
+        update_running_stats(running_mean, running_var, batch_mean.detach(), batch_var.detach(), count, momentum)
+        g_mean, g_var = _group_statistics(mean, var, ghost_batch_size, exclusive)
+        return ghost_statistics_coefficients(
+            mean, var, g_mean, g_var, batch_mean, batch_var, w, b, eps, strength, shift_noise, scale_noise
+        )
+
+    return moment_affine(x, coeffs, (weight, bias), channel_dim, fused)
 
 
 def ghost_batch_norm(
@@ -356,30 +544,25 @@ def ghost_batch_norm(
     shift_noise: bool = True,
     scale_noise: bool = True,
     channel_dim: int = 1,
+    fused: Optional[bool] = None,
 ) -> Tensor:
     """Ghost Batch Normalization (training mode): each ghost batch is normalized by its own moments.
 
     Ghost batches follow :func:`ghost_groups` (consecutive samples, remainder merged into the last
     full ghost batch). Gradients flow through the ghost statistics. Running statistics are updated
     from the *full* batch, exactly as plain BatchNorm would, so they estimate the population moments.
-    ``strength`` interpolates between BatchNorm (0) and GBN (1), see :func:`_ghost_normalize`.
+    ``strength`` interpolates between BatchNorm (0) and GBN (1), see :func:`ghost_statistics_coefficients`.
 
     Example:
         >>> y = ghost_batch_norm(torch.randn(10, 3, 4, 4), 4)
         >>> y.shape
         torch.Size([10, 3, 4, 4])
     """
-    mean, var = per_sample_moments(x, channel_dim)
-    _update_from_samples(mean, var, x, channel_dim, running_mean, running_var, momentum)
-    group, num_groups = ghost_groups(x.shape[0], ghost_batch_size, device=x.device)
-    centre = mean.detach().mean(0)  # shift for a numerically stable variance
-    c = mean - centre
-    size = _group_sum(torch.ones_like(mean[:, :1]), group, num_groups)
-    g_mean = _group_sum(c, group, num_groups) / size
-    g_second = _group_sum(var + c * c, group, num_groups) / size
-    g_var = (g_second - g_mean * g_mean).clamp_min(0)
-    return _ghost_normalize(
-        x, mean, var, g_mean[group], g_var[group], centre, weight, bias, eps, strength, shift_noise, scale_noise, channel_dim
+    if ghost_batch_size < 1:
+        raise ValueError(f"ghost_batch_size must be >= 1, got {ghost_batch_size}.")
+    return _ghost_statistics_norm(
+        x, ghost_batch_size, False, running_mean, running_var, weight, bias, momentum, eps, strength,
+        shift_noise, scale_noise, channel_dim, fused,
     )
 
 
@@ -396,6 +579,7 @@ def exclusive_batch_norm(
     shift_noise: bool = True,
     scale_noise: bool = True,
     channel_dim: int = 1,
+    fused: Optional[bool] = None,
 ) -> Tensor:
     """Exclusive Batch Normalization (training mode): leave-one-out ghost statistics.
 
@@ -412,36 +596,54 @@ def exclusive_batch_norm(
         raise ValueError(
             f"XBN needs ghost_batch_size >= 2 (a sample and at least one other), got {ghost_batch_size}."
         )
-    mean, var = per_sample_moments(x, channel_dim)
-    _update_from_samples(mean, var, x, channel_dim, running_mean, running_var, momentum)
-    group, num_groups = ghost_groups(x.shape[0], ghost_batch_size, device=x.device)
-    centre = mean.detach().mean(0)
-    c = mean - centre
-    second = var + c * c
-    size = _group_sum(torch.ones_like(mean[:, :1]), group, num_groups)[group]
-    others = (size - 1).clamp_min(1)
-    alone = size == 1
-    loo_mean = torch.where(alone, c, (_group_sum(c, group, num_groups)[group] - c) / others)
-    loo_second = torch.where(alone, second, (_group_sum(second, group, num_groups)[group] - second) / others)
-    loo_var = (loo_second - loo_mean * loo_mean).clamp_min(0)
-    return _ghost_normalize(
-        x, mean, var, loo_mean, loo_var, centre, weight, bias, eps, strength, shift_noise, scale_noise, channel_dim
+    return _ghost_statistics_norm(
+        x, ghost_batch_size, True, running_mean, running_var, weight, bias, momentum, eps, strength,
+        shift_noise, scale_noise, channel_dim, fused,
     )
 
 
-def _update_from_samples(
-    mean: Tensor,
-    var: Tensor,
+def ghost_noise_batch_norm(
     x: Tensor,
-    channel_dim: int,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    momentum: float,
-) -> None:
-    if running_mean is None:
-        return
-    with torch.no_grad():
-        bm = mean.mean(0)
-        bv = var.mean(0) + (mean - bm).pow(2).mean(0)
-    count = x.numel() // mean.shape[1]
-    update_running_stats(running_mean, running_var, bm, bv, count, momentum)
+    noise_fn: Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]],
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    strength: StrengthLike = 1.0,
+    shift_noise: bool = True,
+    scale_noise: bool = True,
+    channel_dim: int = 1,
+    stats_fn: Optional[Callable[[Tensor, Tensor], Tuple[Tensor, Tensor, int]]] = None,
+    fused: Optional[bool] = None,
+) -> Tensor:
+    """BatchNorm (training mode, batch statistics) then ghost noise, then the affine: GNI in one pass.
+
+    Args:
+        noise_fn: ``(m_hat, v_hat) -> (shift, scale)`` from the per-sample moments of the normalized
+            features, e.g. ``lambda m, v: ghost_noise(m, v, indices)``.
+        stats_fn: ``(mean, var) -> (batch_mean, batch_var, count)``; defaults to this batch's moments
+            (:func:`batch_moments`); ``sync=True`` passes global statistics.
+
+    Example:
+        >>> x = torch.randn(16, 3, 4, 4)
+        >>> idx = ghost_indices(16, 8, generator=torch.Generator().manual_seed(0))
+        >>> y = ghost_noise_batch_norm(x, lambda m, v: ghost_noise(m, v, idx))
+        >>> y.shape
+        torch.Size([16, 3, 4, 4])
+    """
+    local_count = x.numel() // max(x.shape[channel_dim], 1)
+
+    def coeffs(mean: Tensor, var: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        if stats_fn is None:
+            batch_mean, batch_var = batch_moments(mean, var)
+            count = local_count
+        else:
+            batch_mean, batch_var, count = stats_fn(mean, var)
+        update_running_stats(running_mean, running_var, batch_mean.detach(), batch_var.detach(), count, momentum)
+        return noise_coefficients(
+            mean, var, batch_mean, batch_var, noise_fn, w, b, eps, strength, shift_noise, scale_noise
+        )
+
+    return moment_affine(x, coeffs, (weight, bias), channel_dim, fused)

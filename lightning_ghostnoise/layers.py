@@ -21,17 +21,18 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Dict, Optional, Tuple, Type
+from typing import Any, ClassVar, Dict, Literal, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_ghostnoise import functional as GF
-from lightning_ghostnoise.distributed import gather_rows, global_batch_norm, sync_world
+from lightning_ghostnoise.distributed import gather_rows, global_batch_moments, sync_world
 
 __all__ = [
     "METHODS",
+    "Method",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
@@ -45,6 +46,8 @@ __all__ = [
 
 #: The methods: Ghost Noise Injection (default), Ghost Batch Norm, Exclusive Batch Norm, analytic GNI.
 METHODS: Tuple[str, ...] = ("gni", "gbn", "xbn", "analytic")
+#: The type of a ``method`` argument (a ``Literal`` that LightningCLI validates).
+Method = Literal["gni", "gbn", "xbn", "analytic"]
 
 _STRENGTH_BUFFER = "_ghost_strength"
 
@@ -148,7 +151,7 @@ class GhostNoiseMixin:
         new.noise_eps = new._validated_noise_eps(noise_eps)
         new.ghost_batch_size = ghost_batch_size
         device = new._state_device()
-        new.register_buffer(_STRENGTH_BUFFER, torch.zeros((), device=device), persistent=False)
+        new.register_buffer(_STRENGTH_BUFFER, torch.zeros((), device=device, dtype=torch.float32), persistent=False)
         new.strength = strength
         new.reseed(seed)
         return new
@@ -258,39 +261,31 @@ class GhostNoiseMixin:
     def _sync_world(self) -> Optional[Tuple[int, int]]:
         return sync_world(self.process_group) if self.sync else None
 
-    def _ghost_noise(
-        self, x_hat: Tensor, channel_dim: int, moments: Optional[Tuple[Tensor, Tensor]] = None
-    ) -> Tuple[Tensor, Tensor]:
+    def _draw_noise(self, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
         """Per-(sample, channel) ``(shift, scale)`` for GNI or analytic GNI.
 
-        With ``sync`` in a process group, the draws cover the global batch (identical on every
-        process) and each process keeps its own rows.
+        ``mean``/``var`` are the per-sample moments ``(B, C)`` of the normalized features. With
+        ``sync`` in a process group the draws cover the global batch (identical on every process) and
+        each process keeps its own rows.
         """
-        batch = x_hat.shape[0]
-        gen = self._generator_for(x_hat.device)
+        batch, channels = mean.shape
+        device = mean.device
+        gen = self._generator_for(device)
         world = self._sync_world()
         first = world[0] * batch if world else 0
         pool = batch * world[1] if world else batch
         if self.method == "analytic":
-            channels = x_hat.shape[channel_dim]
-            shift, scale = GF.analytic_noise(pool, channels, self._ghost_batch_size, generator=gen, device=x_hat.device)
+            shift, scale = GF.analytic_noise(pool, channels, self._ghost_batch_size, generator=gen, device=device)
             return shift[first : first + batch], scale[first : first + batch]
-        mean, var = moments if moments is not None else GF.per_sample_moments(x_hat.detach(), channel_dim)
         if world:
             both = gather_rows(torch.cat([mean, var], 1), self.process_group)
-            mean, var = both.chunk(2, dim=1)
-        idx = GF.ghost_indices(pool, self._ghost_batch_size, generator=gen, device=x_hat.device)
+            mean, var = both[:, :channels], both[:, channels:]
+        idx = GF.ghost_indices(pool, self._ghost_batch_size, generator=gen, device=device)
         return GF.ghost_noise(mean, var, idx[first : first + batch], eps=self.noise_eps)
 
-    def _inject(
-        self,
-        x_hat: Tensor,
-        weight: Optional[Tensor],
-        bias: Optional[Tensor],
-        channel_dim: int,
-        moments: Optional[Tuple[Tensor, Tensor]] = None,
-    ) -> Tensor:
-        shift, scale = self._ghost_noise(x_hat, channel_dim, moments)
+    def _inject(self, x_hat: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], channel_dim: int) -> Tensor:
+        """GNI after a per-sample normalization (LayerNorm, GroupNorm): noise, then the affine."""
+        shift, scale = self._draw_noise(*GF.per_sample_moments(x_hat.detach(), channel_dim))
         return GF.apply_noise(
             x_hat,
             shift,
@@ -360,11 +355,29 @@ class _GhostBatchNorm(GhostNoiseMixin):
                 shift_noise=self.shift_noise,
                 scale_noise=self.scale_noise,
             )
-        if self._sync_world():
-            x_hat, m_hat, v_hat = global_batch_norm(x, rm, rv, factor, eps, self.process_group)
-            return self._inject(x_hat, weight, bias, channel_dim=1, moments=(m_hat, v_hat))
-        x_hat = F.batch_norm(x, rm, rv, None, None, True, factor, eps)
-        return self._inject(x_hat, weight, bias, channel_dim=1)
+        world = self._sync_world()
+        stats_fn = None
+        if world:
+            group = self.process_group
+            count = x.numel() // x.shape[1] * world[1]
+
+            def stats_fn(mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor, int]:
+                return (*global_batch_moments(mean, var, rm, group), count)
+
+        return GF.ghost_noise_batch_norm(
+            x,
+            self._draw_noise,
+            rm,
+            rv,
+            weight,
+            bias,
+            momentum=factor,
+            eps=eps,
+            strength=getattr(self, _STRENGTH_BUFFER),
+            shift_noise=self.shift_noise,
+            scale_noise=self.scale_noise,
+            stats_fn=stats_fn,
+        )
 
 
 class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):

@@ -22,7 +22,7 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_ghostnoise import functional as GF
-from lightning_ghostnoise.layers import METHODS, GhostNoiseMixin, ghost_class_for, is_ghost_layer, min_ghost_batch_size
+from lightning_ghostnoise.layers import METHODS, GhostNoiseMixin, Method, ghost_class_for, is_ghost_layer, min_ghost_batch_size
 from lightning_ghostnoise.seeding import derive_seed, validate_seed
 
 __all__ = [
@@ -144,7 +144,7 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
 def apply_ghost_noise(
     model: nn.Module,
     ghost_batch_size: int = 16,
-    method: str = "gni",
+    method: Method = "gni",
     strength: float = 1.0,
     shift_noise: bool = True,
     scale_noise: bool = True,
