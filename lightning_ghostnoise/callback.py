@@ -53,6 +53,8 @@ class GhostNoise(Callback):
             ``seed_everything`` was called, else drawn once and saved in the checkpoint.
         sync: draw ghost batches from the *global* batch across processes with global normalization
             statistics (SyncBatchNorm semantics); ``False`` draws per process from its local batch.
+        fused: the fused autograd path for BatchNorm methods (fast, first-order gradients only); ``False``
+            for double backward (gradient penalties).
         revert_on_fit_end: put the plain layers back when fit ends.
         log_values: log the current ghost batch size and strength through the Trainer's logger.
 
@@ -75,6 +77,7 @@ class GhostNoise(Callback):
         noise_eps: float = GF.NOISE_EPS,
         seed: Optional[int] = None,
         sync: bool = False,
+        fused: bool = True,
         revert_on_fit_end: bool = True,
         log_values: bool = True,
     ) -> None:
@@ -104,6 +107,7 @@ class GhostNoise(Callback):
                 "ghost_batch_size). Use sync=False."
             )
         self.sync = bool(sync)
+        self.fused = bool(fused)
         self.revert_on_fit_end = revert_on_fit_end
         self.log_values = log_values
         self._base_seed: Optional[int] = self.seed
@@ -144,6 +148,7 @@ class GhostNoise(Callback):
             scale_noise=self.scale_noise,
             noise_eps=self.noise_eps,
             seed=self._base_seed or 0,
+            fused=self.fused,
             include_types=self.include_types,
             exclude_types=self.exclude_types,
             include_names=self.include_names,

@@ -336,6 +336,12 @@ class _MomentAffine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "Double backward (create_graph=True, e.g. a gradient penalty) is not supported by the fused ghost "
+                "noise path. Use plain autograd: layer.fused = False, apply_ghost_noise(..., fused=False) or "
+                "GhostNoise(..., fused=False)."
+            )
         (x,) = ctx.saved_tensors
         m, v, leaves, a, d = ctx.graph
         channel_dim = ctx.channel_dim
@@ -348,7 +354,7 @@ class _MomentAffine(torch.autograd.Function):
             r0 = grad_y.to(m.dtype)
             r1 = (grad_y * x).to(m.dtype)
         inputs = [m, v] + [p for p in leaves if p is not None and p.requires_grad]
-        # the small (B, C) graph is kept (retain_graph) so that a second backward through y also works
+        # the small (B, C) graph is kept (retain_graph) so that backward through y may run twice
         grads = torch.autograd.grad((a, d), inputs, (r1, r0), allow_unused=True, retain_graph=True)
         gm = grads[0] if grads[0] is not None else torch.zeros_like(m)
         gv = grads[1] if grads[1] is not None else torch.zeros_like(v)

@@ -84,6 +84,9 @@ class GhostNoiseMixin:
         scale_noise: apply the scale (variance) part of the noise.
         noise_eps: the epsilon inside GNI's noise scale (the paper's 1e-3).
         seed: the seed of the layer's own random generator (see :meth:`reseed`).
+        fused: BatchNorm methods use the fused autograd function in eager mode (as fast as BatchNorm's
+            own kernels, first-order gradients only); ``False`` uses plain autograd (double backward,
+            e.g. gradient penalties, works).
     """
 
     _base: ClassVar[Type[nn.Module]]
@@ -94,7 +97,8 @@ class GhostNoiseMixin:
         "_strength_value",
         "_noise_on",
         "shift_noise",
-        "scale_noise",
+        "_scale_noise",
+        "fused",
         "noise_eps",
         "seed",
         "_generator",
@@ -104,7 +108,7 @@ class GhostNoiseMixin:
 
     method: str
     shift_noise: bool
-    scale_noise: bool
+    fused: bool
     noise_eps: float
     seed: int
     sync: bool
@@ -121,6 +125,7 @@ class GhostNoiseMixin:
         scale_noise: bool = True,
         noise_eps: float = GF.NOISE_EPS,
         seed: int = 0,
+        fused: bool = True,
     ) -> "GhostNoiseMixin":
         """Build the ghost-noise layer around ``module``'s parameters and buffers (shared, not copied).
 
@@ -140,7 +145,8 @@ class GhostNoiseMixin:
         new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
         new.method = method
         new.shift_noise = bool(shift_noise)
-        new.scale_noise = bool(scale_noise)
+        new._scale_noise = bool(scale_noise)
+        new.fused = bool(fused)
         new._strength_value = 0.0
         new._noise_on = False
         new._ghost_batch_size = 1
@@ -209,6 +215,21 @@ class GhostNoiseMixin:
         self._ghost_batch_size = value
 
     @property
+    def scale_noise(self) -> bool:
+        """Whether the scale (variance) part of the noise is applied."""
+        return self._scale_noise
+
+    @scale_noise.setter
+    def scale_noise(self, value: bool) -> None:
+        low = min_ghost_batch_size(self.method, bool(value))
+        if self._ghost_batch_size < low:
+            raise ValueError(
+                f"scale_noise=True needs ghost_batch_size >= {low} for method {self.method!r} (chi2 with N - 1 degrees "
+                f"of freedom), but ghost_batch_size is {self._ghost_batch_size}: raise it first."
+            )
+        self._scale_noise = bool(value)
+
+    @property
     def strength(self) -> float:
         """The noise strength ``s >= 0``: 0 is the plain layer, 1 the method exactly."""
         return self._strength_value
@@ -248,8 +269,12 @@ class GhostNoiseMixin:
             self._generator = gen
         return gen
 
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:  # device moves: follow with the generator
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         out = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        buf = self._buffers.get(_STRENGTH_BUFFER)  # type: ignore[attr-defined]
+        if buf is not None and buf.dtype != torch.float32:  # .half()/.to(bf16): keep the strength exact
+            self._buffers[_STRENGTH_BUFFER] = torch.full((), self._strength_value, device=buf.device)  # type: ignore[attr-defined]
+        # device moves: the generator follows the layer
         if self._generator is not None and self._generator.device != self._state_device():
             self.reseed(self.seed)
         return out
@@ -331,6 +356,11 @@ class _GhostBatchNorm(GhostNoiseMixin):
             return super().forward(x)  # type: ignore[misc]
         self._check_input_dim(x)  # type: ignore[attr-defined]
         _check_floating(x)
+        if x.numel() == x.shape[1]:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)} "
+                "(as torch.nn.BatchNorm: one value carries no variance)."
+            )
         factor = self._running_factor()
         rm, rv = self.running_mean, self.running_var  # type: ignore[attr-defined]
         weight, bias, eps = self.weight, self.bias, self.eps  # type: ignore[attr-defined]
@@ -354,6 +384,7 @@ class _GhostBatchNorm(GhostNoiseMixin):
                 strength=getattr(self, _STRENGTH_BUFFER),
                 shift_noise=self.shift_noise,
                 scale_noise=self.scale_noise,
+                fused=None if self.fused else False,
             )
         world = self._sync_world()
         stats_fn = None
@@ -377,6 +408,7 @@ class _GhostBatchNorm(GhostNoiseMixin):
             shift_noise=self.shift_noise,
             scale_noise=self.scale_noise,
             stats_fn=stats_fn,
+            fused=None if self.fused else False,
         )
 
 

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import zlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -150,6 +151,7 @@ def apply_ghost_noise(
     scale_noise: bool = True,
     noise_eps: float = GF.NOISE_EPS,
     seed: int = 0,
+    fused: bool = True,
     include_types: TypeNames = None,
     exclude_types: TypeNames = None,
     include_names: Patterns = None,
@@ -173,7 +175,10 @@ def apply_ghost_noise(
         shift_noise: inject the shift (mean) part of the noise.
         scale_noise: inject the scale (variance) part of the noise.
         noise_eps: GNI's epsilon in the noise scale.
-        seed: base seed of the layers' own generators (layer ``i`` uses ``derive_seed(seed, i)``).
+        seed: base seed of the layers' own generators (a layer uses ``derive_seed(seed, crc32(its name))``,
+            so separate calls with different filters never give two layers the same stream).
+        fused: use the fused autograd path for BatchNorm methods (first-order gradients only; ``False``
+            for double backward).
         include_types, exclude_types, include_names, exclude_names: see :func:`find_norm_layers`.
         warn: warn about skipped layers and about a model without target layers.
         report: filled with what was replaced and skipped, if given.
@@ -198,15 +203,16 @@ def apply_ghost_noise(
         shift_noise=shift_noise,
         scale_noise=scale_noise,
         noise_eps=noise_eps,
+        fused=fused,
     )
     # build (and so validate) every replacement first: an error leaves the model untouched
     new_layers: List[Tuple[str, nn.Module]] = []
-    for index, (name, module) in enumerate(targets):
+    for name, module in targets:
         plain = module.to_plain() if is_ghost_layer(module) else module  # type: ignore[operator]
         cls = ghost_class_for(type(plain))
         assert cls is not None
         try:
-            layer = cls.from_module(plain, seed=derive_seed(seed, index), **settings)  # type: ignore[arg-type]
+            layer = cls.from_module(plain, seed=derive_seed(seed, zlib.crc32(name.encode())), **settings)  # type: ignore[arg-type]
         except (ValueError, TypeError) as err:
             raise type(err)(f"Cannot apply ghost noise to layer {name or '<root>'!r}: {err}") from err
         new_layers.append((name, layer))

@@ -1,0 +1,160 @@
+"""Correctness checks that need a CUDA GPU (CI has none): run on a GPU machine before releases.
+
+Prints one ``PASS``/``FAIL`` line per check and exits non-zero if any failed.
+
+    PYTHONPATH=. python benchmarks/cuda_checks.py
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import traceback
+from typing import Callable, List, Tuple
+
+import torch
+from torch import nn
+
+from lightning_ghostnoise import apply_ghost_noise, ghost_layers
+from lightning_ghostnoise import functional as GF
+from lightning_ghostnoise.seeding import derive_seed
+
+METHODS = ("gni", "gbn", "xbn", "analytic")
+CHECKS: List[Tuple[str, Callable[[], None]]] = []
+
+
+def check(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
+    def deco(fn: Callable[[], None]) -> Callable[[], None]:
+        CHECKS.append((name, fn))
+        return fn
+
+    return deco
+
+
+def run_checks() -> List[bool]:
+    results = []
+    for name, fn in CHECKS:
+        try:
+            fn()
+            print(f"PASS {name}", flush=True)
+            results.append(True)
+        except Exception:
+            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
+            results.append(False)
+    return results
+
+
+def small_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.LayerNorm(8), nn.Linear(8, 10),
+    )
+
+
+dev = torch.device("cuda")
+
+
+@check("no host-device synchronization while training (sync debug mode 'error'), every method, with per-step reseeding")
+def _no_sync() -> None:
+    for method in METHODS:
+        model = apply_ghost_noise(small_net(), 8, method=method, seed=1).to(dev)
+        x = torch.randn(32, 3, 16, 16, device=dev)
+        model(x).sum().backward()  # warm-up (lazy CUDA init may sync)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for step in range(3):
+                for index, (_, layer) in enumerate(ghost_layers(model)):
+                    layer.reseed(derive_seed(1, 0, step, index))
+                    layer.strength = 0.5 + 0.1 * step
+                model(x).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+
+
+@check("fused and plain-autograd paths agree on CUDA (outputs and gradients), every BN method")
+def _fused_matches() -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(24, 8, 6, 6, device=dev) * 2 + 1).requires_grad_()
+    w = torch.randn(8, device=dev, requires_grad=True)
+    b = torch.randn(8, device=dev, requires_grad=True)
+    idx = GF.ghost_indices(24, 6, generator=torch.Generator(dev).manual_seed(3))
+    fns = {
+        "gbn": lambda f: GF.ghost_batch_norm(x, 6, None, None, w, b, strength=0.7, fused=f),
+        "xbn": lambda f: GF.exclusive_batch_norm(x, 6, None, None, w, b, fused=f),
+        "gni": lambda f: GF.ghost_noise_batch_norm(x, lambda m, v: GF.ghost_noise(m, v, idx), None, None, w, b, fused=f),
+    }
+    g = torch.randn_like(x)
+    for name, fn in fns.items():
+        outs = []
+        for fused in (True, False):
+            y = fn(fused)
+            outs.append((y, *torch.autograd.grad(y, (x, w, b), g)))
+        for a, c in zip(*outs):
+            torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@check("bf16 autocast + channels_last on CUDA: finite, channels_last kept, every method")
+def _bf16() -> None:
+    for method in METHODS:
+        layer = apply_ghost_noise(nn.BatchNorm2d(16), 8, method=method).to(dev)
+        x = torch.randn(32, 16, 8, 8, device=dev).to(memory_format=torch.channels_last).requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x.to(torch.bfloat16))
+        y.float().sum().backward()
+        assert torch.isfinite(y.float()).all() and torch.isfinite(x.grad).all(), method
+        assert y.is_contiguous(memory_format=torch.channels_last), method
+
+
+@check("torch.compile (inductor) on CUDA: every method runs and matches eager with the same draws")
+def _compile() -> None:
+    for method in METHODS:
+        model = apply_ghost_noise(small_net(), 8, method=method, seed=2).to(dev)
+        x = torch.randn(32, 3, 16, 16, device=dev)
+        eager_model = copy.deepcopy(model)
+        compiled = torch.compile(model)
+        for (_, a), (_, b) in zip(ghost_layers(model), ghost_layers(eager_model)):
+            a.reseed(5)
+            b.reseed(5)
+        y_c = compiled(x)
+        y_e = eager_model(x)
+        assert torch.isfinite(y_c).all(), method
+        torch.testing.assert_close(y_c, y_e, rtol=2e-3, atol=2e-3, msg=method)
+        y_c.sum().backward()
+
+
+@check("Lightning fit on one GPU with GhostNoise (bf16-mixed), every method")
+def _lightning() -> None:
+    import lightning.pytorch as pl
+
+    from lightning_ghostnoise import GhostNoise
+
+    class M(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = small_net()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.TensorDataset(torch.randn(128, 3, 16, 16), torch.randint(0, 10, (128,)))
+    for method in METHODS:
+        trainer = pl.Trainer(
+            accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=4, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[GhostNoise(8, method=method, seed=0)],
+        )
+        trainer.fit(M(), torch.utils.data.DataLoader(data, batch_size=32))
+
+
+if __name__ == "__main__":
+    print(f"# torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
+    results = run_checks()
+    print(f"cuda checks: {sum(results)} passed, {len(results) - sum(results)} failed")
+    sys.exit(0 if all(results) else 1)

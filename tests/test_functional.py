@@ -1,0 +1,627 @@
+"""Tests for lightning_ghostnoise.functional against plain float64 loop references.
+
+The ``ref_*`` functions below are written independently of the library, from the formulas in
+DESIGN.md, as explicit python loops over samples / ghost batches / channels in float64. They are
+also imported by ``test_layers.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from lightning_ghostnoise import functional as GF
+
+NOISE_EPS = 1e-3
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------------
+# plain references (float64, loops)
+# ---------------------------------------------------------------------------------------------------
+def _biased_moments(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    m = values.mean()
+    return m, ((values - m) ** 2).mean()
+
+
+def _affine(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], c: int) -> Tuple[float, float]:
+    g = 1.0 if weight is None else float(weight[c])
+    b = 0.0 if bias is None else float(bias[c])
+    return g, b
+
+
+def ref_batch_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-channel batch normalization (biased variance), no affine; differentiable, float64."""
+    x = x.to(F64)
+    outs = []
+    for c in range(x.shape[1]):
+        v = x[:, c]
+        m, var = _biased_moments(v.reshape(-1))
+        outs.append((v - m) / torch.sqrt(var + eps))
+    return torch.stack(outs, dim=1)
+
+
+def ref_layer_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension, no affine, loop over all leading positions; float64."""
+    x = x.to(F64)
+    flat = x.reshape(-1, x.shape[-1])
+    rows = []
+    for r in range(flat.shape[0]):
+        m, var = _biased_moments(flat[r])
+        rows.append((flat[r] - m) / torch.sqrt(var + eps))
+    return torch.stack(rows).reshape(x.shape)
+
+
+def ref_sample_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """GroupNorm(1, C): each sample normalized over all its (channel, spatial) values; float64."""
+    x = x.to(F64)
+    outs = []
+    for b in range(x.shape[0]):
+        m, var = _biased_moments(x[b].reshape(-1))
+        outs.append((x[b] - m) / torch.sqrt(var + eps))
+    return torch.stack(outs)
+
+
+def ref_gni_noise(x_hat: torch.Tensor, idx: torch.Tensor, channel_dim: int = 1, eps: float = NOISE_EPS):
+    """GNI's (shift, scale) per (sample, channel): pool the N*spatial normalized values of the drawn samples."""
+    xh = x_hat.detach().to(F64).movedim(channel_dim, 1)
+    B, C = xh.shape[:2]
+    flat = xh.reshape(B, C, -1)
+    N = idx.shape[1]
+    shift = torch.zeros(B, C, dtype=F64)
+    scale = torch.zeros(B, C, dtype=F64)
+    for c in range(C):
+        bm, bv = _biased_moments(flat[:, c, :].reshape(-1))
+        for b in range(B):
+            pool = torch.cat([flat[int(idx[b, j]), c, :] for j in range(N)])
+            gm, gv = _biased_moments(pool)
+            shift[b, c] = gm - bm
+            scale[b, c] = math.sqrt((float(gv) + eps) / (float(bv) + eps))
+    return shift, scale
+
+
+def ref_apply(
+    x_hat: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    weight=None,
+    bias=None,
+    strength: float = 1.0,
+    shift_noise: bool = True,
+    scale_noise: bool = True,
+    channel_dim: int = 1,
+) -> torch.Tensor:
+    """y = gamma * (x_hat - s*shift) / scale**s + beta, loop over (sample, channel)."""
+    xh = x_hat.to(F64).movedim(channel_dim, 1)
+    B, C = xh.shape[:2]
+    out = torch.empty_like(xh)
+    for b in range(B):
+        for c in range(C):
+            v = xh[b, c]
+            if shift_noise:
+                v = v - strength * float(shift[b, c])
+            if scale_noise:
+                v = v / float(scale[b, c]) ** strength
+            g, be = _affine(weight, bias, c)
+            out[b, c] = g * v + be
+    return out.movedim(1, channel_dim)
+
+
+def ref_gni(x_hat, idx, weight=None, bias=None, strength=1.0, shift_noise=True, scale_noise=True, channel_dim=1):
+    shift, scale = ref_gni_noise(x_hat, idx, channel_dim)
+    return ref_apply(x_hat, shift, scale, weight, bias, strength, shift_noise, scale_noise, channel_dim)
+
+
+def ref_groups(B: int, N: int) -> List[List[int]]:
+    """Consecutive ghost batches; the B mod N trailing samples join the last full one; B < N: one batch."""
+    if B < N:
+        return [list(range(B))]
+    groups = [list(range(k * N, (k + 1) * N)) for k in range(B // N)]
+    groups[-1].extend(range((B // N) * N, B))
+    return groups
+
+
+def ref_gbn(x: torch.Tensor, N: int, eps: float, weight=None, bias=None) -> torch.Tensor:
+    x = x.to(F64)
+    y = torch.empty_like(x)
+    for members in ref_groups(x.shape[0], N):
+        for c in range(x.shape[1]):
+            pool = torch.cat([x[i, c].reshape(-1) for i in members])
+            m, v = _biased_moments(pool)
+            g, be = _affine(weight, bias, c)
+            for i in members:
+                y[i, c] = g * (x[i, c] - m) / math.sqrt(float(v) + eps) + be
+    return y
+
+
+def ref_xbn(x: torch.Tensor, N: int, eps: float, weight=None, bias=None) -> torch.Tensor:
+    x = x.to(F64)
+    y = torch.empty_like(x)
+    for members in ref_groups(x.shape[0], N):
+        for i in members:
+            others = [j for j in members if j != i] or [i]
+            for c in range(x.shape[1]):
+                pool = torch.cat([x[j, c].reshape(-1) for j in others])
+                m, v = _biased_moments(pool)
+                g, be = _affine(weight, bias, c)
+                y[i, c] = g * (x[i, c] - m) / math.sqrt(float(v) + eps) + be
+    return y
+
+
+def ref_gbn_strength(x: torch.Tensor, N: int, eps: float, strength: float, shift_noise=True, scale_noise=True):
+    """GBN with strength s via DESIGN's formula: with x_hat = (x - mu_B)/std_B, GBN's implied noise is
+    shift = (mu_G - mu_B)/std_B and scale = std_G/std_B (std = sqrt(var + eps));
+    y = (x_hat - s*shift)/scale**s."""
+    x = x.to(F64)
+    y = torch.empty_like(x)
+    for c in range(x.shape[1]):
+        bm, bv = _biased_moments(x[:, c].reshape(-1))
+        std_b = math.sqrt(float(bv) + eps)
+        for members in ref_groups(x.shape[0], N):
+            gm, gv = _biased_moments(torch.cat([x[i, c].reshape(-1) for i in members]))
+            shift = (float(gm) - float(bm)) / std_b
+            scale = math.sqrt(float(gv) + eps) / std_b
+            for i in members:
+                v = (x[i, c] - bm) / std_b
+                if shift_noise:
+                    v = v - strength * shift
+                if scale_noise:
+                    v = v / scale**strength
+                y[i, c] = v
+    return y
+
+
+def varied_input(shape: Sequence[int], seed: int, dtype=torch.float32) -> torch.Tensor:
+    """Random data with per-sample and per-channel offsets/scales, so ghost statistics really differ."""
+    g = torch.Generator().manual_seed(seed)
+    B, C = shape[0], shape[1]
+    extra = (1,) * (len(shape) - 2)
+    offs = 0.7 * torch.randn((B, C) + extra, generator=g) + torch.linspace(-1, 2, C).view((1, C) + extra)
+    scales = 0.5 + torch.rand((B, 1) + extra, generator=g)
+    return (offs + scales * torch.randn(tuple(shape), generator=g)).to(dtype)
+
+
+def affine_params(C: int, seed: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    return 1.0 + 0.5 * torch.randn(C, generator=g), 0.3 * torch.randn(C, generator=g)
+
+
+# ---------------------------------------------------------------------------------------------------
+# per_sample_moments, ghost_indices, ghost_groups
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,channel_dim", [((5, 3, 4, 2), 1), ((5, 6, 3), -1), ((5, 3), 1), ((4, 2, 3, 3, 2), 1)])
+def test_per_sample_moments_match_loop(shape, channel_dim):
+    x = varied_input(shape, 0, F64) if channel_dim == 1 else torch.randn(shape, dtype=F64)
+    mean, var = GF.per_sample_moments(x, channel_dim)
+    xc = x.movedim(channel_dim, 1)
+    B, C = xc.shape[:2]
+    assert mean.shape == (B, C) and var.shape == (B, C)
+    for b in range(B):
+        for c in range(C):
+            m, v = _biased_moments(xc[b, c].reshape(-1))
+            assert float(mean[b, c]) == pytest.approx(float(m), abs=1e-12)
+            assert float(var[b, c]) == pytest.approx(float(v), abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_per_sample_moments_are_float32_for_low_precision(dtype):
+    x = torch.randn(4, 3, 5, 5).to(dtype)
+    mean, var = GF.per_sample_moments(x)
+    assert mean.dtype == torch.float32 and var.dtype == torch.float32
+    ref_m, ref_v = GF.per_sample_moments(x.to(F64))
+    torch.testing.assert_close(mean.double(), ref_m, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var.double(), ref_v, atol=1e-5, rtol=1e-5)
+
+
+def test_per_sample_moments_rejects_integer_input():
+    with pytest.raises(TypeError, match="floating point"):
+        GF.per_sample_moments(torch.ones(4, 3, 2, 2, dtype=torch.int64))
+
+
+def test_ghost_indices_shape_range_reproducible_and_private():
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    idx = GF.ghost_indices(10, 4, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.random.get_rng_state(), before), "ghost_indices with a generator touched the global RNG"
+    assert idx.shape == (10, 4) and idx.dtype == torch.int64
+    assert int(idx.min()) >= 0 and int(idx.max()) < 10
+    assert torch.equal(idx, GF.ghost_indices(10, 4, generator=torch.Generator().manual_seed(3)))
+    assert not torch.equal(idx, GF.ghost_indices(10, 4, generator=torch.Generator().manual_seed(4)))
+    big = GF.ghost_indices(3, 50, generator=torch.Generator().manual_seed(0))  # N > B
+    assert big.shape == (3, 50) and set(big.unique().tolist()) == {0, 1, 2}
+    assert GF.ghost_indices(6, 2, generator=torch.Generator().manual_seed(0), num_rows=9).shape == (9, 2)
+
+
+def test_ghost_indices_draw_with_replacement_uniformly():
+    idx = GF.ghost_indices(8, 64, generator=torch.Generator().manual_seed(0), num_rows=2000)
+    counts = torch.bincount(idx.reshape(-1), minlength=8).double()
+    expected = idx.numel() / 8
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert stats.chi2(7).sf(chi2) > 1e-3
+    # with replacement: some rows contain repeats (N=64 > B=8 forces it)
+    assert all(len(set(r.tolist())) < 64 for r in idx[:10])
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_ghost_indices_and_groups_reject_bad_size(bad):
+    with pytest.raises(ValueError, match="ghost_batch_size must be >= 1"):
+        GF.ghost_indices(8, bad)
+    with pytest.raises(ValueError, match="ghost_batch_size must be >= 1"):
+        GF.ghost_groups(8, bad)
+
+
+@pytest.mark.parametrize("B,N", [(8, 4), (9, 4), (11, 4), (3, 4), (4, 4), (1, 4), (7, 1), (13, 5)])
+def test_ghost_groups_remainder_rule(B, N):
+    group, num = GF.ghost_groups(B, N)
+    expected = ref_groups(B, N)
+    assert num == len(expected)
+    assert group.tolist() == [k for k, members in enumerate(expected) for _ in members]
+    sizes = torch.bincount(group).tolist()
+    assert min(sizes) >= min(N, B)  # no ghost batch smaller than N (unless the batch itself is)
+
+
+def test_ghost_groups_explicit_example():
+    assert GF.ghost_groups(7, 3)[0].tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert GF.ghost_groups(9, 4)[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# GNI: ghost_noise + apply_noise against the pooled loop reference
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,N", [((8, 3, 4, 4), 4), ((8, 3, 4, 4), 12), ((10, 4), 3), ((6, 2, 5), 2)])
+def test_ghost_noise_matches_pooled_reference(shape, N):
+    x = varied_input(shape, 1)
+    x_hat = ref_batch_normalize(x, 1e-5)
+    idx = GF.ghost_indices(shape[0], N, generator=torch.Generator().manual_seed(11))
+    shift, scale = GF.ghost_noise(*GF.per_sample_moments(x_hat), idx)
+    ref_shift, ref_scale = ref_gni_noise(x_hat, idx)
+    assert shift.dtype == torch.float32 and scale.dtype == torch.float32
+    torch.testing.assert_close(shift.double(), ref_shift, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(scale.double(), ref_scale, atol=2e-6, rtol=1e-5)
+    assert not torch.allclose(ref_shift, torch.zeros_like(ref_shift), atol=1e-3)  # the test has teeth
+
+
+@pytest.mark.parametrize(
+    "strength,shift_noise,scale_noise",
+    [(1.0, True, True), (0.5, True, True), (1.0, True, False), (1.0, False, True), (0.5, False, True), (2.0, True, True)],
+)
+def test_gni_functional_matches_loop_reference(strength, shift_noise, scale_noise):
+    B, C, N = 8, 3, 4
+    x = varied_input((B, C, 3, 3), 2)
+    x_hat = F.batch_norm(x, None, None, training=True, eps=1e-5)
+    w, b = affine_params(C)
+    idx = GF.ghost_indices(B, N, generator=torch.Generator().manual_seed(5))
+    shift, scale = GF.ghost_noise(*GF.per_sample_moments(x_hat), idx)
+    y = GF.apply_noise(x_hat, shift, scale, w, b, strength=strength, shift_noise=shift_noise, scale_noise=scale_noise)
+    ref = ref_gni(ref_batch_normalize(x, 1e-5), idx, w, b, strength, shift_noise, scale_noise)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_apply_noise_strength_zero_is_plain_affine():
+    x_hat = torch.randn(6, 3, 2, 2)
+    w, b = affine_params(3)
+    shift, scale = 0.5 * torch.randn(6, 3), 0.5 + torch.rand(6, 3)
+    y = GF.apply_noise(x_hat, shift, scale, w, b, strength=0.0)
+    torch.testing.assert_close(y, x_hat * w.view(1, 3, 1, 1) + b.view(1, 3, 1, 1))
+    y_tensor_s = GF.apply_noise(x_hat, shift, scale, w, b, strength=torch.tensor(0.5))
+    torch.testing.assert_close(y_tensor_s, GF.apply_noise(x_hat, shift, scale, w, b, strength=0.5))
+
+
+def test_apply_noise_channel_last_layout():
+    x_hat = torch.randn(4, 5, 3)  # (B, T, D) with channel D last
+    shift, scale = 0.3 * torch.randn(4, 3), 0.5 + torch.rand(4, 3)
+    w, b = affine_params(3)
+    y = GF.apply_noise(x_hat, shift, scale, w, b, strength=0.7, channel_dim=-1)
+    ref = ref_apply(x_hat, shift, scale, w, b, 0.7, channel_dim=-1)
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_ghost_noise_carries_no_gradient():
+    x_hat = torch.randn(8, 3, 2, 2, requires_grad=True)
+    mean, var = GF.per_sample_moments(x_hat)
+    assert mean.requires_grad
+    shift, scale = GF.ghost_noise(mean, var, GF.ghost_indices(8, 4, generator=torch.Generator().manual_seed(0)))
+    assert not shift.requires_grad and not scale.requires_grad
+
+
+def test_ghost_noise_with_one_sample_is_identity_noise():
+    x_hat = torch.randn(1, 3, 4, 4)
+    idx = GF.ghost_indices(1, 5, generator=torch.Generator().manual_seed(0))
+    shift, scale = GF.ghost_noise(*GF.per_sample_moments(x_hat), idx)
+    torch.testing.assert_close(shift, torch.zeros(1, 3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(scale, torch.ones(1, 3), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GBN / XBN against the loop references
+# ---------------------------------------------------------------------------------------------------
+GROUP_CASES = [(8, 4), (9, 4), (11, 4), (3, 4), (12, 3), (13, 5)]  # B%N == 0, 1, 3, B<N, ...
+
+
+@pytest.mark.parametrize("B,N", GROUP_CASES)
+@pytest.mark.parametrize("affine", [False, True])
+def test_ghost_batch_norm_matches_loop_reference(B, N, affine):
+    x = varied_input((B, 3, 3, 2), 3, F64)
+    w, b = affine_params(3) if affine else (None, None)
+    wd = None if w is None else w.double()
+    bd = None if b is None else b.double()
+    y = GF.ghost_batch_norm(x, N, weight=wd, bias=bd, eps=1e-5)
+    assert y.dtype == F64
+    torch.testing.assert_close(y, ref_gbn(x, N, 1e-5, w, b), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("B,N", [(9, 4), (8, 4)])
+def test_ghost_batch_norm_float32_matches_reference(B, N):
+    x = varied_input((B, 4, 5, 5), 4)
+    w, b = affine_params(4)
+    y = GF.ghost_batch_norm(x, N, weight=w, bias=b, eps=1e-3)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref_gbn(x, N, 1e-3, w, b), atol=2e-5, rtol=2e-5)
+
+
+def test_ghost_batch_norm_limits():
+    x = varied_input((8, 3, 4, 4), 5, F64)
+    # one ghost batch of the whole batch: plain BN
+    torch.testing.assert_close(GF.ghost_batch_norm(x, 8), F.batch_norm(x, None, None, training=True), atol=1e-10, rtol=0)
+    torch.testing.assert_close(GF.ghost_batch_norm(x, 100), F.batch_norm(x, None, None, training=True), atol=1e-10, rtol=0)
+    # ghost batches of one sample: instance norm
+    torch.testing.assert_close(GF.ghost_batch_norm(x, 1), F.instance_norm(x), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("strength", [0.0, 0.5, 1.0, 1.5])
+@pytest.mark.parametrize("shift_noise,scale_noise", [(True, True), (True, False), (False, True)])
+def test_ghost_batch_norm_strength_and_switches(strength, shift_noise, scale_noise):
+    x = varied_input((9, 3, 2, 2), 6, F64)
+    y = GF.ghost_batch_norm(x, 4, strength=strength, shift_noise=shift_noise, scale_noise=scale_noise)
+    ref = ref_gbn_strength(x, 4, 1e-5, strength, shift_noise, scale_noise)
+    torch.testing.assert_close(y, ref, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("B,N", GROUP_CASES + [(1, 4), (2, 2)])
+@pytest.mark.parametrize("affine", [False, True])
+def test_exclusive_batch_norm_matches_loop_reference(B, N, affine):
+    x = varied_input((B, 3, 3, 2), 8, F64)
+    w, b = affine_params(3) if affine else (None, None)
+    y = GF.exclusive_batch_norm(x, N, weight=None if w is None else w.double(), bias=None if b is None else b.double())
+    torch.testing.assert_close(y, ref_xbn(x, N, 1e-5, w, b), atol=1e-9, rtol=1e-9)
+
+
+def test_exclusive_batch_norm_float32_with_one_value_per_sample():
+    x = varied_input((10, 5), 9)
+    y = GF.exclusive_batch_norm(x, 3, eps=1e-5)
+    torch.testing.assert_close(y.double(), ref_xbn(x, 3, 1e-5), atol=1e-4, rtol=1e-4)
+
+
+def test_exclusive_differs_from_ghost_batch_norm():
+    x = varied_input((8, 3, 2, 2), 10, F64)
+    assert not torch.allclose(GF.exclusive_batch_norm(x, 4), GF.ghost_batch_norm(x, 4), atol=1e-3)
+
+
+@pytest.mark.parametrize("bad", [1, 0])
+def test_exclusive_batch_norm_rejects_small_ghost_batch(bad):
+    with pytest.raises(ValueError, match="XBN needs ghost_batch_size >= 2"):
+        GF.exclusive_batch_norm(torch.randn(8, 3, 2, 2), bad)
+
+
+def test_ghost_batch_norm_rejects_zero_ghost_batch():
+    with pytest.raises(ValueError, match="ghost_batch_size must be >= 1"):
+        GF.ghost_batch_norm(torch.randn(8, 3, 2, 2), 0)
+
+
+@pytest.mark.parametrize("fn", [GF.ghost_batch_norm, GF.exclusive_batch_norm])
+def test_ghost_functions_update_running_stats_like_batch_norm(fn):
+    x = varied_input((9, 3, 4, 4), 12)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    rm_ref, rv_ref = torch.zeros(3), torch.ones(3)
+    fn(x, 4, rm, rv, momentum=0.3)
+    F.batch_norm(x, rm_ref, rv_ref, training=True, momentum=0.3)
+    torch.testing.assert_close(rm, rm_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rv, rv_ref, atol=1e-6, rtol=1e-6)
+
+
+def test_update_running_stats_unbiased_variance():
+    rm, rv = torch.full((2,), 1.0), torch.full((2,), 2.0)
+    GF.update_running_stats(rm, rv, torch.tensor([3.0, -1.0]), torch.tensor([4.0, 0.5]), count=5, momentum=0.25)
+    torch.testing.assert_close(rm, torch.tensor([0.75 * 1 + 0.25 * 3, 0.75 * 1 - 0.25]))
+    torch.testing.assert_close(rv, torch.tensor([0.75 * 2 + 0.25 * 4 * 5 / 4, 0.75 * 2 + 0.25 * 0.5 * 5 / 4]))
+    GF.update_running_stats(None, None, torch.zeros(2), torch.ones(2), 5, 0.1)  # no-op, no error
+
+
+# ---------------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,N", [((6, 2, 3), 2), ((7, 2, 2, 2), 3), ((3, 2, 2), 4), ((8, 3), 4)])
+@pytest.mark.parametrize("fn", [GF.ghost_batch_norm, GF.exclusive_batch_norm], ids=["gbn", "xbn"])
+def test_gradcheck_ghost_and_exclusive_batch_norm(fn, shape, N):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=gen, dtype=F64) * 1.5 + 0.3).requires_grad_()
+    C = shape[1]
+    w = (1.0 + 0.3 * torch.randn(C, generator=gen, dtype=F64)).requires_grad_()
+    b = (0.2 * torch.randn(C, generator=gen, dtype=F64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, b: fn(x, N, weight=w, bias=b, eps=1e-3), (x, w, b), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,N", [((6, 2, 3), 3), ((5, 2), 2)])
+@pytest.mark.parametrize("fn", [GF.ghost_batch_norm, GF.exclusive_batch_norm], ids=["gbn", "xbn"])
+def test_gradgradcheck_ghost_and_exclusive_batch_norm(fn, shape, N):
+    """Second derivatives (e.g. gradient penalties) must be right, as they are for plain BatchNorm."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=gen, dtype=F64).requires_grad_()
+    w = (1.0 + 0.3 * torch.randn(shape[1], generator=gen, dtype=F64)).requires_grad_()
+    # the plain-autograd path (fused=False) supports double backward
+    assert torch.autograd.gradgradcheck(lambda x, w: fn(x, N, weight=w, eps=1e-3, fused=False), (x, w), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [GF.ghost_batch_norm, GF.exclusive_batch_norm], ids=["gbn", "xbn"])
+def test_fused_path_refuses_double_backward_clearly(fn):
+    """The fused path gives first-order gradients only: a second derivative must fail loudly, never be wrong."""
+    x = torch.randn(6, 2, 3, dtype=F64, requires_grad=True)
+    (gx,) = torch.autograd.grad(fn(x, 3, fused=True).pow(2).sum(), x, create_graph=False)
+    assert torch.isfinite(gx).all()
+    with pytest.raises(RuntimeError, match="fused=False"):
+        torch.autograd.grad(fn(x, 3, fused=True).pow(2).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("shape", [(10, 3, 5, 5), (9, 4), (6, 3, 7)])
+@pytest.mark.parametrize("method", ["gbn", "xbn", "gni"])
+def test_fused_and_plain_autograd_paths_agree(method, shape):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=gen, dtype=F64) * 3 + 1).requires_grad_()
+    w = torch.randn(shape[1], generator=gen, dtype=F64).requires_grad_()
+    b = torch.randn(shape[1], generator=gen, dtype=F64).requires_grad_()
+    idx = GF.ghost_indices(shape[0], 4, generator=torch.Generator().manual_seed(1))
+    fns = {
+        "gbn": lambda f: GF.ghost_batch_norm(x, 4, None, None, w, b, strength=0.7, fused=f),
+        "xbn": lambda f: GF.exclusive_batch_norm(x, 4, None, None, w, b, fused=f),
+        "gni": lambda f: GF.ghost_noise_batch_norm(x, lambda m, v: GF.ghost_noise(m, v, idx), None, None, w, b, fused=f),
+    }
+    g = torch.randn(shape, generator=gen, dtype=F64)
+    results = []
+    for fused in (True, False):
+        y = fns[method](fused)
+        results.append((y, *torch.autograd.grad(y, (x, w, b), g)))
+    for a, c in zip(*results):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("fn", [GF.ghost_batch_norm, GF.exclusive_batch_norm], ids=["gbn", "xbn"])
+def test_gradcheck_with_strength(fn):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 2, 3, generator=gen, dtype=F64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: fn(x, 3, strength=0.5, eps=1e-3), (x,), eps=1e-6, atol=1e-5)
+
+
+def test_gbn_gradient_matches_autograd_of_loop_reference():
+    """The gradient flows through the ghost statistics (not only through x)."""
+    x = varied_input((9, 2, 3), 13, F64).requires_grad_()
+    R = torch.randn(9, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    (GF.ghost_batch_norm(x, 4, eps=1e-3) * R).sum().backward()
+    g_lib = x.grad.clone()
+    x.grad = None
+    # autograd of a differentiable per-ghost-batch normalization
+    parts = []
+    for members in ref_groups(9, 4):
+        xs = x[members]
+        m = xs.mean(dim=(0, 2), keepdim=True)
+        v = ((xs - m) ** 2).mean(dim=(0, 2), keepdim=True)
+        parts.append((xs - m) / torch.sqrt(v + 1e-3))
+    (torch.cat(parts) * R).sum().backward()
+    torch.testing.assert_close(g_lib, x.grad, atol=1e-10, rtol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the noise law (one value per sample)
+# ---------------------------------------------------------------------------------------------------
+LAW_B, LAW_C = 4096, 64
+
+
+@functools.lru_cache(maxsize=None)
+def _gni_law_samples(N: int, raw_scale: float = 100.0, normalize: bool = True):
+    x = raw_scale * torch.randn(LAW_B, LAW_C, generator=torch.Generator().manual_seed(100 + N))
+    data = F.batch_norm(x, None, None, training=True) if normalize else x
+    idx = GF.ghost_indices(LAW_B, N, generator=torch.Generator().manual_seed(200 + N))
+    mean, var = GF.per_sample_moments(data)
+    assert float(var.abs().max()) == 0.0  # one value per sample
+    shift, scale = GF.ghost_noise(mean, var, idx)
+    batch_var = data.double().var(0, unbiased=False)
+    return shift.double(), scale.double(), batch_var
+
+
+@pytest.mark.parametrize("N", [4, 16])
+def test_gni_noise_moments_follow_law(N):
+    shift, scale, batch_var = _gni_law_samples(N)
+    shift_std = float((shift / batch_var.sqrt()).std())
+    assert shift_std == pytest.approx(1 / math.sqrt(N), rel=0.01)
+    assert abs(shift_std - 1 / math.sqrt(N - 1)) > 0.02 / math.sqrt(N)  # resolution check
+    mean_sq = float((scale**2).mean())
+    assert mean_sq == pytest.approx((N - 1) / N, rel=0.01)
+    assert abs(mean_sq - 1.0) > 2 * 0.01 * (N - 1) / N  # would fail for chi2(N)/N
+
+
+@pytest.mark.parametrize("N", [4, 16])
+def test_gni_scale_law_is_chi2_n_minus_1(N):
+    # un-normalized data with variance 1e4: the noise eps (1e-3) is negligible in scale**2
+    _, scale, batch_var = _gni_law_samples(N, raw_scale=100.0, normalize=False)
+    assert float(batch_var.min()) > 5e3
+    values = (N * scale**2).reshape(-1).numpy()
+    good = stats.kstest(values, stats.chi2(N - 1).cdf)
+    bad = stats.kstest(values, stats.chi2(N).cdf)
+    assert good.pvalue > 1e-3 and good.statistic < 0.006, good
+    assert bad.statistic > 0.03, bad
+
+
+@pytest.mark.parametrize("N", [4, 16])
+def test_gni_law_on_normalized_data_with_eps_accounted(N):
+    shift, scale, batch_var = _gni_law_samples(N)
+    # invert scale**2 = (ghost_var + eps)/(batch_var + eps) exactly, then N*ghost_var/batch_var ~ chi2(N-1)
+    ghost_var = scale**2 * (batch_var + NOISE_EPS) - NOISE_EPS
+    values = (N * ghost_var / batch_var).reshape(-1).numpy()
+    assert stats.kstest(values, stats.chi2(N - 1).cdf).pvalue > 1e-3
+    z = (shift * math.sqrt(N) / batch_var.sqrt()).reshape(-1).numpy()
+    ks = stats.kstest(z, stats.norm.cdf)
+    assert ks.statistic < 0.006, ks
+    assert stats.kstest(z * math.sqrt(N / (N - 1.0)), stats.norm.cdf).statistic > ks.statistic
+
+
+@pytest.mark.parametrize("N", [2, 4, 16])
+def test_analytic_noise_follows_law(N):
+    shift, scale = GF.analytic_noise(LAW_B, LAW_C, N, generator=torch.Generator().manual_seed(N))
+    assert shift.shape == (LAW_B, LAW_C) and scale.shape == (LAW_B, LAW_C)
+    assert shift.dtype == torch.float32 and scale.dtype == torch.float32
+    assert bool((scale > 0).all())
+    z = (shift.double() * math.sqrt(N)).reshape(-1).numpy()
+    assert stats.kstest(z, stats.norm.cdf).pvalue > 1e-3
+    q = (N * scale.double() ** 2).reshape(-1).numpy()
+    good = stats.kstest(q, stats.chi2(N - 1).cdf)
+    assert good.pvalue > 1e-3 and good.statistic < 0.006, good
+    assert stats.kstest(q, stats.chi2(N).cdf).statistic > 0.03
+    assert float((scale.double() ** 2).mean()) == pytest.approx((N - 1) / N, rel=0.01)
+
+
+def test_analytic_noise_matches_gni_law_two_sample():
+    N = 8
+    _, gni_scale, _ = _gni_law_samples(N, normalize=False)
+    _, an_scale = GF.analytic_noise(LAW_B, LAW_C, N, generator=torch.Generator().manual_seed(1))
+    res = stats.ks_2samp(gni_scale.reshape(-1)[::7].numpy(), an_scale.double().reshape(-1)[::7].numpy())
+    assert res.pvalue > 1e-3, res
+
+
+def test_analytic_noise_reproducible_private_and_validated():
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    a = GF.analytic_noise(5, 3, 4, generator=torch.Generator().manual_seed(9))
+    b = GF.analytic_noise(5, 3, 4, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="ghost_batch_size must be >= 1"):
+        GF.analytic_noise(5, 3, 0)
+
+
+def test_analytic_noise_with_one_member_is_shift_only():
+    # N = 1: chi2(0) is zero, so the scale is zero (usable for shift-only noise); shift ~ Normal(0, 1)
+    shift, scale = GF.analytic_noise(2000, 4, 1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(scale, torch.zeros_like(scale))
+    assert stats.kstest(shift.double().reshape(-1).numpy(), stats.norm.cdf).pvalue > 1e-3
+
+
+def test_broadcast_channels():
+    x = torch.zeros(2, 3, 4, 5)
+    assert GF.broadcast_channels(torch.ones(2, 3), x).shape == (2, 3, 1, 1)
+    assert GF.broadcast_channels(torch.ones(2, 5), x, channel_dim=-1).shape == (2, 1, 1, 5)
+    v = torch.arange(6.0).view(2, 3)
+    out = GF.broadcast_channels(v, x) + x
+    assert float(out[1, 2, 3, 4]) == 5.0 and float(out[0, 1, 0, 0]) == 1.0
+
+
+def test_apply_noise_identity_noise_keeps_memory_format():
+    x_hat = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
+    y = GF.apply_noise(x_hat, torch.zeros(4, 3), torch.ones(4, 3))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, x_hat)
