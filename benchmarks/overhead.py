@@ -1,0 +1,229 @@
+"""Cost of ghost noise relative to plain BatchNorm, measured side by side in one run.
+
+For every method (gni, gbn, xbn, analytic) and plain BN this prints, per case, the median time of a
+training step (forward + backward + SGD step) or a single layer's forward + backward, the ratio to
+plain BN measured in the same run (interleaved repeats, so machine noise hits all alike), the
+activation memory (bytes of tensors saved for backward; on CUDA also the peak allocated memory),
+and under ``torch.compile`` the number of graph breaks.
+
+Usage:
+    python benchmarks/overhead.py                      # CPU: small ResNet, 1x28x28, batch 128
+    python benchmarks/overhead.py --device cuda        # CUDA: ResNet-18, 3x32x32, batch 256, bf16, channels_last
+    python benchmarks/overhead.py --compile            # add torch.compile cases
+    python benchmarks/overhead.py --quick              # fewer repeats (smoke test)
+
+Every line ends with ``ratio=X.XXX`` (time relative to plain BN in the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from lightning_ghostnoise import apply_ghost_noise
+from lightning_ghostnoise.models import resnet18_cifar, small_resnet
+
+METHODS = ("bn", "gni", "gbn", "xbn", "analytic")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the tensors autograd saves for backward while running ``fn`` (activation memory)."""
+    total = 0
+    seen = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    out.float().sum().backward()
+    return total
+
+
+def interleaved_medians(steps: Dict[str, Callable[[], None]], repeats: int, device: torch.device) -> Dict[str, float]:
+    times: Dict[str, List[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def build_models(base: nn.Module, ghost_batch_size: int) -> Dict[str, nn.Module]:
+    models = {"bn": base}
+    for method in METHODS[1:]:
+        models[method] = apply_ghost_noise(copy.deepcopy(base), ghost_batch_size, method=method, seed=0)
+    return models
+
+
+def graph_breaks(model: nn.Module, x: torch.Tensor) -> Optional[int]:
+    try:
+        import torch._dynamo as dynamo
+
+        dynamo.reset()
+        return int(dynamo.explain(model)(x).graph_break_count)
+    except Exception as err:  # pragma: no cover - reported, not hidden
+        print(f"  (graph break count failed: {type(err).__name__}: {err})")
+        return None
+
+
+def bench_models(args: argparse.Namespace, device: torch.device) -> None:
+    if device.type == "cuda":
+        base = resnet18_cifar(num_classes=10, in_channels=3)
+        shape, label = (args.batch or 256, 3, 32, 32), "ResNet-18 3x32x32"
+    else:
+        base = small_resnet(depth=8, width=16, in_channels=1, num_classes=10)
+        shape, label = (args.batch or 128, 1, 28, 28), "small ResNet-8 1x28x28"
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    base = base.to(device=device, memory_format=memory_format)
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=device).to(memory_format=memory_format)
+    y = torch.randint(0, 10, (shape[0],), device=device)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    )
+    for compiled in ([False, True] if args.compile else [False]):
+        models = build_models(base, args.ghost_batch_size)
+        breaks: Dict[str, Optional[int]] = {}
+        if compiled:
+            for k in list(models):
+                breaks[k] = graph_breaks(models[k], x)
+            torch._dynamo.reset()
+            runners = {k: torch.compile(m) for k, m in models.items()}
+        else:
+            runners = dict(models)
+        optims = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
+
+        def make_step(k: str) -> Callable[[], None]:
+            def step() -> None:
+                optims[k].zero_grad(set_to_none=True)
+                with autocast:
+                    loss = nn.functional.cross_entropy(runners[k](x), y)
+                loss.backward()
+                optims[k].step()
+
+            return step
+
+        steps = {k: make_step(k) for k in models}
+        for step in steps.values():  # warm-up (and compilation)
+            for _ in range(3 if not compiled else 4):
+                step()
+        medians = interleaved_medians(steps, args.repeats, device)
+        peaks: Dict[str, Optional[int]] = {}
+        for k, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                torch.cuda.synchronize()
+                peaks[k] = torch.cuda.max_memory_allocated()
+            else:
+                peaks[k] = None
+        act = {}
+        if not compiled:
+            for k, m in models.items():
+                with autocast:
+                    act[k] = saved_bytes(lambda: nn.functional.cross_entropy(m(x), y))
+        mode = "compiled" if compiled else "eager"
+        for k in models:
+            parts = [
+                f"model {label} batch {shape[0]} {device.type} {mode}{' bf16' if args.bf16 else ''}"
+                f"{' channels_last' if args.channels_last else ''} method={k:<8}",
+                f"step={medians[k] * 1e3:8.2f}ms",
+            ]
+            if act:
+                parts.append(f"saved={act[k] / 2**20:7.1f}MiB saved_ratio={act[k] / act['bn']:.3f}")
+            if peaks[k] is not None:
+                parts.append(f"peak={peaks[k] / 2**20:7.1f}MiB peak_ratio={peaks[k] / peaks['bn']:.3f}")  # type: ignore[operator]
+            if compiled:
+                parts.append(f"graph_breaks={breaks.get(k)}")
+            parts.append(f"ratio={medians[k] / medians['bn']:.3f}")
+            print(" ".join(parts), flush=True)
+
+
+def bench_layers(args: argparse.Namespace, device: torch.device) -> None:
+    shape = (args.batch or (256 if device.type == "cuda" else 128), 64, 16, 16)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    base = nn.BatchNorm2d(shape[1]).to(device=device, dtype=dtype)
+    models = build_models(base, args.ghost_batch_size)
+    x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=memory_format).requires_grad_()
+    grad = torch.randn_like(x)
+    for compiled in ([False, True] if args.compile else [False]):
+        if compiled:
+            torch._dynamo.reset()
+        runners = {k: (torch.compile(m) if compiled else m) for k, m in models.items()}
+
+        def make(k: str) -> Callable[[], None]:
+            def step() -> None:
+                runners[k](x).backward(grad)
+
+            return step
+
+        steps = {k: make(k) for k in models}
+        for step in steps.values():
+            for _ in range(3):
+                step()
+        medians = interleaved_medians(steps, args.repeats * 2, device)
+        mode = "compiled" if compiled else "eager"
+        for k in models:
+            print(
+                f"layer BatchNorm2d {tuple(shape)} {device.type} {mode} {str(dtype).replace('torch.', '')}"
+                f"{' channels_last' if args.channels_last else ''} method={k:<8} fwd+bwd={medians[k] * 1e3:8.3f}ms "
+                f"ratio={medians[k] / medians['bn']:.3f}",
+                flush=True,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (inductor)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (default on CUDA)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last (default on CUDA)")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--ghost-batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="3 repeats (smoke test)")
+    parser.add_argument("--skip-layers", action="store_true")
+    parser.add_argument("--skip-models", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        args.bf16 = True
+        args.channels_last = True
+        torch.backends.cudnn.benchmark = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.repeats = 3
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# torch {torch.__version__}, {name}, ghost_batch_size={args.ghost_batch_size}, repeats={args.repeats}", flush=True)
+    if not args.skip_layers:
+        bench_layers(args, device)
+    if not args.skip_models:
+        bench_models(args, device)
+
+
+if __name__ == "__main__":
+    main()

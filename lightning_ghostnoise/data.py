@@ -1,0 +1,536 @@
+"""Fashion-MNIST as a ``LightningDataModule``, read straight from the idx files (no download).
+
+The four ``*-ubyte.gz`` files of Fashion-MNIST are decoded with ``gzip`` + ``numpy`` (cached in memory
+per process). Without them (and ``fallback=True``) the module uses scikit-learn's 8x8 ``digits``,
+upsampled to 28x28, and warns how to install the real data.
+
+Every random choice (validation split, training subset, shuffling, augmentation) has its own seeded
+generator: the global RNG is never touched, so data order and augmentation are the same whether ghost
+noise is on or off.
+
+Example:
+    >>> dm = FashionMNISTDataModule(train_subset=1000, batch_size=64)  # doctest: +SKIP
+    >>> dm.setup("fit")  # doctest: +SKIP
+    >>> x, y = next(iter(dm.train_dataloader()))  # doctest: +SKIP
+    >>> x.shape, y.shape  # doctest: +SKIP
+    (torch.Size([64, 1, 28, 28]), torch.Size([64]))
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import struct
+import threading
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning_utilities.core.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from lightning_ghostnoise.seeding import derive_seed, validate_seed
+
+__all__ = [
+    "DEFAULT_DATA_DIR",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_FILES",
+    "FashionMNISTDataModule",
+    "load_fashion_mnist",
+    "load_idx",
+]
+
+#: Where Debian's ``dataset-fashion-mnist`` package puts the files.
+DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
+
+#: The four files, by split and kind.
+FASHION_MNIST_FILES: Dict[str, str] = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+FASHION_MNIST_CLASSES: Tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+_INSTALL_HINT = (
+    "Install the real data with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; files land in "
+    f"{DEFAULT_DATA_DIR}), or put the four files {', '.join(FASHION_MNIST_FILES.values())} in `data_dir`."
+)
+
+# idx type codes (third header byte) -> big-endian numpy dtype
+_IDX_DTYPES: Dict[int, str] = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+_CACHE: Dict[Tuple[str, int, int], np.ndarray] = {}
+_STATS: Dict[Tuple[int, Tuple[int, ...]], Tuple[np.ndarray, Tuple[float, float]]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+# --------------------------------------------------------------------------- idx parsing
+def _parse_idx(raw: bytes, path: str) -> np.ndarray:
+    if len(raw) < 4:
+        raise ValueError(f"{path}: not an idx file (only {len(raw)} bytes, the header alone has 4+).")
+    zero, code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or code not in _IDX_DTYPES:
+        raise ValueError(
+            f"{path}: bad idx magic number 0x{raw[:4].hex()} (expected 0x0000 followed by a type code in "
+            f"{{{', '.join(hex(c) for c in _IDX_DTYPES)}}} and the number of dimensions). "
+            "Is this really an idx file (gzipped if its name ends in .gz)?"
+        )
+    if ndim == 0:
+        raise ValueError(f"{path}: idx header declares 0 dimensions.")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated idx header ({len(raw)} bytes, {header} expected for {ndim} dimensions).")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[code])
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise ValueError(
+            f"{path}: idx size mismatch: header says shape {tuple(shape)} of {dtype.name} ({expected} bytes of data), "
+            f"file has {len(raw) - header} bytes after the header (truncated or corrupt download?)."
+        )
+    arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return arr.astype(dtype.newbyteorder("="), copy=False)
+
+
+def load_idx(path: str) -> np.ndarray:
+    """Read an idx file (gzipped if the name ends in ``.gz``) into a numpy array.
+
+    The header (two zero bytes, a type code, the number of dimensions, then one big-endian uint32 per
+    dimension) is validated against the data size. The result is cached in memory per process
+    (keyed by path, size and modification time) and returned **read-only**; copy it to modify it.
+
+    Args:
+        path: the file.
+
+    Returns:
+        An array of the file's shape and type (native byte order).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: bad magic number, truncated header or a data size that does not match the header.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "x.idx")
+        >>> with open(p, "wb") as f:
+        ...     _ = f.write(bytes([0, 0, 8, 2, 0, 0, 0, 2, 0, 0, 0, 3, 1, 2, 3, 4, 5, 6]))
+        >>> load_idx(p)
+        array([[1, 2, 3],
+               [4, 5, 6]], dtype=uint8)
+    """
+    path = os.fspath(path)
+    st = os.stat(path)  # raises FileNotFoundError with the path
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    opener: Any = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: cannot decompress/read idx file: {err}") from err
+    arr = _parse_idx(raw, path)
+    arr.setflags(write=False)
+    with _CACHE_LOCK:
+        _CACHE[key] = arr
+    return arr
+
+
+def load_fashion_mnist(data_dir: str = DEFAULT_DATA_DIR) -> Dict[str, np.ndarray]:
+    """The four Fashion-MNIST arrays (``train_images`` (60000, 28, 28) uint8, ``train_labels`` (60000,), ...).
+
+    Raises:
+        FileNotFoundError: a file is missing (the message says how to install the data).
+        ValueError: a file is corrupt or has unexpected shapes.
+    """
+    out: Dict[str, np.ndarray] = {}
+    for key, name in FASHION_MNIST_FILES.items():
+        path = os.path.join(data_dir, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Fashion-MNIST file {path} not found. {_INSTALL_HINT}")
+        out[key] = load_idx(path)
+    for split in ("train", "test"):
+        images, labels = out[f"{split}_images"], out[f"{split}_labels"]
+        if images.ndim != 3 or images.dtype != np.uint8 or labels.ndim != 1 or labels.dtype != np.uint8:
+            raise ValueError(
+                f"{data_dir}: {split} files have unexpected layout: images {images.shape} {images.dtype}, labels "
+                f"{labels.shape} {labels.dtype} (expected (n, rows, cols) uint8 and (n,) uint8)."
+            )
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"{data_dir}: {split} has {images.shape[0]} images but {labels.shape[0]} labels."
+            )
+        if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+            raise ValueError(f"{data_dir}: {split} labels go up to {int(labels.max())}, expected 0..9.")
+    return out
+
+
+def _pixel_stats(images: np.ndarray) -> Tuple[float, float]:
+    """Exact mean and std of all pixels (in pixel units), from a histogram for uint8; cached."""
+    key = (id(images), images.shape)
+    with _CACHE_LOCK:
+        hit = _STATS.get(key)
+    if hit is not None and hit[0] is images:
+        return hit[1]
+    if images.dtype == np.uint8:
+        counts = np.bincount(images.reshape(-1), minlength=256).astype(np.float64)
+        values = np.arange(256, dtype=np.float64)
+        n = counts.sum()
+        mean = float(counts @ values / n)
+        std = float(np.sqrt(max(counts @ (values - mean) ** 2 / n, 0.0)))
+    else:
+        mean, std = float(images.mean(dtype=np.float64)), float(images.std(dtype=np.float64))
+    std = std if std > 0 else 1.0
+    with _CACHE_LOCK:
+        _STATS[key] = (images, (mean, std))
+    return mean, std
+
+
+@functools.lru_cache(maxsize=4)
+def _load_digits(image_size: int) -> Dict[str, np.ndarray]:
+    """scikit-learn's 8x8 digits as uint8 images of ``image_size``, split 80/20 (fixed, stratified)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:  # pragma: no cover - sklearn is a test/data extra
+        raise ImportError(
+            f"Fashion-MNIST is missing and the fallback needs scikit-learn (pip install scikit-learn). {_INSTALL_HINT}"
+        ) from err
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.float32) * (255.0 / 16.0))[:, None]
+    factor = max(image_size // 8, 1)
+    images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
+    pad = image_size - images.shape[-1]
+    if pad > 0:
+        images = torch.nn.functional.pad(images, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+    images_np = images[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()
+    labels = digits.target.astype(np.uint8)
+    rng = np.random.default_rng(0)  # the split is part of the dataset: fixed whatever the seed
+    test = _stratified_pick(labels, np.arange(len(labels)), _fraction_quota(labels, 0.2), rng)
+    is_test = np.zeros(len(labels), dtype=bool)
+    is_test[test] = True
+    out = {
+        "train_images": images_np[~is_test],
+        "train_labels": labels[~is_test],
+        "test_images": images_np[is_test],
+        "test_labels": labels[is_test],
+    }
+    for arr in out.values():
+        arr.setflags(write=False)
+    return out
+
+
+# --------------------------------------------------------------------------- seeded, stratified picks
+def _fraction_quota(labels: np.ndarray, fraction: float) -> Dict[int, int]:
+    classes, counts = np.unique(labels, return_counts=True)
+    return {int(c): int(round(n * fraction)) for c, n in zip(classes, counts)}
+
+
+def _balanced_quota(labels: np.ndarray, total: int, rng: np.random.Generator) -> Dict[int, int]:
+    """Split ``total`` over the classes as evenly as their sizes allow (ties broken by ``rng``)."""
+    classes, counts = np.unique(labels, return_counts=True)
+    caps = {int(c): int(n) for c, n in zip(classes, counts)}
+    quota = {c: 0 for c in caps}
+    order = [int(classes[i]) for i in rng.permutation(len(classes))]
+    remaining = total
+    while remaining > 0:
+        active = [c for c in order if quota[c] < caps[c]]
+        share = max(remaining // len(active), 1)
+        for c in active:
+            add = min(share, caps[c] - quota[c], remaining)
+            quota[c] += add
+            remaining -= add
+            if remaining == 0:
+                break
+    return quota
+
+
+def _stratified_pick(labels: np.ndarray, pool: np.ndarray, quota: Dict[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices (from ``pool``) with ``quota[c]`` random members of each class ``c``."""
+    picked: List[np.ndarray] = []
+    for c in sorted(quota):
+        members = pool[labels[pool] == c]
+        picked.append(rng.permutation(members)[: quota[c]])
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- batches
+class _ImageDataset(Dataset):
+    """uint8 images ``(n, H, W)`` and labels; ``__getitems__`` fetches a whole batch at once."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index: int) -> Tuple[Tensor, Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> List[Tuple[Tensor, Tensor]]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return [(self.images[idx], self.labels[idx])]  # one pre-batched item: see _Collate
+
+
+class _Collate:
+    """Stack uint8 images, augment (random crop with zero padding + horizontal flip), normalize.
+
+    The augmentation generator is explicit: in the main process it is seeded once from ``seed`` and
+    runs on across epochs; in a worker process it is seeded from the worker's own seed (which the
+    DataLoader derives per epoch and per worker from its base seed).
+    """
+
+    def __init__(self, mean: float, std: float, augment: bool, pad: int, seed: int) -> None:
+        self.mean = float(mean)
+        self.std = float(std)
+        self.augment = augment
+        self.pad = pad
+        self.seed = seed
+        self._generator: Optional[torch.Generator] = None
+        self._generator_key: Optional[int] = None
+
+    def _gen(self) -> torch.Generator:
+        info = get_worker_info()
+        key = -1 if info is None else int(info.seed)
+        if self._generator is None or self._generator_key != key:
+            self._generator = torch.Generator().manual_seed(self.seed if info is None else derive_seed(self.seed, key))
+            self._generator_key = key
+        return self._generator
+
+    def __call__(self, items: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+        if len(items) == 1 and items[0][0].dim() == 3:  # from __getitems__
+            images, labels = items[0]
+        else:
+            images = torch.stack([i for i, _ in items])
+            labels = torch.stack([t for _, t in items])
+        if self.augment and images.shape[0] > 0:
+            images = self._augment(images, self._gen())
+        x = images.to(torch.float32).sub_(self.mean).div_(self.std).unsqueeze_(1)
+        return x, labels.long()
+
+    def _augment(self, images: Tensor, gen: torch.Generator) -> Tensor:
+        b, h, w = images.shape
+        p = self.pad
+        padded = torch.nn.functional.pad(images, (p, p, p, p))
+        oy = torch.randint(0, 2 * p + 1, (b,), generator=gen)
+        ox = torch.randint(0, 2 * p + 1, (b,), generator=gen)
+        flip = torch.rand(b, generator=gen) < 0.5
+        rows = (oy[:, None] + torch.arange(h))[:, :, None]
+        cols = ox[:, None] + torch.arange(w)
+        cols = torch.where(flip[:, None], cols.flip(-1), cols)[:, None, :]
+        return padded[torch.arange(b)[:, None, None], rows, cols]
+
+
+# --------------------------------------------------------------------------- the data module
+class FashionMNISTDataModule(pl.LightningDataModule):
+    """Fashion-MNIST (60k train, 10k test, 28x28 grey, 10 classes) from the local idx files.
+
+    Batches are ``(x, y)``: ``x`` float32 ``(B, 1, 28, 28)`` normalized with the training set's mean and
+    std, ``y`` int64 in ``[0, num_classes)``.
+
+    Args:
+        data_dir: folder with the four ``*-ubyte.gz`` files.
+        batch_size: training batch size (evaluation uses ``eval_batch_size``).
+        train_subset: train on a fixed, class-balanced subset of this many images (seeded by
+            ``seed``; picked from what the validation split leaves). ``None``: all of it.
+        val_fraction: hold out this stratified fraction of the training set for validation
+            (``0``: no validation loop; the test set stays untouched either way).
+        augment: random crop (zero padding ``pad``) and horizontal flip of training batches.
+        num_workers: DataLoader workers (0: load in the main process, fast enough here).
+        seed: seed of the validation split, the subset, shuffling and augmentation (never the global RNG).
+        fallback: without the files, use scikit-learn's digits (upsampled to 28x28) with a warning;
+            ``False`` raises ``FileNotFoundError`` instead.
+        eval_batch_size: batch size of the validation and test loaders.
+        pad: zero padding of the random crop.
+        drop_last: drop the last incomplete training batch.
+
+    Attributes:
+        dataset_name: ``"fashion-mnist"`` or ``"digits"`` (known after :meth:`setup`).
+        image_size, in_channels, num_classes: 28, 1, 10 for both datasets.
+        mean, std: the normalization constants (in ``[0, 255]`` pixel units, after :meth:`setup`).
+        train_indices, val_indices: indices into the full training set (after :meth:`setup`).
+    """
+
+    image_size: int = 28
+    in_channels: int = 1
+    num_classes: int = 10
+
+    def __init__(
+        self,
+        data_dir: str = DEFAULT_DATA_DIR,
+        batch_size: int = 128,
+        train_subset: Optional[int] = None,
+        val_fraction: float = 0.0,
+        augment: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+        fallback: bool = True,
+        eval_batch_size: int = 1000,
+        pad: int = 2,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be a positive integer, got {eval_batch_size!r}.")
+        if train_subset is not None and (
+            isinstance(train_subset, bool) or not isinstance(train_subset, int) or train_subset < 1
+        ):
+            raise ValueError(f"train_subset must be a positive integer or None, got {train_subset!r}.")
+        if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}.")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}.")
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+            raise ValueError(f"pad must be an integer >= 0, got {pad!r}.")
+        validate_seed(seed)
+        self.save_hyperparameters()
+        self.data_dir = os.fspath(data_dir)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.train_subset = train_subset
+        self.val_fraction = float(val_fraction)
+        self.augment = augment
+        self.num_workers = num_workers
+        self.seed = seed
+        self.fallback = fallback
+        self.pad = pad
+        self.drop_last = drop_last
+        self.dataset_name: Optional[str] = None
+        self.mean: float = 0.0
+        self.std: float = 1.0
+        self.train_indices: Optional[np.ndarray] = None
+        self.val_indices: Optional[np.ndarray] = None
+        self._arrays: Optional[Dict[str, np.ndarray]] = None
+        self._datasets: Dict[str, _ImageDataset] = {}
+
+    # ------------------------------------------------------------------ loading
+    def _load(self) -> Dict[str, np.ndarray]:
+        try:
+            arrays = load_fashion_mnist(self.data_dir)
+            self.dataset_name = "fashion-mnist"
+        except FileNotFoundError:
+            if not self.fallback:
+                raise
+            rank_zero_warn(
+                f"Fashion-MNIST not found in {self.data_dir!r}: falling back to scikit-learn's 8x8 digits upsampled to "
+                f"{self.image_size}x{self.image_size} (1797 images), so accuracies are not Fashion-MNIST's. "
+                f"{_INSTALL_HINT}"
+            )
+            arrays = _load_digits(self.image_size)
+            self.dataset_name = "digits"
+        return arrays
+
+    def prepare_data(self) -> None:
+        """Nothing to download: the data is read from ``data_dir`` (or the scikit-learn fallback)."""
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Load the arrays (cached per process) and make the splits; idempotent."""
+        if self._arrays is not None:
+            return
+        arrays = self._load()
+        train_images, train_labels = arrays["train_images"], arrays["train_labels"]
+        if train_images.shape[1:] != (self.image_size, self.image_size):
+            raise ValueError(f"expected {self.image_size}x{self.image_size} images, got {train_images.shape[1:]}.")
+        self.mean, self.std = _pixel_stats(train_images)
+        everything = np.arange(len(train_labels))
+        if self.val_fraction > 0:
+            rng = np.random.default_rng(derive_seed(self.seed, 1))
+            val = _stratified_pick(train_labels, everything, _fraction_quota(train_labels, self.val_fraction), rng)
+            pool = np.setdiff1d(everything, val, assume_unique=True)
+        else:
+            val = np.zeros(0, dtype=np.int64)
+            pool = everything
+        train = pool
+        if self.train_subset is not None:
+            n = self.train_subset
+            if n > len(pool):
+                rank_zero_warn(
+                    f"train_subset={n} exceeds the {len(pool)} training images available ({self.dataset_name}"
+                    + (", after the validation split" if len(val) else "")
+                    + f"): using all {len(pool)}."
+                )
+            else:
+                rng = np.random.default_rng(derive_seed(self.seed, 2))
+                train = _stratified_pick(train_labels, pool, _balanced_quota(train_labels[pool], n, rng), rng)
+        self.train_indices, self.val_indices = train, val
+
+        def dataset(images: np.ndarray, labels: np.ndarray, idx: Optional[np.ndarray] = None) -> _ImageDataset:
+            # fancy indexing copies; the cached arrays are read-only, so copy them when taken whole
+            images = images[idx] if idx is not None else images.copy()
+            labels = labels[idx] if idx is not None else labels
+            return _ImageDataset(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
+
+        self._datasets = {
+            "train": dataset(train_images, train_labels, train),
+            "val": dataset(train_images, train_labels, val),
+            "test": dataset(arrays["test_images"], arrays["test_labels"]),
+        }
+        self._arrays = arrays
+
+    # ------------------------------------------------------------------ loaders
+    def _dataset(self, split: str) -> _ImageDataset:
+        if not self._datasets:
+            self.setup()
+        return self._datasets[split]
+
+    def _rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool, augment: bool, drop_last: bool = False) -> DataLoader:
+        rank = self._rank()
+        collate = _Collate(self.mean, self.std, augment, self.pad, derive_seed(self.seed, 3, rank))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, 4, rank)) if shuffle else None
+        return DataLoader(
+            self._dataset(split),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            generator=generator,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) training batches, augmented if ``augment``."""
+        return self._loader("train", self.batch_size, True, self.augment, self.drop_last)
+
+    def val_dataloader(self) -> Any:
+        """The held-out validation split; an empty list (no validation loop) when ``val_fraction == 0``."""
+        if len(self._dataset("val")) == 0:
+            return []
+        return self._loader("val", self.eval_batch_size, False, False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The test set (10k images), never augmented."""
+        return self._loader("test", self.eval_batch_size, False, False)
+
+    def train_eval_dataloader(self) -> DataLoader:
+        """The training images in order, without augmentation: for a clean training accuracy."""
+        return self._loader("train", self.eval_batch_size, False, False)
+
+    def class_counts(self, split: str = "train") -> np.ndarray:
+        """How many images of each class a split (``"train"``, ``"val"``, ``"test"``) holds."""
+        labels = self._dataset(split).labels.numpy()
+        return np.bincount(labels, minlength=self.num_classes)
