@@ -35,6 +35,7 @@ __all__ = [
     "broadcast_channels",
     "exclusive_batch_norm",
     "batch_moments",
+    "ghost_averaging_matrix",
     "ghost_batch_norm",
     "ghost_groups",
     "ghost_noise_batch_norm",
@@ -285,11 +286,6 @@ def ghost_groups(batch_size: int, ghost_batch_size: int, device: Optional[Union[
     return group.clamp_max_(num_groups - 1), num_groups
 
 
-def _group_sum(values: Tensor, group: Tensor, num_groups: int) -> Tensor:
-    out = values.new_zeros((num_groups,) + tuple(values.shape[1:]))
-    return out.index_add(0, group, values)
-
-
 def update_running_stats(
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
@@ -499,22 +495,42 @@ def ghost_statistics_coefficients(
     return _with_affine(a, -mean_eff * a, weight, bias)
 
 
+def ghost_averaging_matrix(
+    batch_size: int,
+    ghost_batch_size: int,
+    exclusive: bool = False,
+    device: Optional[Union[torch.device, str]] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``M`` (``B x B``) with ``(M @ values)[b]`` = the mean of ``values`` over sample ``b``'s ghost batch.
+
+    Ghost batches follow :func:`ghost_groups`. With ``exclusive`` the mean is over the *other* members
+    (XBN's leave-one-out); a ghost batch of one sample then keeps the sample's own value.
+
+    Example:
+        >>> ghost_averaging_matrix(4, 2)
+        tensor([[0.5000, 0.5000, 0.0000, 0.0000],
+                [0.5000, 0.5000, 0.0000, 0.0000],
+                [0.0000, 0.0000, 0.5000, 0.5000],
+                [0.0000, 0.0000, 0.5000, 0.5000]])
+    """
+    group, _ = ghost_groups(batch_size, ghost_batch_size, device=device)
+    same = (group.unsqueeze(0) == group.unsqueeze(1)).to(dtype)
+    size = same.sum(1, keepdim=True)
+    if not exclusive:
+        return same / size
+    eye = torch.eye(batch_size, device=device, dtype=dtype)
+    others = same - eye
+    return torch.where(size > 1, others / (size - 1).clamp_min(1), eye)
+
+
 def _group_statistics(mean: Tensor, var: Tensor, ghost_batch_size: int, exclusive: bool) -> Tuple[Tensor, Tensor]:
     """Per-sample ghost mean and biased variance: of its ghost batch, or (``exclusive``) of the others in it."""
-    group, num_groups = ghost_groups(mean.shape[0], ghost_batch_size, device=mean.device)
+    avg = ghost_averaging_matrix(mean.shape[0], ghost_batch_size, exclusive, mean.device, mean.dtype)
     centre = mean.detach().mean(0)  # shift for a numerically stable variance
     c = mean - centre
-    second = var + c * c
-    size = _group_sum(torch.ones_like(mean[:, :1]), group, num_groups)[group]
-    sum_c = _group_sum(c, group, num_groups)[group]
-    sum_second = _group_sum(second, group, num_groups)[group]
-    if exclusive:
-        others = (size - 1).clamp_min(1)
-        alone = size == 1
-        g_mean = torch.where(alone, c, (sum_c - c) / others)
-        g_second = torch.where(alone, second, (sum_second - second) / others)
-    else:
-        g_mean, g_second = sum_c / size, sum_second / size
+    g_mean = avg @ c
+    g_second = avg @ (var + c * c)
     return g_mean + centre, (g_second - g_mean * g_mean).clamp_min(0)
 
 
