@@ -96,6 +96,16 @@ def _fused_matches() -> None:
             torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4, msg=name)
 
 
+@check("counter-based generator (torch.compile's source) gives the same draws on CUDA as on CPU")
+def _counter_rng_device_independent() -> None:
+    from lightning_ghostnoise import counter_rng
+
+    key_cpu = counter_rng.mix_key(torch.tensor(123456789012), 3)
+    key_gpu = counter_rng.mix_key(torch.tensor(123456789012, device=dev), 3)
+    assert torch.equal(counter_rng.uniform_ints(key_cpu, (64, 16), 256), counter_rng.uniform_ints(key_gpu, (64, 16), 256).cpu())
+    torch.testing.assert_close(counter_rng.normal(key_cpu, (1000,)), counter_rng.normal(key_gpu, (1000,)).cpu())
+
+
 @check("bf16 autocast + channels_last on CUDA: finite, channels_last kept, every method")
 def _bf16() -> None:
     for method in METHODS:
@@ -114,6 +124,8 @@ def _compile() -> None:
         model = apply_ghost_noise(small_net(), 8, method=method, seed=2).to(dev)
         x = torch.randn(32, 3, 16, 16, device=dev)
         eager_model = copy.deepcopy(model)
+        for _, layer in ghost_layers(eager_model):
+            layer.counter_rng = True  # the generator torch.compile uses
         compiled = torch.compile(model)
         for (_, a), (_, b) in zip(ghost_layers(model), ghost_layers(eager_model)):
             a.reseed(5)

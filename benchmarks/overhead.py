@@ -102,7 +102,7 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     )
-    for compiled in ([False, True] if args.compile else [False]):
+    for compiled in _modes(args):
         models = build_models(base, args.ghost_batch_size)
         breaks: Dict[str, Optional[int]] = {}
         if compiled:
@@ -168,7 +168,7 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> None:
     models = build_models(base, args.ghost_batch_size)
     x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=memory_format).requires_grad_()
     grad = torch.randn_like(x)
-    for compiled in ([False, True] if args.compile else [False]):
+    for compiled in _modes(args):
         if compiled:
             torch._dynamo.reset()
         runners = {k: (torch.compile(m) if compiled else m) for k, m in models.items()}
@@ -194,10 +194,17 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> None:
             )
 
 
+def _modes(args: argparse.Namespace) -> List[bool]:
+    if args.compile_only:
+        return [True]
+    return [False, True] if args.compile else [False]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (inductor)")
+    parser.add_argument("--compile-only", action="store_true", help="measure only torch.compile cases")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (default on CUDA)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last (default on CUDA)")
     parser.add_argument("--batch", type=int, default=None)

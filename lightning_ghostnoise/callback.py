@@ -20,7 +20,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_ghostnoise import functional as GF
-from lightning_ghostnoise.layers import METHODS, GhostNoiseMixin, Method, min_ghost_batch_size
+from lightning_ghostnoise.layers import GHOST_BUFFERS, METHODS, GhostNoiseMixin, Method, min_ghost_batch_size
 from lightning_ghostnoise.schedules import Schedule, as_schedule, to_ghost_batch_size
 from lightning_ghostnoise.seeding import derive_seed, validate_seed
 from lightning_ghostnoise.surgery import SurgeryReport, apply_ghost_noise, ghost_layers, revert_ghost_noise
@@ -113,6 +113,7 @@ class GhostNoise(Callback):
         self._base_seed: Optional[int] = self.seed
         self._current: Dict[str, float] = {}
         self._layers: List[GhostNoiseMixin] = []
+        self._ddp_ignored: List[str] = []
         self.report = SurgeryReport()
 
     # ------------------------------------------------------------------ helpers
@@ -203,6 +204,7 @@ class GhostNoise(Callback):
         # warnings wait for on_fit_start: layers built in ``configure_model`` do not exist yet
         self.report = self._apply(pl_module, warn=False)
         self._current = {}
+        self._hide_buffers_from_ddp(pl_module)
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -246,9 +248,20 @@ class GhostNoise(Callback):
             pl_module.log("ghostnoise/ghost_batch_size", float(self._current["ghost_batch_size"]), on_step=True, on_epoch=False)
             pl_module.log("ghostnoise/strength", float(self._current["strength"]), on_step=True, on_epoch=False)
 
+    def _hide_buffers_from_ddp(self, pl_module: "pl.LightningModule") -> None:
+        # DDP broadcasts rank 0's buffers every step: the per-rank noise state must stay per rank
+        names = {f"{name}.{buf}" if name else buf for name, _ in ghost_layers(pl_module) for buf in GHOST_BUFFERS}
+        existing = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []))
+        self._ddp_ignored = sorted(names - existing)
+        pl_module._ddp_params_and_buffers_to_ignore = sorted(existing | names)
+
     def _revert(self, pl_module: "pl.LightningModule") -> None:
         revert_ghost_noise(pl_module)
         self._layers = []
+        ignored = getattr(pl_module, "_ddp_params_and_buffers_to_ignore", None)
+        if ignored is not None and self._ddp_ignored:
+            pl_module._ddp_params_and_buffers_to_ignore = [n for n in ignored if n not in set(self._ddp_ignored)]
+            self._ddp_ignored = []
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:

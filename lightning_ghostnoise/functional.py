@@ -28,6 +28,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from lightning_ghostnoise import counter_rng
+
 __all__ = [
     "NOISE_EPS",
     "analytic_noise",
@@ -118,6 +120,7 @@ def ghost_indices(
     generator: Optional[torch.Generator] = None,
     device: Optional[Union[torch.device, str]] = None,
     num_rows: Optional[int] = None,
+    key: Optional[Tensor] = None,
 ) -> Tensor:
     """Draw, for each sample, the ``N`` members of its ghost batch (uniform, with replacement).
 
@@ -127,6 +130,8 @@ def ghost_indices(
         generator: the random generator to draw from (on ``device``). ``None`` uses the global one.
         device: where to draw; defaults to the generator's device.
         num_rows: how many ghost batches to draw (defaults to ``batch_size``).
+        key: draw from the counter-based generator (:mod:`lightning_ghostnoise.counter_rng`) with this
+            int64 key tensor instead of ``generator`` (what the layers use under ``torch.compile``).
 
     Returns:
         Long tensor of shape ``(num_rows, N)`` with values in ``[0, B)``.
@@ -137,9 +142,11 @@ def ghost_indices(
     """
     if ghost_batch_size < 1:
         raise ValueError(f"ghost_batch_size must be >= 1, got {ghost_batch_size}.")
+    rows = batch_size if num_rows is None else num_rows
+    if key is not None:
+        return counter_rng.uniform_ints(key, (rows, ghost_batch_size), batch_size, device=key.device)
     if device is None:
         device = generator.device if generator is not None else "cpu"
-    rows = batch_size if num_rows is None else num_rows
     return torch.randint(0, batch_size, (rows, ghost_batch_size), generator=generator, device=device)
 
 
@@ -191,6 +198,7 @@ def analytic_noise(
     ghost_batch_size: int,
     generator: Optional[torch.Generator] = None,
     device: Optional[Union[torch.device, str]] = None,
+    key: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """The paper's "noisy affine transform": ghost noise drawn from its law, without data sampling.
 
@@ -208,10 +216,17 @@ def analytic_noise(
     """
     if ghost_batch_size < 1:
         raise ValueError(f"ghost_batch_size must be >= 1, got {ghost_batch_size}.")
-    if device is None:
-        device = generator.device if generator is not None else "cpu"
     n = ghost_batch_size
     shape = (batch_size, num_channels)
+    if key is not None:
+        # counter-based draws (torch.compile): chi2(n - 1) as a sum of n - 1 squared normals
+        shift = counter_rng.normal(key, shape, salt=0) / math.sqrt(n)
+        if n == 1:
+            return shift, torch.zeros_like(shift)
+        chi2 = counter_rng.normal(key, (n - 1,) + shape, salt=1).square().sum(0)
+        return shift, torch.sqrt(chi2 / n)
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
     shift = torch.randn(shape, generator=generator, device=device, dtype=torch.float32) / math.sqrt(n)
     if n == 1:
         return shift, torch.zeros_like(shift)

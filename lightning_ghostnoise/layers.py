@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_ghostnoise import counter_rng
 from lightning_ghostnoise import functional as GF
 from lightning_ghostnoise.distributed import gather_rows, global_batch_moments, sync_world
 
@@ -38,6 +39,7 @@ __all__ = [
     "GhostBatchNorm3d",
     "GhostGroupNorm",
     "GhostLayerNorm",
+    "GHOST_BUFFERS",
     "GhostNoiseMixin",
     "ghost_class_for",
     "is_ghost_layer",
@@ -50,6 +52,9 @@ METHODS: Tuple[str, ...] = ("gni", "gbn", "xbn", "analytic")
 Method = Literal["gni", "gbn", "xbn", "analytic"]
 
 _STRENGTH_BUFFER = "_ghost_strength"
+_STATE_BUFFER = "_ghost_state"  # int64 [seed, draws since reseed]: the counter-based generator's state
+#: Names of the non-persistent buffers a ghost layer adds (not in its state_dict).
+GHOST_BUFFERS = (_STRENGTH_BUFFER, _STATE_BUFFER)
 
 
 def _check_method(method: str, allowed: Tuple[str, ...], layer: str) -> str:
@@ -84,6 +89,9 @@ class GhostNoiseMixin:
         scale_noise: apply the scale (variance) part of the noise.
         noise_eps: the epsilon inside GNI's noise scale (the paper's 1e-3).
         seed: the seed of the layer's own random generator (see :meth:`reseed`).
+        counter_rng: draw from the counter-based generator (:mod:`lightning_ghostnoise.counter_rng`)
+            instead of the layer's ``torch.Generator``; always so under ``torch.compile``, where a
+            generator attribute would break the graph. Same law, another (equally reproducible) stream.
         fused: BatchNorm methods use the fused autograd function in eager mode (as fast as BatchNorm's
             own kernels, first-order gradients only); ``False`` uses plain autograd (double backward,
             e.g. gradient penalties, works).
@@ -104,6 +112,7 @@ class GhostNoiseMixin:
         "_generator",
         "sync",
         "process_group",
+        "counter_rng",
     )
 
     method: str
@@ -147,6 +156,7 @@ class GhostNoiseMixin:
         new.shift_noise = bool(shift_noise)
         new._scale_noise = bool(scale_noise)
         new.fused = bool(fused)
+        new.counter_rng = False
         new._strength_value = 0.0
         new._noise_on = False
         new._ghost_batch_size = 1
@@ -158,6 +168,7 @@ class GhostNoiseMixin:
         new.ghost_batch_size = ghost_batch_size
         device = new._state_device()
         new.register_buffer(_STRENGTH_BUFFER, torch.zeros((), device=device, dtype=torch.float32), persistent=False)
+        new.register_buffer(_STATE_BUFFER, torch.zeros(2, device=device, dtype=torch.int64), persistent=False)
         new.strength = strength
         new.reseed(seed)
         return new
@@ -179,8 +190,8 @@ class GhostNoiseMixin:
         state = {k: v for k, v in self.__dict__.items() if k not in self._ghost_attrs}
         plain.__dict__.update(state)
         plain._parameters = dict(self._parameters)
-        plain._buffers = {k: v for k, v in self._buffers.items() if k != _STRENGTH_BUFFER}
-        plain._non_persistent_buffers_set = set(self._non_persistent_buffers_set) - {_STRENGTH_BUFFER}
+        plain._buffers = {k: v for k, v in self._buffers.items() if k not in GHOST_BUFFERS}
+        plain._non_persistent_buffers_set = set(self._non_persistent_buffers_set) - set(GHOST_BUFFERS)
         return plain
 
     def _validated_noise_eps(self, eps: float) -> float:
@@ -253,13 +264,18 @@ class GhostNoiseMixin:
         The generator lives on the device of the layer's tensors and follows the layer when it moves.
         """
         seed = int(seed)
-        if not 0 <= seed < 2**64:
-            raise ValueError(f"seed must be in [0, 2**64), got {seed}.")
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}.")
         self.seed = seed
         device = self._state_device()
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
+        state = self._buffers.get(_STATE_BUFFER)  # type: ignore[attr-defined]
+        if state is not None:
+            with torch.no_grad():
+                state[0].fill_(seed)
+                state[1].fill_(0)
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
         gen = self._generator
@@ -295,17 +311,25 @@ class GhostNoiseMixin:
         """
         batch, channels = mean.shape
         device = mean.device
-        gen = self._generator_for(device)
+        gen, key = None, None
+        if self.counter_rng or torch.compiler.is_compiling():
+            # a torch.Generator attribute breaks the compiled graph: draw from a counter-based
+            # generator keyed by the same seed (and the number of draws since the last reseed)
+            state = getattr(self, _STATE_BUFFER)
+            key = counter_rng.mix_key(state[0], state[1])
+            state[1:].add_(1)
+        else:
+            gen = self._generator_for(device)
         world = self._sync_world()
         first = world[0] * batch if world else 0
         pool = batch * world[1] if world else batch
         if self.method == "analytic":
-            shift, scale = GF.analytic_noise(pool, channels, self._ghost_batch_size, generator=gen, device=device)
+            shift, scale = GF.analytic_noise(pool, channels, self._ghost_batch_size, generator=gen, device=device, key=key)
             return shift[first : first + batch], scale[first : first + batch]
         if world:
             both = gather_rows(torch.cat([mean, var], 1), self.process_group)
             mean, var = both[:, :channels], both[:, channels:]
-        idx = GF.ghost_indices(pool, self._ghost_batch_size, generator=gen, device=device)
+        idx = GF.ghost_indices(pool, self._ghost_batch_size, generator=gen, device=device, key=key)
         return GF.ghost_noise(mean, var, idx[first : first + batch], eps=self.noise_eps)
 
     def _inject(self, x_hat: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], channel_dim: int) -> Tensor:

@@ -698,6 +698,9 @@ def test_compile_does_not_recompile_per_strength_or_ghost_batch_size() -> None:
         model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
         model = apply_ghost_noise(model, ghost_batch_size=4, method="gni", strength=0.1)
         (_, layer), = ghost_layers(model)
+        # under torch.compile the draws come from the counter-based generator; the eager reference
+        # below uses it too, so both see the same noise
+        layer.counter_rng = True
         backend = _CountingBackend()
         compiled = torch.compile(model, backend=backend)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -98,7 +98,7 @@ def test_state_dict_keys_unchanged_and_parameters_shared(method):
     for n, p in ghost.named_parameters():
         assert p is params[n], n
     for n, b in ghost.named_buffers():
-        if n.endswith("_ghost_strength"):
+        if n.endswith(("_ghost_strength", "_ghost_state")):  # the non-persistent ghost buffers
             continue
         assert b is buffers[n], n
     # the optimizer's references still drive the model
@@ -470,6 +470,8 @@ def test_torch_compile_eager_backend(method):
     torch._dynamo.reset()
     model = apply_ghost_noise(_small_model(), ghost_batch_size=3, method=method, include_types=["BatchNorm"])
     reference = copy.deepcopy(model)
+    for _, layer in ghost_layers(reference):
+        layer.counter_rng = True  # the generator the compiled model draws from
     model.train()
     reference.train()
     compiled = torch.compile(model, backend="eager")
@@ -480,6 +482,10 @@ def test_torch_compile_eager_backend(method):
     y.square().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    # and the graph has no break (the layer's torch.Generator is not used under compile)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
 def test_torch_compile_sees_strength_changes():
