@@ -331,6 +331,35 @@ def _spatial_count(x: Tensor, channel_dim: int) -> int:
     return x.numel() // (x.shape[0] * x.shape[channel_dim]) if x.numel() else 1
 
 
+def _refuse_double_backward() -> None:
+    """Called in the fused backward: grad mode is on there only when a second derivative is requested."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "Double backward (create_graph=True, e.g. a gradient penalty) is not supported by the fused ghost "
+            "noise path. Use plain autograd: layer.fused = False, apply_ghost_noise(..., fused=False) or "
+            "GhostNoise(..., fused=False)."
+        )
+
+
+def _sample_channel_sums(grad_y: Tensor, x: Tensor, channel_dim: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Per-(sample, channel) ``sum_s grad_y`` and ``sum_s grad_y * x`` over the spatial positions."""
+    dims = _spatial_dims(x, channel_dim)
+    if not dims:
+        return grad_y.to(dtype), (grad_y * x).to(dtype)
+    batch = x.shape[0]
+    return (
+        grad_y.sum(dims, dtype=dtype).reshape(batch, -1),
+        (grad_y * x).sum(dims, dtype=dtype).reshape(batch, -1),
+    )
+
+
+def _use_fused(fused: Optional[bool]) -> bool:
+    """``fused=None``: the fused autograd functions in eager mode, plain autograd under ``torch.compile``."""
+    if fused is None:
+        return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    return fused
+
+
 class _MomentAffine(torch.autograd.Function):
     """``y = x * A + D`` with ``(A, D) = coeff_fn(mean, var, *params)`` of ``x``'s per-sample moments.
 
@@ -357,23 +386,11 @@ class _MomentAffine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "Double backward (create_graph=True, e.g. a gradient penalty) is not supported by the fused ghost "
-                "noise path. Use plain autograd: layer.fused = False, apply_ghost_noise(..., fused=False) or "
-                "GhostNoise(..., fused=False)."
-            )
+        _refuse_double_backward()
         (x,) = ctx.saved_tensors
         m, v, leaves, a, d = ctx.graph
         channel_dim = ctx.channel_dim
-        dims = _spatial_dims(x, channel_dim)
-        batch = x.shape[0]
-        if dims:
-            r0 = grad_y.sum(dims, dtype=m.dtype).reshape(batch, -1)
-            r1 = (grad_y * x).sum(dims, dtype=m.dtype).reshape(batch, -1)
-        else:
-            r0 = grad_y.to(m.dtype)
-            r1 = (grad_y * x).to(m.dtype)
+        r0, r1 = _sample_channel_sums(grad_y, x, channel_dim, m.dtype)
         inputs = [m, v] + [p for p in leaves if p is not None and p.requires_grad]
         # the small (B, C) graph is kept (retain_graph) so that backward through y may run twice
         grads = torch.autograd.grad((a, d), inputs, (r1, r0), allow_unused=True, retain_graph=True)
@@ -412,9 +429,7 @@ def moment_affine(
         >>> bool(y.mean(-1).abs().max() < 1e-5)
         True
     """
-    if fused is None:
-        fused = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    if fused:
+    if _use_fused(fused):
         return _MomentAffine.apply(x, channel_dim, coeff_fn, *params)
     mean, var = per_sample_moments(x, channel_dim)
     a, d = coeff_fn(mean, var, *params)
@@ -681,9 +696,7 @@ def ghost_noise_batch_norm(
         torch.Size([16, 3, 4, 4])
     """
     local_count = x.numel() // max(x.shape[channel_dim], 1)
-    if fused is None:
-        fused = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    if fused and stats_fn is None:
+    if _use_fused(fused) and stats_fn is None:
         # the closed-form path: BatchNorm's own number of passes and a handful of (B, C) ops
         return _GhostNoiseBatchNorm.apply(
             x, weight, bias, noise_fn, running_mean, running_var, momentum, eps, strength, shift_noise, scale_noise,
@@ -757,22 +770,10 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "Double backward (create_graph=True, e.g. a gradient penalty) is not supported by the fused ghost "
-                "noise path. Use plain autograd: layer.fused = False, apply_ghost_noise(..., fused=False) or "
-                "GhostNoise(..., fused=False)."
-            )
+        _refuse_double_backward()
         x, a, rstd, inv, off, mu, w = ctx.saved_tensors
         channel_dim = ctx.channel_dim
-        dims = _spatial_dims(x, channel_dim)
-        batch = x.shape[0]
-        if dims:
-            r0 = grad_y.sum(dims, dtype=a.dtype).reshape(batch, -1)
-            r1 = (grad_y * x).sum(dims, dtype=a.dtype).reshape(batch, -1)
-        else:
-            r0 = grad_y.to(a.dtype)
-            r1 = (grad_y * x).to(a.dtype)
+        r0, r1 = _sample_channel_sums(grad_y, x, channel_dim, a.dtype)
         w_eff = w if ctx.has_weight else torch.ones_like(rstd)
         r1_tot = r1 - mu * r0  # A also enters D = b - mu * A - w * off
         grad_w = (r1_tot * rstd * inv - r0 * off).sum(0) if ctx.has_weight and ctx.needs_input_grad[1] else None

@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Dict, Literal, Optional, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, Literal, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -411,14 +411,7 @@ class _GhostBatchNorm(GhostNoiseMixin):
                 fused=None if self.fused else False,
             )
         world = self._sync_world()
-        stats_fn = None
-        if world:
-            group = self.process_group
-            count = x.numel() // x.shape[1] * world[1]
-
-            def stats_fn(mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor, int]:
-                return (*global_batch_moments(mean, var, rm, group), count)
-
+        stats_fn = self._global_statistics(x.numel() // x.shape[1] * world[1], rm) if world else None
         return GF.ghost_noise_batch_norm(
             x,
             self._draw_noise,
@@ -434,6 +427,16 @@ class _GhostBatchNorm(GhostNoiseMixin):
             stats_fn=stats_fn,
             fused=None if self.fused else False,
         )
+
+
+    def _global_statistics(self, count: int, running_mean: Optional[Tensor]) -> Callable[[Tensor, Tensor], Tuple[Tensor, Tensor, int]]:
+        """``stats_fn`` for ``sync=True``: the global batch's moments (``count`` values per channel)."""
+        group = self.process_group
+
+        def stats(mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor, int]:
+            return (*global_batch_moments(mean, var, running_mean, group), count)
+
+        return stats
 
 
 class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
