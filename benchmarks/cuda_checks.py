@@ -2,7 +2,8 @@
 
 Prints one ``PASS``/``FAIL`` line per check and exits non-zero if any failed.
 
-    PYTHONPATH=. python benchmarks/cuda_checks.py
+    PYTHONPATH=. python benchmarks/cuda_checks.py            # all checks
+    PYTHONPATH=. python benchmarks/cuda_checks.py "sync"     # those whose name contains "sync"
 """
 
 from __future__ import annotations
@@ -167,6 +168,8 @@ def _lightning() -> None:
 
 if __name__ == "__main__":
     print(f"# torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
+    only = sys.argv[1] if len(sys.argv) > 1 else ""  # run the checks whose name contains this text
+    CHECKS[:] = [(name, fn) for name, fn in CHECKS if only in name]
     results = run_checks()
     print(f"cuda checks: {sum(results)} passed, {len(results) - sum(results)} failed")
     sys.exit(0 if all(results) else 1)

@@ -22,7 +22,7 @@ import contextlib
 import copy
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -69,9 +69,9 @@ def interleaved_medians(steps: Dict[str, Callable[[], None]], repeats: int, devi
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def build_models(base: nn.Module, ghost_batch_size: int) -> Dict[str, nn.Module]:
+def build_models(base: nn.Module, ghost_batch_size: int, methods: Sequence[str] = METHODS[1:]) -> Dict[str, nn.Module]:
     models = {"bn": base}
-    for method in METHODS[1:]:
+    for method in methods:
         models[method] = apply_ghost_noise(copy.deepcopy(base), ghost_batch_size, method=method, seed=0)
     return models
 
@@ -103,7 +103,7 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
         torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     )
     for compiled in _modes(args):
-        models = build_models(base, args.ghost_batch_size)
+        models = build_models(base, args.ghost_batch_size, args.methods)
         breaks: Dict[str, Optional[int]] = {}
         if compiled:
             for k in list(models):
@@ -165,7 +165,7 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> None:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     base = nn.BatchNorm2d(shape[1]).to(device=device, dtype=dtype)
-    models = build_models(base, args.ghost_batch_size)
+    models = build_models(base, args.ghost_batch_size, args.methods)
     x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=memory_format).requires_grad_()
     grad = torch.randn_like(x)
     for compiled in _modes(args):
@@ -209,6 +209,10 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="channels_last (default on CUDA)")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--ghost-batch-size", type=int, default=16)
+    parser.add_argument(
+        "--methods", type=lambda v: [m for m in v.split(",") if m], default=list(METHODS[1:]),
+        help="comma-separated methods to compare with plain BN (default: gni,gbn,xbn,analytic)",
+    )
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="3 repeats (smoke test)")

@@ -179,14 +179,20 @@ def ghost_noise(
     """
     with torch.no_grad():
         mean = mean.float()
-        second = var.float() + mean * mean
-        n = indices.shape[1]
-        counts = _ghost_counts(indices, mean.shape[0])
-        ghost_m1 = counts @ mean / n
-        ghost_m2 = counts @ second / n
+        channels = mean.shape[1]
+        moments = torch.cat([mean, var.float() + mean * mean], 1)  # (P, 2C): first and second moments
+        pool, n = moments.shape[0], indices.shape[1]
+        if n <= pool:
+            # gather the N rows and average: fuses under torch.compile, few kernels in eager
+            ghost = moments[indices].mean(1)
+        else:
+            # N > P: count repeats instead of materializing (B, N, 2C)
+            ghost = _ghost_counts(indices, pool) @ moments / n
+        ghost_m1, ghost_m2 = ghost[:, :channels], ghost[:, channels:]
         ghost_var = (ghost_m2 - ghost_m1 * ghost_m1).clamp_min(0)
-        batch_m1 = mean.mean(0)
-        batch_var = (second.mean(0) - batch_m1 * batch_m1).clamp_min(0)
+        batch = moments.mean(0)
+        batch_m1 = batch[:channels]
+        batch_var = (batch[channels:] - batch_m1 * batch_m1).clamp_min(0)
         shift = ghost_m1 - batch_m1
         scale = torch.sqrt((ghost_var + eps) / (batch_var + eps))
     return shift, scale
@@ -556,11 +562,23 @@ def ghost_averaging_matrix(
 
 def _group_statistics(mean: Tensor, var: Tensor, ghost_batch_size: int, exclusive: bool) -> Tuple[Tensor, Tensor]:
     """Per-sample ghost mean and biased variance: of its ghost batch, or (``exclusive``) of the others in it."""
-    avg = ghost_averaging_matrix(mean.shape[0], ghost_batch_size, exclusive, mean.device, mean.dtype)
+    batch, channels = mean.shape
     centre = mean.detach().mean(0)  # shift for a numerically stable variance
     c = mean - centre
-    g_mean = avg @ c
-    g_second = avg @ (var + c * c)
+    moments = torch.cat([c, var + c * c], 1)  # (B, 2C)
+    n = ghost_batch_size
+    if torch.compiler.is_compiling() and batch % n == 0 and not (exclusive and n == 1):
+        # equal ghost batches: a reshape, no B x B matrix, which inductor fuses (in eager mode the
+        # matrix product below is faster: fewer small kernels)
+        sums = moments.view(batch // n, n, 2 * channels).sum(1, keepdim=True)
+        if exclusive:
+            ghost = ((sums - moments.view(batch // n, n, 2 * channels)) / (n - 1)).reshape(batch, 2 * channels)
+        else:
+            ghost = (sums / n).expand(batch // n, n, 2 * channels).reshape(batch, 2 * channels)
+    else:
+        avg = ghost_averaging_matrix(batch, n, exclusive, mean.device, mean.dtype)
+        ghost = avg @ moments
+    g_mean, g_second = ghost[:, :channels], ghost[:, channels:]
     return g_mean + centre, (g_second - g_mean * g_mean).clamp_min(0)
 
 
