@@ -386,48 +386,31 @@ class _GhostBatchNorm(GhostNoiseMixin):
                 "(as torch.nn.BatchNorm: one value carries no variance)."
             )
         factor = self._running_factor()
-        rm, rv = self.running_mean, self.running_var  # type: ignore[attr-defined]
-        weight, bias, eps = self.weight, self.bias, self.eps  # type: ignore[attr-defined]
+        settings: Dict[str, Any] = dict(
+            running_mean=self.running_mean,  # type: ignore[attr-defined]
+            running_var=self.running_var,  # type: ignore[attr-defined]
+            weight=self.weight,  # type: ignore[attr-defined]
+            bias=self.bias,  # type: ignore[attr-defined]
+            momentum=factor,
+            eps=self.eps,  # type: ignore[attr-defined]
+            strength=getattr(self, _STRENGTH_BUFFER),
+            shift_noise=self.shift_noise,
+            scale_noise=self.scale_noise,
+            fused=None if self.fused else False,
+        )
+        world = self._sync_world()
         if self.method in ("gbn", "xbn"):
-            if self._sync_world():
+            if world:
                 raise RuntimeError(
                     f"sync=True supports the methods 'gni' and 'analytic'; {self.method!r} forms its ghost batches "
                     "inside each process's batch. Use sync=False (identical when the per-process batch is a "
                     "multiple of ghost_batch_size)."
                 )
             fn = GF.ghost_batch_norm if self.method == "gbn" else GF.exclusive_batch_norm
-            return fn(
-                x,
-                self._ghost_batch_size,
-                rm,
-                rv,
-                weight,
-                bias,
-                momentum=factor,
-                eps=eps,
-                strength=getattr(self, _STRENGTH_BUFFER),
-                shift_noise=self.shift_noise,
-                scale_noise=self.scale_noise,
-                fused=None if self.fused else False,
-            )
-        world = self._sync_world()
-        stats_fn = self._global_statistics(x.numel() // x.shape[1] * world[1], rm) if world else None
-        return GF.ghost_noise_batch_norm(
-            x,
-            self._draw_noise,
-            rm,
-            rv,
-            weight,
-            bias,
-            momentum=factor,
-            eps=eps,
-            strength=getattr(self, _STRENGTH_BUFFER),
-            shift_noise=self.shift_noise,
-            scale_noise=self.scale_noise,
-            stats_fn=stats_fn,
-            fused=None if self.fused else False,
-        )
-
+            return fn(x, self._ghost_batch_size, **settings)
+        if world:
+            settings["stats_fn"] = self._global_statistics(x.numel() // x.shape[1] * world[1], settings["running_mean"])
+        return GF.ghost_noise_batch_norm(x, self._draw_noise, **settings)
 
     def _global_statistics(self, count: int, running_mean: Optional[Tensor]) -> Callable[[Tensor, Tensor], Tuple[Tensor, Tensor, int]]:
         """``stats_fn`` for ``sync=True``: the global batch's moments (``count`` values per channel)."""
