@@ -108,9 +108,9 @@ def per_sample_moments(x: Tensor, channel_dim: int = 1) -> Tuple[Tensor, Tensor]
         # float32-accumulating reductions, no copy of x. Relative error of the variance is about
         # 1e-7 * (1 + mean**2 / var), far below what training notices.
         count = x.numel() // (x.shape[0] * x.shape[channel_dim])
-        mean = x.sum(dims, dtype=acc) / count
-        second = torch.linalg.vector_norm(x, 2, dims, dtype=acc).square() / count
-        var = (second - mean * mean).clamp_min(0)
+        mean = x.mean(dims, dtype=acc)
+        second = torch.linalg.vector_norm(x, 2, dims, dtype=acc).square().div_(count)
+        var = torch.addcmul(second, mean, mean, value=-1).clamp_min_(0)
     return mean.reshape(x.shape[0], -1), var.reshape(x.shape[0], -1)
 
 
@@ -180,7 +180,7 @@ def ghost_noise(
     with torch.no_grad():
         mean = mean.float()
         channels = mean.shape[1]
-        moments = torch.cat([mean, var.float() + mean * mean], 1)  # (P, 2C): first and second moments
+        moments = torch.cat([mean, torch.addcmul(var.float(), mean, mean)], 1)  # (P, 2C): first and second moments
         pool, n = moments.shape[0], indices.shape[1]
         if n <= pool:
             # gather the N rows and average: fuses under torch.compile, few kernels in eager
@@ -189,12 +189,12 @@ def ghost_noise(
             # N > P: count repeats instead of materializing (B, N, 2C)
             ghost = _ghost_counts(indices, pool) @ moments / n
         ghost_m1, ghost_m2 = ghost[:, :channels], ghost[:, channels:]
-        ghost_var = (ghost_m2 - ghost_m1 * ghost_m1).clamp_min(0)
+        ghost_var = torch.addcmul(ghost_m2, ghost_m1, ghost_m1, value=-1).clamp_min_(0)
         batch = moments.mean(0)
         batch_m1 = batch[:channels]
-        batch_var = (batch[channels:] - batch_m1 * batch_m1).clamp_min(0)
+        batch_var = torch.addcmul(batch[channels:], batch_m1, batch_m1, value=-1).clamp_min_(0)
         shift = ghost_m1 - batch_m1
-        scale = torch.sqrt((ghost_var + eps) / (batch_var + eps))
+        scale = ghost_var.add_(eps).div_(batch_var.add_(eps)).sqrt_()
     return shift, scale
 
 
@@ -323,11 +323,9 @@ def update_running_stats(
     """
     if running_mean is None or running_var is None:
         return
-    factor = momentum
     with torch.no_grad():
-        unbiased = batch_var * (count / max(count - 1, 1))
-        running_mean.mul_(1 - factor).add_(batch_mean.to(running_mean.dtype), alpha=factor)
-        running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+        running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
+        running_var.lerp_((batch_var * (count / max(count - 1, 1))).to(running_var.dtype), momentum)
 
 
 CoeffFn = Callable[..., Tuple[Tensor, Tensor]]
@@ -764,20 +762,21 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
         mean, var = per_sample_moments(x, channel_dim)
         mu = mean.mean(0)
         c = mean - mu
-        batch_var = (var + c * c).mean(0)
+        batch_var = torch.addcmul(var, c, c).mean(0)
         update_running_stats(running_mean, running_var, mu, batch_var, x.numel() // max(x.shape[channel_dim], 1), momentum)
-        rstd = torch.rsqrt(batch_var + eps)
-        shift, scale = noise_fn(c * rstd, var * (rstd * rstd))
+        rstd = batch_var.add_(eps).rsqrt_()  # batch_var is not used after this
+        shift, scale = noise_fn(c.mul_(rstd), var.mul_(rstd.square()))
         s = _as_strength(strength, shift)
-        inv = torch.pow(scale, -s) if scale_noise else torch.ones_like(scale)
-        off = s * shift * inv if shift_noise else torch.zeros_like(shift)
+        inv = scale.pow_(-s) if scale_noise else torch.ones_like(scale)
+        off = shift.mul_(inv).mul_(s) if shift_noise else torch.zeros_like(shift)
         w = weight.to(mean.dtype) if weight is not None else None
-        a = rstd * inv
-        d = -mu * a - off
-        if w is not None:
-            a, d = a * w, d * w
-        if bias is not None:
-            d = d + bias.to(mean.dtype)
+        # A = w * rstd * inv,  D = b - w * off - mu * A
+        a = inv * (rstd if w is None else rstd * w)
+        if w is None:
+            d = off.neg() if bias is None else bias.to(mean.dtype) - off
+        else:
+            d = torch.addcmul(bias.to(mean.dtype), w, off, value=-1) if bias is not None else (w * off).neg_()
+        d.addcmul_(a, mu, value=-1)
         ctx.save_for_backward(x, a, rstd, inv, off, mu, w)
         ctx.channel_dim = channel_dim
         ctx.has_weight = weight is not None
@@ -792,18 +791,22 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
         x, a, rstd, inv, off, mu, w = ctx.saved_tensors
         channel_dim = ctx.channel_dim
         r0, r1 = _sample_channel_sums(grad_y, x, channel_dim, a.dtype)
-        w_eff = w if ctx.has_weight else torch.ones_like(rstd)
-        r1_tot = r1 - mu * r0  # A also enters D = b - mu * A - w * off
-        grad_w = (r1_tot * rstd * inv - r0 * off).sum(0) if ctx.has_weight and ctx.needs_input_grad[1] else None
+        r1 = r1.addcmul_(r0, mu, value=-1)  # A also enters D = b - w * off - mu * A
+        u = r1.mul_(inv)
+        grad_w = None
+        if ctx.has_weight and ctx.needs_input_grad[1]:
+            grad_w = torch.addcmul(u * rstd, r0, off, value=-1).sum(0)
         grad_b = r0.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
-            g_rstd = (r1_tot * inv).sum(0) * w_eff
-            g_mu = -(r0 * a).sum(0)
-            g_var = -0.5 * rstd * rstd * rstd * g_rstd
+            g_rstd = u.sum(0)
+            if ctx.has_weight:
+                g_rstd.mul_(w)
+            g_mu_neg = (r0 * a).sum(0)  # minus the gradient of the batch mean
             n = x.numel() // max(x.shape[channel_dim], 1)  # values per channel
-            p_coef = (2.0 / n) * g_var
-            q_coef = (g_mu - 2.0 * g_var * mu) / n
+            g_var = g_rstd.mul_(rstd.pow(3)).mul_(-0.5)
+            p_coef = g_var * (2.0 / n)
+            q_coef = torch.addcmul(g_mu_neg, g_var, mu, value=2.0).mul_(-1.0 / n)
             shape = [1] * x.dim()
             shape[channel_dim] = -1
             grad_x = torch.addcmul(q_coef.to(x.dtype).view(shape), x, p_coef.to(x.dtype).view(shape))
