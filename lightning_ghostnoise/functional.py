@@ -597,6 +597,11 @@ def _ghost_statistics_norm(
     fused: Optional[bool],
 ) -> Tensor:
     count = x.numel() // max(x.shape[channel_dim], 1)
+    if _use_fused(fused):
+        return _GhostStatisticsBatchNorm.apply(
+            x, weight, bias, ghost_batch_size, exclusive, running_mean, running_var, momentum, eps, strength,
+            shift_noise, scale_noise, channel_dim,
+        )
 
     def coeffs(mean: Tensor, var: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         batch_mean, batch_var = batch_moments(mean, var)
@@ -813,3 +818,112 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
             grad_x.addcmul_(grad_y, broadcast_channels(a.to(x.dtype), x, channel_dim))
         # (autograd casts grad_w / grad_b to the parameters' dtype)
         return (grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None)
+
+
+class _GhostStatisticsBatchNorm(torch.autograd.Function):
+    """GBN and XBN with a closed-form backward (the same math as :func:`ghost_statistics_coefficients`).
+
+    With per-sample moments ``m``, ``v``, a detached centre ``k`` (the batch mean), ``c = m - k`` and
+    ``e2 = v + c**2``; ghost statistics ``gm = M @ c``, ``gvar = M @ e2 - gm**2`` (``M``: the ghost
+    averaging matrix) and batch statistics ``bm = mean(c)``, ``bvar = mean(e2) - bm**2``:
+    ``mean_eff = bm + s (gm - bm)``, ``std_eff = std_b**(1 - s) * std_g**s`` and
+    ``y = x * A + D`` with ``A = w / std_eff``, ``D = b - (mean_eff + k) A``. The backward chains the
+    per-(sample, channel) sums of ``grad_y`` and ``grad_y * x`` through these ``(B, C)`` formulas.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        ghost_batch_size: int,
+        exclusive: bool,
+        running_mean: Optional[Tensor],
+        running_var: Optional[Tensor],
+        momentum: float,
+        eps: float,
+        strength: StrengthLike,
+        shift_noise: bool,
+        scale_noise: bool,
+        channel_dim: int,
+    ) -> Tensor:
+        mean, var = per_sample_moments(x, channel_dim)
+        batch, channels = mean.shape
+        centre = mean.mean(0)
+        c = mean - centre
+        e2 = torch.addcmul(var, c, c)
+        avg = ghost_averaging_matrix(batch, ghost_batch_size, exclusive, mean.device, mean.dtype)
+        ghost = avg @ torch.cat([c, e2], 1)
+        gm = ghost[:, :channels]
+        gvar_raw = torch.addcmul(ghost[:, channels:], gm, gm, value=-1)
+        bm = c.mean(0)
+        bvar_raw = torch.addcmul(e2.mean(0), bm, bm, value=-1)
+        count = x.numel() // max(x.shape[channel_dim], 1)
+        update_running_stats(running_mean, running_var, bm + centre, bvar_raw.clamp_min(0), count, momentum)
+        std_b = bvar_raw.clamp_min(0).add_(eps).sqrt_()
+        std_g = gvar_raw.clamp_min(0).add_(eps).sqrt_()
+        s = _as_strength(strength, mean)
+        mean_eff = torch.lerp(bm.expand_as(gm), gm, s) if shift_noise else bm.expand_as(gm)
+        std_eff = std_b * (std_g / std_b).pow_(s) if scale_noise else std_b.expand_as(gm)
+        w = weight.to(mean.dtype) if weight is not None else None
+        a = std_eff.reciprocal() if w is None else w / std_eff
+        shifted = mean_eff + centre
+        d = -(shifted * a) if bias is None else torch.addcmul(bias.to(mean.dtype), shifted, a, value=-1)
+        ctx.save_for_backward(x, mean, c, a, std_eff, std_b, std_g, gm, bm, gvar_raw, bvar_raw, shifted, avg, s, w)
+        ctx.flags = (channel_dim, shift_noise, scale_noise, weight is not None, bias is not None)
+        return torch.addcmul(
+            broadcast_channels(d.to(x.dtype), x, channel_dim), x, broadcast_channels(a.to(x.dtype), x, channel_dim)
+        )
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        _refuse_double_backward()
+        x, mean, c, a, std_eff, std_b, std_g, gm, bm, gvar_raw, bvar_raw, shifted, avg, s, w = ctx.saved_tensors
+        channel_dim, shift_noise, scale_noise, has_weight, has_bias = ctx.flags
+        batch = mean.shape[0]
+        r0, r1 = _sample_channel_sums(grad_y, x, channel_dim, mean.dtype)
+        grad_b = r0.sum(0) if has_bias and ctx.needs_input_grad[2] else None
+        # D = b - shifted * A: the gradient reaching A and the effective mean
+        g_a = r1.addcmul_(shifted, r0, value=-1)
+        g_mean_eff = (r0 * a).neg_()
+        grad_w = (g_a / std_eff).sum(0) if has_weight and ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # A = w / std_eff
+            g_std_eff = (g_a * a).div_(std_eff).neg_()
+            if scale_noise:
+                # std_eff = std_b**(1 - s) * std_g**s
+                t = g_std_eff * std_eff
+                g_std_b = (t.sum(0) / std_b).mul_(1 - s)
+                g_std_g = t.div_(std_g).mul_(s)
+            else:
+                g_std_b = g_std_eff.sum(0)
+                g_std_g = torch.zeros_like(g_std_eff)
+            # std = sqrt(max(var, 0) + eps)
+            g_bvar = g_std_b.div_(2 * std_b).mul_(bvar_raw >= 0)
+            g_gvar = g_std_g.div_(2 * std_g).mul_(gvar_raw >= 0)
+            if shift_noise:  # mean_eff = bm + s (gm - bm)
+                g_bm = g_mean_eff.sum(0).mul_(1 - s)
+                g_gm = g_mean_eff.mul_(s)
+            else:
+                g_bm = g_mean_eff.sum(0)
+                g_gm = torch.zeros_like(g_mean_eff)
+            # gvar = ge2 - gm**2, bvar = be2 - bm**2
+            g_gm.addcmul_(gm, g_gvar, value=-2)
+            g_bm.addcmul_(bm, g_bvar, value=-2)
+            # gm = M @ c, ge2 = M @ e2; bm = mean(c), be2 = mean(e2)
+            back = avg.t() @ torch.cat([g_gm, g_gvar], 1)
+            channels = mean.shape[1]
+            g_c = back[:, :channels].add_(g_bm / batch)
+            g_e2 = back[:, channels:].add_(g_bvar / batch)
+            # e2 = v + c**2; c = m - centre (centre detached)
+            g_m = g_c.addcmul_(c, g_e2, value=2)
+            count = _spatial_count(x, channel_dim)
+            p_coef = g_e2 * (2.0 / count)  # v = mean_s (x - m)**2
+            q_coef = (g_m / count).addcmul_(p_coef, mean, value=-1)
+            grad_x = torch.addcmul(
+                broadcast_channels(q_coef.to(x.dtype), x, channel_dim), x, broadcast_channels(p_coef.to(x.dtype), x, channel_dim)
+            )
+            grad_x.addcmul_(grad_y, broadcast_channels(a.to(x.dtype), x, channel_dim))
+        return (grad_x, grad_w, grad_b) + (None,) * 10
