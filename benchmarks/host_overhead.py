@@ -1,0 +1,46 @@
+"""Host-side cost of one ghost layer's forward + backward on a tiny tensor, relative to plain BN.
+
+On a GPU in eager mode a small model's step is bound by kernel launches, i.e. by this host-side cost
+(Python, dispatch, one launch per op), not by the arithmetic. A tiny CPU tensor measures it without
+a GPU: the arithmetic is negligible, what remains is the per-op overhead.
+
+    python benchmarks/host_overhead.py
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+
+from lightning_ghostnoise import apply_ghost_noise
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    bn = torch.nn.BatchNorm2d(16)
+    x = torch.randn(8, 16, 4, 4, dtype=torch.bfloat16).to(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn_like(x)
+    layers = {"bn": bn}
+    for method in ("gni", "analytic", "gbn", "xbn"):
+        layers[method] = apply_ghost_noise(copy.deepcopy(bn), 4, method=method)
+    layers = {k: m.to(torch.bfloat16) for k, m in layers.items()}
+    times = {k: [] for k in layers}
+    for layer in layers.values():
+        for _ in range(20):
+            layer(x).backward(grad)
+    for _ in range(300):
+        for name, layer in layers.items():
+            start = time.perf_counter()
+            layer(x).backward(grad)
+            times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"# torch {torch.__version__}, one thread, BatchNorm2d(16) on (8, 16, 4, 4) bf16 channels_last")
+    for name, t in med.items():
+        print(f"host layer fwd+bwd method={name:<8} {t * 1e6:7.0f}us ratio={t / med['bn']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
