@@ -3,10 +3,11 @@
 Run::
 
     python -m lightning_ghostnoise.demo [--method gni] [--ghost-batch-size 16] [--epochs 3] [--subset 6000]
-                                        [--seed 0] [--accelerator auto]
+                                        [--seed 0] [--seeds 3] [--accelerator auto]
 
-Both runs start from the same seed (same initial weights, same data order and augmentation: the
+For each seed both runs start alike (same initial weights, same data order and augmentation: the
 data module has its own generators), and differ only by ``Trainer(callbacks=[GhostNoise(...)])``.
+Accuracies are reported as mean +- std over the seeds.
 The table shows the accuracy on the training images (eval mode, no augmentation), the running
 accuracy of the last training epoch (train mode, with the noise), the test accuracy and the fit time.
 
@@ -44,7 +45,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None, help="model width (default: the model's own)")
     p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate, cosine decay (default: 0.1)")
     p.add_argument("--augment", action="store_true", help="random crop (pad 2) and horizontal flip")
-    p.add_argument("--seed", type=int, default=0, help="seed of both runs (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; both methods use the same seeds (default: 0)")
+    p.add_argument("--seeds", type=int, default=3, help="runs per method, seeds seed..seed+seeds-1; mean +- std (default: 3)")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu (default: auto)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: /usr/share/datasets/fashion-mnist)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default: 0)")
@@ -56,6 +58,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--subset must be >= 0 (0: the full training set)")
     if args.ghost_batch_size < 1:
         p.error("--ghost-batch-size must be >= 1")
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
     return args
 
 
@@ -130,11 +134,26 @@ def _fit_once(args: argparse.Namespace, ghost: bool) -> Dict[str, object]:
     }
 
 
-def _table(rows: List[Dict[str, object]]) -> str:
-    head = ("method", "train acc", "fit acc", "test acc", "seconds")
+def _mean_std(values: Sequence[float]) -> str:
+    """``mean +- std`` in percent (sample standard deviation; ``+- 0.00`` for one run)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return f"{mean:.2%} +- {std * 100:.2f}"
+
+
+def _table(groups: List[List[Dict[str, object]]]) -> str:
+    """One row per method: accuracies as mean +- std over its runs (seeds), mean seconds per run."""
+    head = ("method", "train acc", "fit acc", "test acc", "seconds/run")
     body = [
-        (str(r["method"]), f"{r['train']:.2%}", f"{r['fit']:.2%}", f"{r['test']:.2%}", f"{r['seconds']:.1f}")
-        for r in rows
+        (
+            str(runs[0]["method"]),
+            _mean_std([float(r["train"]) for r in runs]),  # type: ignore[arg-type]
+            _mean_std([float(r["fit"]) for r in runs]),  # type: ignore[arg-type]
+            _mean_std([float(r["test"]) for r in runs]),  # type: ignore[arg-type]
+            f"{sum(float(r['seconds']) for r in runs) / len(runs):.1f}",  # type: ignore[arg-type]
+        )
+        for runs in groups
     ]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
 
@@ -159,22 +178,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
         logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
 
-    rows = []
-    for ghost in (False, True):
-        print(f"fitting {'with GhostNoise' if ghost else 'plain BN'} ...", flush=True)
-        rows.append(_fit_once(args, ghost))
-    first = rows[0]
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    groups: List[List[Dict[str, object]]] = [[], []]
+    for seed in seeds:
+        for index, ghost in enumerate((False, True)):
+            print(f"seed {seed}: fitting {'with GhostNoise' if ghost else 'plain BN'} ...", flush=True)
+            groups[index].append(_fit_once(argparse.Namespace(**{**vars(args), "seed": seed}), ghost))
+    first = groups[0][0]
     print()
     print(
         f"{args.model} on {first['dataset']} ({first['n_train']} training / {first['n_test']} test images), "
-        f"{args.epochs} epoch(s), batch {args.batch_size}, seed {args.seed}, device {first['device']}"
+        f"{args.epochs} epoch(s), batch {args.batch_size}, seeds {seeds[0]}..{seeds[-1]}, device {first['device']}"
         + (", crop+flip" if args.augment else "")
     )
-    print(f"GhostNoise rewrote: {rows[1]['rewritten']}")
+    print(f"GhostNoise rewrote: {groups[1][0]['rewritten']}")
     print()
-    print(_table(rows))
+    print(_table(groups))
     print()
-    print("train acc: eval mode on the training images; fit acc: last epoch, train mode (with the noise).")
+    print(
+        f"mean +- std (percentage points) over {len(seeds)} seed(s); train acc: eval mode on the training images; "
+        "fit acc: last epoch, train mode (with the noise)."
+    )
     return 0
 
 
