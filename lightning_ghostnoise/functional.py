@@ -47,6 +47,7 @@ __all__ = [
     "ghost_indices",
     "ghost_noise",
     "per_sample_moments",
+    "sample_affine",
     "update_running_stats",
 ]
 
@@ -74,6 +75,33 @@ def broadcast_channels(values: Tensor, x: Tensor, channel_dim: int = 1) -> Tenso
     shape[0] = values.shape[0]
     shape[channel_dim] = values.shape[1]
     return values.view(shape)
+
+
+def sample_affine(x: Tensor, a: Tensor, d: Tensor, channel_dim: int = 1) -> Tensor:
+    """``x * a[b, c] + d[b, c]``: the per-(sample, channel) affine every method ends with (in ``x``'s dtype).
+
+    Example:
+        >>> x = torch.ones(2, 3, 4)
+        >>> sample_affine(x, torch.full((2, 3), 2.0), torch.ones(2, 3)).unique()
+        tensor([3.])
+    """
+    return torch.addcmul(
+        broadcast_channels(d.to(x.dtype), x, channel_dim), x, broadcast_channels(a.to(x.dtype), x, channel_dim)
+    )
+
+
+def _affine_input_grad(grad_y: Tensor, x: Tensor, a: Tensor, p: Tensor, q: Tensor, channel_dim: int) -> Tensor:
+    """``grad_y * a + x * p + q``: the input gradient of ``y = x * A + D`` when ``A`` and ``D`` depend on
+    ``x`` through its moments. ``a`` is ``(B, C)``; ``p`` and ``q`` are ``(B, C)`` or per channel ``(C,)``."""
+
+    def expand(t: Tensor) -> Tensor:
+        if t.dim() == 2:
+            return broadcast_channels(t.to(x.dtype), x, channel_dim)
+        shape = [1] * x.dim()
+        shape[channel_dim] = -1
+        return t.to(x.dtype).view(shape)
+
+    return torch.addcmul(expand(q), x, expand(p)).addcmul_(grad_y, expand(a))
 
 
 def per_sample_moments(x: Tensor, channel_dim: int = 1) -> Tuple[Tensor, Tensor]:
@@ -275,15 +303,7 @@ def apply_noise(
     inv = torch.pow(scale, -s) if scale_noise else torch.ones_like(scale)
     a = inv
     d = -(s * shift) * inv if shift_noise else torch.zeros_like(shift)
-    if weight is not None:
-        w = weight.float()
-        a = a * w
-        d = d * w
-    if bias is not None:
-        d = d + bias.float()
-    a = broadcast_channels(a.to(x_hat.dtype), x_hat, channel_dim)
-    d = broadcast_channels(d.to(x_hat.dtype), x_hat, channel_dim)
-    return torch.addcmul(d, x_hat, a)
+    return sample_affine(x_hat, *_with_affine(a, d, weight, bias), channel_dim)
 
 
 def ghost_groups(batch_size: int, ghost_batch_size: int, device: Optional[Union[torch.device, str]] = None) -> Tuple[Tensor, int]:
@@ -384,9 +404,7 @@ class _MomentAffine(torch.autograd.Function):
         ctx.save_for_backward(x)
         ctx.graph = (m, v, leaves, a, d)
         ctx.channel_dim = channel_dim
-        return torch.addcmul(
-            broadcast_channels(d.detach().to(x.dtype), x, channel_dim), x, broadcast_channels(a.detach().to(x.dtype), x, channel_dim)
-        )
+        return sample_affine(x, a.detach(), d.detach(), channel_dim)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -405,10 +423,7 @@ class _MomentAffine(torch.autograd.Function):
         q_coef = gm / count - p_coef * m
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addcmul(
-                broadcast_channels(q_coef.to(x.dtype), x, channel_dim), x, broadcast_channels(p_coef.to(x.dtype), x, channel_dim)
-            )
-            grad_x.addcmul_(grad_y, broadcast_channels(a.detach().to(x.dtype), x, channel_dim))
+            grad_x = _affine_input_grad(grad_y, x, a.detach(), p_coef, q_coef, channel_dim)
         param_grads: List[Optional[Tensor]] = []
         it = iter(grads[2:])
         for p in leaves:
@@ -437,7 +452,7 @@ def moment_affine(
         return _MomentAffine.apply(x, channel_dim, coeff_fn, *params)
     mean, var = per_sample_moments(x, channel_dim)
     a, d = coeff_fn(mean, var, *params)
-    return torch.addcmul(broadcast_channels(d.to(x.dtype), x, channel_dim), x, broadcast_channels(a.to(x.dtype), x, channel_dim))
+    return sample_affine(x, a, d, channel_dim)
 
 
 def _as_strength(strength: StrengthLike, like: Tensor) -> Tensor:
@@ -786,9 +801,7 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
         ctx.channel_dim = channel_dim
         ctx.has_weight = weight is not None
         ctx.has_bias = bias is not None
-        return torch.addcmul(
-            broadcast_channels(d.to(x.dtype), x, channel_dim), x, broadcast_channels(a.to(x.dtype), x, channel_dim)
-        )
+        return sample_affine(x, a, d, channel_dim)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
@@ -812,10 +825,7 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
             g_var = g_rstd.mul_(rstd.pow(3)).mul_(-0.5)
             p_coef = g_var * (2.0 / n)
             q_coef = torch.addcmul(g_mu_neg, g_var, mu, value=2.0).mul_(-1.0 / n)
-            shape = [1] * x.dim()
-            shape[channel_dim] = -1
-            grad_x = torch.addcmul(q_coef.to(x.dtype).view(shape), x, p_coef.to(x.dtype).view(shape))
-            grad_x.addcmul_(grad_y, broadcast_channels(a.to(x.dtype), x, channel_dim))
+            grad_x = _affine_input_grad(grad_y, x, a, p_coef, q_coef, channel_dim)
         # (autograd casts grad_w / grad_b to the parameters' dtype)
         return (grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None)
 
@@ -872,9 +882,7 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
         d = -(shifted * a) if bias is None else torch.addcmul(bias.to(mean.dtype), shifted, a, value=-1)
         ctx.save_for_backward(x, mean, c, a, std_eff, std_b, std_g, gm, bm, gvar_raw, bvar_raw, shifted, avg, s, w)
         ctx.flags = (channel_dim, shift_noise, scale_noise, weight is not None, bias is not None)
-        return torch.addcmul(
-            broadcast_channels(d.to(x.dtype), x, channel_dim), x, broadcast_channels(a.to(x.dtype), x, channel_dim)
-        )
+        return sample_affine(x, a, d, channel_dim)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
@@ -922,8 +930,5 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
             count = _spatial_count(x, channel_dim)
             p_coef = g_e2 * (2.0 / count)  # v = mean_s (x - m)**2
             q_coef = (g_m / count).addcmul_(p_coef, mean, value=-1)
-            grad_x = torch.addcmul(
-                broadcast_channels(q_coef.to(x.dtype), x, channel_dim), x, broadcast_channels(p_coef.to(x.dtype), x, channel_dim)
-            )
-            grad_x.addcmul_(grad_y, broadcast_channels(a.to(x.dtype), x, channel_dim))
+            grad_x = _affine_input_grad(grad_y, x, a, p_coef, q_coef, channel_dim)
         return (grad_x, grad_w, grad_b) + (None,) * 10
