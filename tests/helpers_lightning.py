@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +18,15 @@ from torch.utils.data import DataLoader, TensorDataset
 N_SAMPLES = 64
 BATCH_SIZE = 16
 BATCHES_PER_EPOCH = N_SAMPLES // BATCH_SIZE
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Any:
+    """Tiny tensors: intra-op threads only add contention on a busy 2-core machine (import it to use it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_dataset(n: int = N_SAMPLES, seed: int = 1234) -> TensorDataset:

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from helpers_lightning import one_thread  # noqa: F401  (autouse fixture)
 from helpers_lightning import (
     BATCHES_PER_EPOCH,
     BNModel,
@@ -35,15 +36,6 @@ from lightning_ghostnoise.seeding import derive_seed
 
 PLAIN = (nn.BatchNorm2d, nn.BatchNorm2d)
 GHOST = (GhostBatchNorm2d, GhostBatchNorm2d)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: intra-op threads only add contention on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -17,18 +17,10 @@ pytest.importorskip("jsonargparse")
 
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
-from helpers_lightning import make_dataset  # noqa: E402
+from helpers_lightning import make_dataset, one_thread  # noqa: E402, F401  (one_thread: autouse fixture)
 from lightning_ghostnoise import GhostNoise  # noqa: E402
 from lightning_ghostnoise.layers import GhostBatchNorm1d, GhostBatchNorm2d  # noqa: E402
 from lightning_ghostnoise.schedules import Constant, Cosine, Geometric, Piecewise, to_ghost_batch_size  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
