@@ -28,7 +28,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from lightning_ghostnoise import counter_rng
+from lightning_ghostnoise import counter_rng, kernels
 
 __all__ = [
     "NOISE_EPS",
@@ -37,6 +37,7 @@ __all__ = [
     "broadcast_channels",
     "exclusive_batch_norm",
     "batch_moments",
+    "GhostDraws",
     "ghost_averaging_matrix",
     "ghost_batch_norm",
     "ghost_groups",
@@ -226,6 +227,39 @@ def ghost_noise(
     return shift, scale
 
 
+class GhostDraws:
+    """A ``noise_fn`` whose random draws are made before the moments are known.
+
+    Either the ghost ``indices`` ``(B, N)`` of GNI (:func:`ghost_indices`) or the ``shift`` and
+    ``scale`` of analytic GNI (:func:`analytic_noise`). Calling it gives GNI's ``(shift, scale)``
+    (:func:`ghost_noise`), like any ``noise_fn``; because the draws are plain tensors, the fused CUDA
+    path (:mod:`lightning_ghostnoise.kernels`) can compute the noise inside its own kernel.
+
+    Example:
+        >>> idx = ghost_indices(8, 4, generator=torch.Generator().manual_seed(0))
+        >>> shift, scale = GhostDraws(indices=idx)(torch.zeros(8, 3), torch.ones(8, 3))
+        >>> shift.shape
+        torch.Size([8, 3])
+    """
+
+    def __init__(
+        self,
+        indices: Optional[Tensor] = None,
+        shift: Optional[Tensor] = None,
+        scale: Optional[Tensor] = None,
+        eps: float = NOISE_EPS,
+    ) -> None:
+        if (indices is None) == (shift is None or scale is None):
+            raise ValueError("GhostDraws takes either indices (GNI) or both shift and scale (analytic GNI).")
+        self.indices, self.shift, self.scale, self.eps = indices, shift, scale, eps
+
+    def __call__(self, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.indices is not None:
+            return ghost_noise(mean, var, self.indices, self.eps)
+        assert self.shift is not None and self.scale is not None
+        return self.shift, self.scale
+
+
 def analytic_noise(
     batch_size: int,
     num_channels: int,
@@ -377,6 +411,29 @@ def _sample_channel_sums(grad_y: Tensor, x: Tensor, channel_dim: int, dtype: tor
     )
 
 
+def _kernels_take(x: Tensor, channel_dim: int) -> bool:
+    """Whether the fused autograd functions run ``x``'s full-size passes in the Triton kernels (CUDA)."""
+    return channel_dim == 1 and kernels.supports(x)
+
+
+def _moments_of(x: Tensor, channel_dim: int, fast: bool) -> Tuple[Tensor, Tensor]:
+    return kernels.moments(x) if fast else per_sample_moments(x, channel_dim)
+
+
+def _affine_of(x: Tensor, a: Tensor, d: Tensor, channel_dim: int, fast: bool) -> Tensor:
+    return kernels.affine(x, a, d) if fast else sample_affine(x, a, d, channel_dim)
+
+
+def _sums_of(grad_y: Tensor, x: Tensor, channel_dim: int, dtype: torch.dtype, fast: bool) -> Tuple[Tensor, Tensor]:
+    return kernels.channel_sums(grad_y, x) if fast else _sample_channel_sums(grad_y, x, channel_dim, dtype)
+
+
+def _input_grad_of(grad_y: Tensor, x: Tensor, a: Tensor, p: Tensor, q: Tensor, channel_dim: int, fast: bool) -> Tensor:
+    if fast:
+        return kernels.affine_input_grad(grad_y, x, a, p, q)
+    return _affine_input_grad(grad_y, x, a, p, q, channel_dim)
+
+
 def _use_fused(fused: Optional[bool]) -> bool:
     """``fused=None``: the fused autograd functions in eager mode, plain autograd under ``torch.compile``."""
     if fused is None:
@@ -395,7 +452,8 @@ class _MomentAffine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, channel_dim: int, coeff_fn: CoeffFn, *params: Optional[Tensor]) -> Tensor:
-        mean, var = per_sample_moments(x, channel_dim)
+        ctx.fast = _kernels_take(x, channel_dim)
+        mean, var = _moments_of(x, channel_dim, ctx.fast)
         with torch.enable_grad():
             m = mean.detach().requires_grad_()
             v = var.detach().requires_grad_()
@@ -404,7 +462,7 @@ class _MomentAffine(torch.autograd.Function):
         ctx.save_for_backward(x)
         ctx.graph = (m, v, leaves, a, d)
         ctx.channel_dim = channel_dim
-        return sample_affine(x, a.detach(), d.detach(), channel_dim)
+        return _affine_of(x, a.detach(), d.detach(), channel_dim, ctx.fast)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -412,7 +470,7 @@ class _MomentAffine(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         m, v, leaves, a, d = ctx.graph
         channel_dim = ctx.channel_dim
-        r0, r1 = _sample_channel_sums(grad_y, x, channel_dim, m.dtype)
+        r0, r1 = _sums_of(grad_y, x, channel_dim, m.dtype, ctx.fast)
         inputs = [m, v] + [p for p in leaves if p is not None and p.requires_grad]
         # the small (B, C) graph is kept (retain_graph) so that backward through y may run twice
         grads = torch.autograd.grad((a, d), inputs, (r1, r0), allow_unused=True, retain_graph=True)
@@ -423,7 +481,7 @@ class _MomentAffine(torch.autograd.Function):
         q_coef = gm / count - p_coef * m
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = _affine_input_grad(grad_y, x, a.detach(), p_coef, q_coef, channel_dim)
+            grad_x = _input_grad_of(grad_y, x, a.detach(), p_coef, q_coef, channel_dim, ctx.fast)
         param_grads: List[Optional[Tensor]] = []
         it = iter(grads[2:])
         for p in leaves:
@@ -779,16 +837,31 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
         scale_noise: bool,
         channel_dim: int,
     ) -> Tensor:
+        count = x.numel() // max(x.shape[channel_dim], 1)
+        ctx.channel_dim = channel_dim
+        ctx.has_weight = weight is not None
+        ctx.has_bias = bias is not None
+        ctx.kernels = isinstance(noise_fn, GhostDraws) and _kernels_take(x, channel_dim)
+        if ctx.kernels:
+            # CUDA: the same math in Triton kernels (see lightning_ghostnoise.kernels), 4 launches
+            mean, var = kernels.moments(x)
+            a, d, inv, off, mu, rstd = kernels.gni_coefficients(
+                mean, var, weight, bias, running_mean, running_var, _as_strength(strength, mean), count, momentum, eps,
+                shift_noise, scale_noise, indices=noise_fn.indices, noise_eps=noise_fn.eps, shift=noise_fn.shift,
+                scale=noise_fn.scale,
+            )
+            ctx.save_for_backward(x, a, rstd, inv, off, mu, weight)
+            return kernels.affine(x, a, d)
         mean, var = per_sample_moments(x, channel_dim)
         mu = mean.mean(0)
         c = mean - mu
         batch_var = torch.addcmul(var, c, c).mean(0)
-        update_running_stats(running_mean, running_var, mu, batch_var, x.numel() // max(x.shape[channel_dim], 1), momentum)
+        update_running_stats(running_mean, running_var, mu, batch_var, count, momentum)
         rstd = batch_var.add_(eps).rsqrt_()  # batch_var is not used after this
         shift, scale = noise_fn(c.mul_(rstd), var.mul_(rstd.square()))
         s = _as_strength(strength, shift)
-        inv = scale.pow_(-s) if scale_noise else torch.ones_like(scale)
-        off = shift.mul_(inv).mul_(s) if shift_noise else torch.zeros_like(shift)
+        inv = scale.pow(-s) if scale_noise else torch.ones_like(scale)
+        off = (shift * inv).mul_(s) if shift_noise else torch.zeros_like(shift)
         w = weight.to(mean.dtype) if weight is not None else None
         # A = w * rstd * inv,  D = b - w * off - mu * A
         a = inv * (rstd if w is None else rstd * w)
@@ -798,9 +871,6 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
             d = torch.addcmul(bias.to(mean.dtype), w, off, value=-1) if bias is not None else (w * off).neg_()
         d.addcmul_(a, mu, value=-1)
         ctx.save_for_backward(x, a, rstd, inv, off, mu, w)
-        ctx.channel_dim = channel_dim
-        ctx.has_weight = weight is not None
-        ctx.has_bias = bias is not None
         return sample_affine(x, a, d, channel_dim)
 
     @staticmethod
@@ -808,6 +878,14 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
         _refuse_double_backward()
         x, a, rstd, inv, off, mu, w = ctx.saved_tensors
         channel_dim = ctx.channel_dim
+        n = x.numel() // max(x.shape[channel_dim], 1)  # values per channel
+        if ctx.kernels:
+            r0, r1 = kernels.channel_sums(grad_y, x)
+            gw, gb, p_coef, q_coef = kernels.gni_input_coefficients(r0, r1, a, inv, off, mu, rstd, w, n)
+            grad_x = kernels.affine_input_grad(grad_y, x, a, p_coef, q_coef) if ctx.needs_input_grad[0] else None
+            grad_w = gw if ctx.has_weight and ctx.needs_input_grad[1] else None
+            grad_b = gb if ctx.has_bias and ctx.needs_input_grad[2] else None
+            return (grad_x, grad_w, grad_b) + (None,) * 9
         r0, r1 = _sample_channel_sums(grad_y, x, channel_dim, a.dtype)
         r1 = r1.addcmul_(r0, mu, value=-1)  # A also enters D = b - w * off - mu * A
         u = r1.mul_(inv)
@@ -821,7 +899,6 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
             if ctx.has_weight:
                 g_rstd.mul_(w)
             g_mu_neg = (r0 * a).sum(0)  # minus the gradient of the batch mean
-            n = x.numel() // max(x.shape[channel_dim], 1)  # values per channel
             g_var = g_rstd.mul_(rstd.pow(3)).mul_(-0.5)
             p_coef = g_var * (2.0 / n)
             q_coef = torch.addcmul(g_mu_neg, g_var, mu, value=2.0).mul_(-1.0 / n)
@@ -858,6 +935,21 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
         scale_noise: bool,
         channel_dim: int,
     ) -> Tensor:
+        fast = _kernels_take(x, channel_dim)
+        count = x.numel() // max(x.shape[channel_dim], 1)
+        if fast:
+            # CUDA: the same math in Triton kernels (see lightning_ghostnoise.kernels), 3 launches
+            mean, var = kernels.moments(x)
+            s = _as_strength(strength, mean)
+            stats = kernels.ghost_statistics_coefficients(
+                mean, var, weight, bias, running_mean, running_var, s, count, momentum, eps, ghost_batch_size,
+                exclusive, shift_noise, scale_noise,
+            )
+            ctx.save_for_backward(x, mean, s, *stats)
+            ctx.flags = (ghost_batch_size, exclusive, shift_noise, scale_noise, weight is not None, bias is not None)
+            ctx.kernels = True
+            return kernels.affine(x, stats.a, stats.d)
+        ctx.kernels = False
         mean, var = per_sample_moments(x, channel_dim)
         batch, channels = mean.shape
         centre = mean.mean(0)
@@ -869,7 +961,6 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
         gvar_raw = torch.addcmul(ghost[:, channels:], gm, gm, value=-1)
         bm = c.mean(0)
         bvar_raw = torch.addcmul(e2.mean(0), bm, bm, value=-1)
-        count = x.numel() // max(x.shape[channel_dim], 1)
         update_running_stats(running_mean, running_var, bm + centre, bvar_raw.clamp_min(0), count, momentum)
         std_b = bvar_raw.clamp_min(0).add_(eps).sqrt_()
         std_g = gvar_raw.clamp_min(0).add_(eps).sqrt_()
@@ -887,6 +978,18 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
         _refuse_double_backward()
+        if ctx.kernels:
+            x, mean, s, *saved = ctx.saved_tensors
+            stats = kernels.GhostStatistics(*saved)
+            ghost_batch_size, exclusive, shift_noise, scale_noise, has_weight, has_bias = ctx.flags
+            r0, r1 = kernels.channel_sums(grad_y, x)
+            gw, gb, p_coef, q_coef = kernels.ghost_statistics_input_coefficients(
+                r0, r1, mean, stats, s, _spatial_count(x, 1), ghost_batch_size, exclusive, shift_noise, scale_noise
+            )
+            grad_x = kernels.affine_input_grad(grad_y, x, stats.a, p_coef, q_coef) if ctx.needs_input_grad[0] else None
+            grad_w = gw if has_weight and ctx.needs_input_grad[1] else None
+            grad_b = gb if has_bias and ctx.needs_input_grad[2] else None
+            return (grad_x, grad_w, grad_b) + (None,) * 10
         x, mean, c, a, std_eff, std_b, std_g, gm, bm, gvar_raw, bvar_raw, shifted, avg, s, w = ctx.saved_tensors
         channel_dim, shift_noise, scale_noise, has_weight, has_bias = ctx.flags
         batch = mean.shape[0]

@@ -302,6 +302,26 @@ class GhostNoiseMixin:
     def _sync_world(self) -> Optional[Tuple[int, int]]:
         return sync_world(self.process_group) if self.sync else None
 
+    def _random_source(self, device: torch.device) -> Tuple[Optional[torch.Generator], Optional[Tensor]]:
+        """``(generator, key)``: the layer's generator in eager mode, a counter-based key under compile."""
+        if self.counter_rng or torch.compiler.is_compiling():
+            # a torch.Generator attribute breaks the compiled graph: draw from a counter-based
+            # generator keyed by the same seed (and the number of draws since the last reseed)
+            state = getattr(self, _STATE_BUFFER)
+            key = counter_rng.mix_key(state[0], state[1])
+            state[1:].add_(1)
+            return None, key
+        return self._generator_for(device), None
+
+    def _draws(self, pool: int, channels: int, device: torch.device) -> GF.GhostDraws:
+        """This step's random draws for a pool of ``pool`` samples: ghost indices, or analytic noise."""
+        gen, key = self._random_source(device)
+        if self.method == "analytic":
+            shift, scale = GF.analytic_noise(pool, channels, self._ghost_batch_size, generator=gen, device=device, key=key)
+            return GF.GhostDraws(shift=shift, scale=scale)
+        idx = GF.ghost_indices(pool, self._ghost_batch_size, generator=gen, device=device, key=key)
+        return GF.GhostDraws(indices=idx, eps=self.noise_eps)
+
     def _draw_noise(self, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
         """Per-(sample, channel) ``(shift, scale)`` for GNI or analytic GNI.
 
@@ -310,27 +330,16 @@ class GhostNoiseMixin:
         each process keeps its own rows.
         """
         batch, channels = mean.shape
-        device = mean.device
-        gen, key = None, None
-        if self.counter_rng or torch.compiler.is_compiling():
-            # a torch.Generator attribute breaks the compiled graph: draw from a counter-based
-            # generator keyed by the same seed (and the number of draws since the last reseed)
-            state = getattr(self, _STATE_BUFFER)
-            key = counter_rng.mix_key(state[0], state[1])
-            state[1:].add_(1)
-        else:
-            gen = self._generator_for(device)
         world = self._sync_world()
-        first = world[0] * batch if world else 0
-        pool = batch * world[1] if world else batch
-        if self.method == "analytic":
-            shift, scale = GF.analytic_noise(pool, channels, self._ghost_batch_size, generator=gen, device=device, key=key)
-            return shift[first : first + batch], scale[first : first + batch]
-        if world:
-            both = gather_rows(torch.cat([mean, var], 1), self.process_group)
-            mean, var = both[:, :channels], both[:, channels:]
-        idx = GF.ghost_indices(pool, self._ghost_batch_size, generator=gen, device=device, key=key)
-        return GF.ghost_noise(mean, var, idx[first : first + batch], eps=self.noise_eps)
+        if not world:
+            return self._draws(batch, channels, mean.device)(mean, var)
+        first, pool = world[0] * batch, batch * world[1]
+        draws = self._draws(pool, channels, mean.device)
+        if draws.indices is None:
+            assert draws.shift is not None and draws.scale is not None
+            return draws.shift[first : first + batch], draws.scale[first : first + batch]
+        both = gather_rows(torch.cat([mean, var], 1), self.process_group)
+        return GF.ghost_noise(both[:, :channels], both[:, channels:], draws.indices[first : first + batch], eps=self.noise_eps)
 
     def _inject(self, x_hat: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], channel_dim: int) -> Tensor:
         """GNI after a per-sample normalization (LayerNorm, GroupNorm): noise, then the affine."""
@@ -410,7 +419,9 @@ class _GhostBatchNorm(GhostNoiseMixin):
             return fn(x, self._ghost_batch_size, **settings)
         if world:
             settings["stats_fn"] = self._global_statistics(x.numel() // x.shape[1] * world[1], settings["running_mean"])
-        return GF.ghost_noise_batch_norm(x, self._draw_noise, **settings)
+            return GF.ghost_noise_batch_norm(x, self._draw_noise, **settings)
+        # draws made up front: the fused CUDA kernels compute the noise from them in-kernel
+        return GF.ghost_noise_batch_norm(x, self._draws(x.shape[0], x.shape[1], x.device), **settings)
 
     def _global_statistics(self, count: int, running_mean: Optional[Tensor]) -> Callable[[Tensor, Tensor], Tuple[Tensor, Tensor, int]]:
         """``stats_fn`` for ``sync=True``: the global batch's moments (``count`` values per channel)."""

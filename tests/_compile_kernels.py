@@ -1,0 +1,70 @@
+"""Compile every Triton kernel for an sm_90 (H100) target without a GPU: catches errors that Triton's
+interpreter does not (types, layouts, code generation). Run by ``test_kernels.py`` in a subprocess,
+with ``TRITON_INTERPRET`` unset so that the kernels are real JIT functions."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from lightning_ghostnoise import kernels as K
+
+FLOATS = {"momentum", "unbias", "eps", "noise_eps", "count"}
+# pointers that are not float32: the data tensors in half precision, the ghost indices int64
+POINTERS = {"x_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "gx_ptr": "*bf16", "idx_ptr": "*i64", "rm_ptr": "*fp32"}
+
+
+def compile_kernel(fn, constexprs):
+    names = list(inspect.signature(fn.fn).parameters)
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = POINTERS.get(name, "*fp32")
+        elif name in FLOATS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32))
+
+
+def main() -> int:
+    assert isinstance(K._moments_kernel, triton.runtime.jit.JITFunction), "unset TRITON_INTERPRET"
+    big = dict(BLOCK_C=64, BLOCK_S=32)
+    small = dict(BLOCK_B=K._SMALL_B, BLOCK_C=K._SMALL_C)
+    cases = [
+        (K._moments_kernel, big),
+        (K._moments_kernel, dict(BLOCK_C=4, BLOCK_S=1024)),
+        (K._sums_kernel, big),
+        (K._affine_kernel, big),
+        (K._input_grad_kernel, big),
+        (K._gni_input_coefficients_kernel, dict(HAS_W=True, **small)),
+    ]
+    for analytic in (False, True):
+        for flags in ((True, True, True, True, True), (False, False, False, False, False)):
+            has_w, has_b, running, shift, scale = flags
+            cases.append((K._gni_coefficients_kernel, dict(
+                ANALYTIC=analytic, HAS_W=has_w, HAS_BIAS=has_b, HAS_RUNNING=running, SHIFT_NOISE=shift,
+                SCALE_NOISE=scale, **small)))  # fmt: skip
+    for exclusive in (False, True):
+        for flags in ((True, True, True, True, True), (False, False, False, False, False)):
+            has_w, has_b, running, shift, scale = flags
+            cases.append((K._ghost_stats_coefficients_kernel, dict(
+                EXCLUSIVE=exclusive, HAS_W=has_w, HAS_BIAS=has_b, HAS_RUNNING=running, SHIFT_NOISE=shift,
+                SCALE_NOISE=scale, **small)))  # fmt: skip
+            cases.append((K._ghost_stats_input_coefficients_kernel, dict(
+                EXCLUSIVE=exclusive, SHIFT_NOISE=shift, SCALE_NOISE=scale, **small)))  # fmt: skip
+    for fn, constexprs in cases:
+        compiled = compile_kernel(fn, constexprs)
+        print(f"compiled {fn.fn.__name__} {constexprs}: {len(compiled.asm['cubin'])} bytes of cubin")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

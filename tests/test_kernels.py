@@ -1,0 +1,230 @@
+"""Tests for lightning_ghostnoise.kernels: the Triton (CUDA) path against the PyTorch path and loop references.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set in
+``conftest.py``); with one they run natively on CUDA tensors. Either way each kernel is compared with
+the plain PyTorch formula of :mod:`lightning_ghostnoise.functional` fed the same inputs and draws.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_ghostnoise import functional as GF
+from lightning_ghostnoise import kernels
+from lightning_ghostnoise.layers import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from test_functional import affine_params, ref_batch_normalize, ref_gni, varied_input
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(6, 5), (6, 5, 7), (6, 5, 3, 4), (5, 3, 2, 3, 2), (4, 40, 3, 3)]
+
+
+@pytest.fixture
+def use_kernels(monkeypatch):
+    """Route supported tensors through the kernels, on CPU too (interpreted)."""
+    monkeypatch.setattr(kernels, "ALLOW_CPU", True)
+    monkeypatch.delenv("GHOSTNOISE_TRITON", raising=False)
+
+
+def _layouts(shape):
+    x = varied_input(shape, 0).to(DEVICE)
+    out = [x]
+    if len(shape) == 4:
+        out.append(x.to(memory_format=torch.channels_last))
+    if len(shape) == 5:
+        out.append(x.to(memory_format=torch.channels_last_3d))
+    return out
+
+
+def test_supports(use_kernels, monkeypatch):
+    x = torch.randn(4, 3, 5, 5, device=DEVICE)
+    assert kernels.supports(x)
+    assert kernels.supports(x.to(memory_format=torch.channels_last))
+    assert kernels.supports(x.to(torch.bfloat16))
+    assert not kernels.supports(x.double())  # float64 keeps the PyTorch path
+    assert not kernels.supports(x[:, :, ::2])  # no (B, C, S) view
+    assert not kernels.supports(torch.randn(4, device=DEVICE))
+    assert not kernels.supports(torch.empty(0, 3, 4, device=DEVICE))
+    monkeypatch.setenv("GHOSTNOISE_TRITON", "0")
+    assert not kernels.supports(x)
+
+
+def test_cpu_tensors_take_pytorch_path_by_default():
+    assert not kernels.ALLOW_CPU
+    assert not kernels.supports(torch.randn(4, 3, 5, 5))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moments_match_per_sample_moments(use_kernels, shape, dtype):
+    for x in _layouts(shape):
+        x = (x + 100.0).to(dtype)  # a large mean: the kernel shifts by a pivot
+        mean, var = kernels.moments(x)
+        ref_mean, ref_var = GF.per_sample_moments(x.double())
+        assert mean.dtype == torch.float32 and mean.shape == ref_mean.shape
+        torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_affine_matches_sample_affine_and_keeps_layout(use_kernels, shape, dtype):
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(shape[:2], generator=g).to(DEVICE)
+    d = torch.randn(shape[:2], generator=g).to(DEVICE)
+    for x in _layouts(shape):
+        x = x.to(dtype)
+        y = kernels.affine(x, a, d)
+        assert y.dtype == dtype and y.stride() == x.stride()
+        ref = GF.sample_affine(x.double(), a.double(), d.double())
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(y.double(), ref, **tol)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_channel_sums_and_input_grad_match_pytorch(use_kernels, shape):
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(shape[:2], generator=g).to(DEVICE)
+    p_c, q_c = torch.randn(shape[1], generator=g).to(DEVICE), torch.randn(shape[1], generator=g).to(DEVICE)
+    p_bc, q_bc = torch.randn(shape[:2], generator=g).to(DEVICE), torch.randn(shape[:2], generator=g).to(DEVICE)
+    for x in _layouts(shape):
+        grad_y = torch.randn(shape, generator=g).to(DEVICE)  # contiguous even when x is channels-last
+        r0, r1 = kernels.channel_sums(grad_y, x)
+        e0, e1 = GF._sample_channel_sums(grad_y.double(), x.double(), 1, torch.float64)
+        torch.testing.assert_close(r0.double(), e0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r1.double(), e1, rtol=1e-5, atol=1e-5)
+        for p, q in ((p_c, q_c), (p_bc, q_bc)):
+            gx = kernels.affine_input_grad(grad_y, x, a, p, q)
+            assert gx.stride() == x.stride()
+            ref = GF._affine_input_grad(grad_y.double(), x.double(), a.double(), p.double(), q.double(), 1)
+            torch.testing.assert_close(gx.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def _bn(factory, channels, affine=True, track=True):
+    plain = factory(channels, affine=affine, track_running_stats=track)
+    if affine:
+        w, b = affine_params(channels)
+        with torch.no_grad():
+            plain.weight.copy_(w)
+            plain.bias.copy_(b)
+    if track:
+        with torch.no_grad():
+            plain.running_mean.copy_(torch.linspace(-1, 1, channels))
+            plain.running_var.copy_(torch.linspace(0.5, 2, channels))
+    return plain.to(DEVICE)
+
+
+FACTORY = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+GHOST = {nn.BatchNorm1d: GhostBatchNorm1d, nn.BatchNorm2d: GhostBatchNorm2d, nn.BatchNorm3d: GhostBatchNorm3d}
+
+
+def _run(layer, x, monkeypatch, on: bool):
+    """Forward and backward of a copy of ``layer`` with the kernels on or off: outputs, grads, stats."""
+    monkeypatch.setattr(kernels, "ALLOW_CPU", on)
+    monkeypatch.setenv("GHOSTNOISE_TRITON", "1" if on else "0")
+    calls = []
+    real = kernels.channel_sums
+    monkeypatch.setattr(kernels, "channel_sums", lambda *a: calls.append(1) or real(*a))
+    layer = copy.deepcopy(layer)
+    layer.reseed(11)
+    x = x.detach().clone().requires_grad_()
+    y = layer(x)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE, y.dtype)
+    y.backward(grad_y)
+    assert len(calls) == (1 if on else 0), "the kernels were (not) used"
+    out = {"y": y, "grad_x": x.grad}
+    for name in ("weight", "bias"):
+        p = getattr(layer, name)
+        if p is not None:
+            out["grad_" + name] = p.grad
+    for name in ("running_mean", "running_var"):
+        if getattr(layer, name) is not None:
+            out[name] = getattr(layer, name)
+    return out
+
+
+CASES = [
+    # (method, ghost batch size, strength, shift_noise, scale_noise, affine, track_running_stats)
+    ("gni", 4, 1.0, True, True, True, True),
+    ("gni", 3, 0.5, True, True, False, False),
+    ("gni", 16, 1.0, True, False, True, True),  # N > B
+    ("gni", 2, 0.7, False, True, True, True),
+    ("analytic", 4, 1.0, True, True, True, True),
+    ("analytic", 8, 0.3, True, False, False, True),
+    ("gbn", 2, 1.0, True, True, True, True),
+    ("xbn", 3, 0.6, True, True, True, False),
+    ("xbn", 4, 1.0, False, True, False, True),
+    ("gbn", 4, 0.5, True, False, True, True),
+]
+
+
+@pytest.mark.parametrize("method,N,strength,shift,scale,affine,track", CASES)
+@pytest.mark.parametrize("shape", [(6, 5), (6, 5, 3, 4), (5, 3, 2, 3, 2)])
+def test_layer_with_kernels_matches_pytorch_path(monkeypatch, method, N, strength, shift, scale, affine, track, shape):
+    plain = _bn(FACTORY[len(shape)], shape[1], affine, track)
+    layer = GHOST[FACTORY[len(shape)]].from_module(
+        plain, method=method, ghost_batch_size=N, strength=strength, shift_noise=shift, scale_noise=scale
+    )
+    layer.train()
+    layouts = _layouts(shape)
+    for x in layouts:
+        fast = _run(layer, x, monkeypatch, on=True)
+        slow = _run(layer, x, monkeypatch, on=False)
+        assert fast.keys() == slow.keys()
+        for key in slow:
+            torch.testing.assert_close(fast[key], slow[key], rtol=2e-4, atol=2e-5, msg=f"{key} differs")
+        assert fast["y"].stride() == x.stride()
+
+
+def test_gni_kernels_match_loop_reference(use_kernels):
+    """The kernel path against the paper's plain loop form (float64), fed the layer's own index draws."""
+    x = varied_input((8, 4, 3, 3), 3).to(DEVICE)
+    plain = _bn(nn.BatchNorm2d, 4)
+    layer = GhostBatchNorm2d.from_module(plain, method="gni", ghost_batch_size=4, strength=0.8)
+    layer.train()
+    layer.reseed(3)
+    g = torch.Generator(device=DEVICE)
+    g.set_state(layer._generator_for(x.device).get_state())
+    idx = GF.ghost_indices(8, 4, generator=g, device=DEVICE)
+    y = layer(x)
+    x_hat = ref_batch_normalize(x.double().cpu(), layer.eps)
+    ref = ref_gni(x_hat, idx.cpu(), layer.weight.detach().double().cpu(), layer.bias.detach().double().cpu(), strength=0.8)
+    torch.testing.assert_close(y.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_channels_last_layer(monkeypatch):
+    """Half precision in channels-last (the GPU training setting) stays close to the float32 result."""
+    plain = _bn(nn.BatchNorm2d, 6)
+    layer = GhostBatchNorm2d.from_module(plain, method="gni", ghost_batch_size=4)
+    x = varied_input((8, 6, 4, 4), 4).to(DEVICE).to(memory_format=torch.channels_last)
+    fast = _run(layer, x.to(torch.bfloat16), monkeypatch, on=True)
+    ref = _run(layer, x, monkeypatch, on=False)
+    assert fast["y"].dtype == torch.bfloat16
+    torch.testing.assert_close(fast["y"].float(), ref["y"], rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(fast["grad_weight"], ref["grad_weight"], rtol=5e-2, atol=5e-2)
+
+
+def test_kernel_path_refuses_double_backward(use_kernels):
+    layer = GhostBatchNorm2d.from_module(_bn(nn.BatchNorm2d, 3), method="gni", ghost_batch_size=2)
+    x = torch.randn(4, 3, 2, 2, device=DEVICE, requires_grad=True)
+    with pytest.raises(RuntimeError, match="Double backward"):
+        torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+
+
+def test_kernels_compile_for_h100():
+    """Triton compiles every kernel variant for sm_90 (no GPU needed): catches what the interpreter cannot."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, str(root / "tests" / "_compile_kernels.py")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("compiled ") == 18
