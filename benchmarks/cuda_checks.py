@@ -3,7 +3,7 @@
 Prints one ``PASS``/``FAIL`` line per check and exits non-zero if any failed.
 
     PYTHONPATH=. python benchmarks/cuda_checks.py            # all checks
-    PYTHONPATH=. python benchmarks/cuda_checks.py "sync"     # those whose name contains "sync"
+    PYTHONPATH=. python benchmarks/cuda_checks.py "sync,bf16"  # those whose name contains "sync" or "bf16"
 """
 
 from __future__ import annotations
@@ -168,8 +168,9 @@ def _lightning() -> None:
 
 if __name__ == "__main__":
     print(f"# torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
-    only = sys.argv[1] if len(sys.argv) > 1 else ""  # run the checks whose name contains this text
-    CHECKS[:] = [(name, fn) for name, fn in CHECKS if only in name]
+    # run the checks whose name contains one of these comma-separated texts
+    only = sys.argv[1].split(",") if len(sys.argv) > 1 else [""]
+    CHECKS[:] = [(name, fn) for name, fn in CHECKS if any(text in name for text in only)]
     results = run_checks()
     print(f"cuda checks: {sum(results)} passed, {len(results) - sum(results)} failed")
     sys.exit(0 if all(results) else 1)

@@ -4,11 +4,13 @@ On a GPU in eager mode a small model's step is bound by kernel launches, i.e. by
 (Python, dispatch, one launch per op), not by the arithmetic. A tiny CPU tensor measures it without
 a GPU: the arithmetic is negligible, what remains is the per-op overhead.
 
-    python benchmarks/host_overhead.py
+    python benchmarks/host_overhead.py                # CPU tensor
+    python benchmarks/host_overhead.py --device cuda  # CUDA tensor: host time per call (launches are async)
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import time
@@ -19,9 +21,13 @@ from lightning_ghostnoise import apply_ghost_noise
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    device = torch.device(parser.parse_args().device)
     torch.set_num_threads(1)
-    bn = torch.nn.BatchNorm2d(16)
-    x = torch.randn(8, 16, 4, 4, dtype=torch.bfloat16).to(memory_format=torch.channels_last).requires_grad_()
+    bn = torch.nn.BatchNorm2d(16).to(device)
+    x = torch.randn(8, 16, 4, 4, dtype=torch.bfloat16, device=device).to(memory_format=torch.channels_last)
+    x.requires_grad_()
     grad = torch.randn_like(x)
     layers = {"bn": bn}
     for method in ("gni", "analytic", "gbn", "xbn"):
@@ -33,11 +39,14 @@ def main() -> None:
             layer(x).backward(grad)
     for _ in range(300):
         for name, layer in layers.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # an empty queue: the call below measures the host alone
             start = time.perf_counter()
             layer(x).backward(grad)
             times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"# torch {torch.__version__}, one thread, BatchNorm2d(16) on (8, 16, 4, 4) bf16 channels_last")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, one thread"
+    print(f"# torch {torch.__version__}, {where}, BatchNorm2d(16) on (8, 16, 4, 4) bf16 channels_last")
     for name, t in med.items():
         print(f"host layer fwd+bwd method={name:<8} {t * 1e6:7.0f}us ratio={t / med['bn']:.2f}")
 

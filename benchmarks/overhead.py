@@ -22,7 +22,7 @@ import contextlib
 import copy
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -144,6 +144,9 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
                 with autocast:
                     act[k] = saved_bytes(lambda: nn.functional.cross_entropy(m(x), y))
         mode = "compiled" if compiled else "eager"
+        if args.profile and device.type == "cuda":
+            for k, step in steps.items():
+                profile_step(f"{mode} method={k}", step)
         for k in models:
             parts = [
                 f"model {label} batch {shape[0]} {device.type} {mode}{' bf16' if args.bf16 else ''}"
@@ -194,6 +197,29 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> None:
             )
 
 
+def profile_step(label: str, step: Callable[[], None], top: int = 6) -> None:
+    """One step under torch.profiler: number of GPU kernels, their total time, and the costliest ones."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+        def gpu_us(e: Any) -> float:
+            return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+
+        count = sum(e.count for e in kernels)
+        total = sum(gpu_us(e) for e in kernels)
+        print(f"profile {label} gpu_kernels={count} gpu_time={total / 1e3:.2f}ms", flush=True)
+        for e in sorted(kernels, key=gpu_us, reverse=True)[:top]:
+            print(f"    {gpu_us(e) / 1e3:7.3f}ms x{e.count:<4} {e.key[:90]}", flush=True)
+    except Exception as err:  # pragma: no cover - reported, not hidden
+        print(f"profile {label} failed: {type(err).__name__}: {err}")
+
+
 def _modes(args: argparse.Namespace) -> List[bool]:
     if args.compile_only:
         return [True]
@@ -218,6 +244,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats (smoke test)")
     parser.add_argument("--skip-layers", action="store_true")
     parser.add_argument("--skip-models", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="CUDA: kernel count and costliest kernels per step")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
