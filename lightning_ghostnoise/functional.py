@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
@@ -56,6 +57,16 @@ __all__ = [
 NOISE_EPS = 1e-3
 
 StrengthLike = Union[float, Tensor]
+
+
+def _autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast disabled while it is on: the small statistics math (matrix products included) stays in float32."""
+    device = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device)
+    except TypeError:  # torch < 2.4
+        enabled = torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
+    return torch.autocast(device, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def _spatial_dims(x: Tensor, channel_dim: int) -> Tuple[int, ...]:
@@ -206,7 +217,7 @@ def ghost_noise(
     Returns:
         ``(shift, scale)``, each ``(B, C)`` float32.
     """
-    with torch.no_grad():
+    with torch.no_grad(), _autocast_off(mean):
         mean = mean.float()
         channels = mean.shape[1]
         moments = torch.cat([mean, torch.addcmul(var.float(), mean, mean)], 1)  # (P, 2C): first and second moments
@@ -671,10 +682,11 @@ def _ghost_statistics_norm(
 ) -> Tensor:
     count = x.numel() // max(x.shape[channel_dim], 1)
     if _use_fused(fused):
-        return _GhostStatisticsBatchNorm.apply(
-            x, weight, bias, ghost_batch_size, exclusive, running_mean, running_var, momentum, eps, strength,
-            shift_noise, scale_noise, channel_dim,
-        )
+        with _autocast_off(x):
+            return _GhostStatisticsBatchNorm.apply(
+                x, weight, bias, ghost_batch_size, exclusive, running_mean, running_var, momentum, eps, strength,
+                shift_noise, scale_noise, channel_dim,
+            )
 
     def coeffs(mean: Tensor, var: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         batch_mean, batch_var = batch_moments(mean, var)
@@ -684,7 +696,8 @@ def _ghost_statistics_norm(
             mean, var, g_mean, g_var, batch_mean, batch_var, w, b, eps, strength, shift_noise, scale_noise
         )
 
-    return moment_affine(x, coeffs, (weight, bias), channel_dim, fused)
+    with _autocast_off(x):
+        return moment_affine(x, coeffs, (weight, bias), channel_dim, fused)
 
 
 def ghost_batch_norm(
@@ -1024,7 +1037,8 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
             g_gm.addcmul_(gm, g_gvar, value=-2)
             g_bm.addcmul_(bm, g_bvar, value=-2)
             # gm = M @ c, ge2 = M @ e2; bm = mean(c), be2 = mean(e2)
-            back = avg.t() @ torch.cat([g_gm, g_gvar], 1)
+            with _autocast_off(avg):
+                back = avg.t() @ torch.cat([g_gm, g_gvar], 1)
             channels = mean.shape[1]
             g_c = back[:, :channels].add_(g_bm / batch)
             g_e2 = back[:, channels:].add_(g_bvar / batch)

@@ -139,7 +139,7 @@ def _run(layer, x, monkeypatch, on: bool):
     grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE, y.dtype)
     y.backward(grad_y)
     assert len(calls) == (1 if on else 0), "the kernels were (not) used"
-    out = {"y": y, "grad_x": x.grad}
+    out = {"y": y.detach(), "grad_x": x.grad}
     for name in ("weight", "bias"):
         p = getattr(layer, name)
         if p is not None:
@@ -173,13 +173,18 @@ def test_layer_with_kernels_matches_pytorch_path(monkeypatch, method, N, strengt
         plain, method=method, ghost_batch_size=N, strength=strength, shift_noise=shift, scale_noise=scale
     )
     layer.train()
-    layouts = _layouts(shape)
-    for x in layouts:
+    exact = _run(copy.deepcopy(layer).double(), varied_input(shape, 0).to(DEVICE).double(), monkeypatch, on=False)
+    for x in _layouts(shape):
         fast = _run(layer, x, monkeypatch, on=True)
         slow = _run(layer, x, monkeypatch, on=False)
-        assert fast.keys() == slow.keys()
-        for key in slow:
-            torch.testing.assert_close(fast[key], slow[key], rtol=2e-4, atol=2e-5, msg=f"{key} differs")
+        assert fast.keys() == slow.keys() == exact.keys()
+        for key, ref in exact.items():
+            # float32 rounding (amplified where a tiny ghost variance makes the noise large): the kernels
+            # must be about as close to the float64 result as the PyTorch path is
+            scale = float(ref.abs().max())
+            err_fast = float((fast[key].double() - ref).abs().max())
+            err_slow = float((slow[key].double() - ref).abs().max())
+            assert err_fast <= 4 * err_slow + 2e-6 * scale + 1e-7, f"{key}: kernels {err_fast:.3g}, PyTorch {err_slow:.3g}"
         assert fast["y"].stride() == x.stride()
 
 

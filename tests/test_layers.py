@@ -816,3 +816,24 @@ def test_methods_constant():
     assert set(METHODS) == {"gni", "gbn", "xbn", "analytic"}
     assert GhostBatchNorm3d._base is nn.BatchNorm3d and ghost_class_for(nn.SyncBatchNorm) is None
     assert math.isclose(GF.NOISE_EPS, 1e-3)
+
+
+@pytest.mark.parametrize("method", BN_METHODS)
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("N", [4, 32])  # 32 > B: GNI averages by counting (a matrix product)
+def test_bn_methods_under_autocast_match_full_precision(method, fused, N):
+    """Under bf16 autocast the statistics stay in float32 (autocast would run their matrix products in bf16)."""
+    plain = with_affine(nn.BatchNorm2d(4))
+    x = varied_input((16, 4, 3, 3), 2)
+    outs = []
+    for autocast in (False, True):
+        layer = make_ghost(copy.deepcopy(plain), method=method, ghost_batch_size=N, fused=fused)
+        layer.train()
+        layer.reseed(4)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(xi)
+        y.float().square().sum().backward()
+        outs.append((y.float(), xi.grad, layer.weight.grad, layer.running_var))
+    for full, low in zip(*outs):
+        torch.testing.assert_close(low, full, rtol=1e-5, atol=1e-5)
