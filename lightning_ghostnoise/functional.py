@@ -422,26 +422,38 @@ def _sample_channel_sums(grad_y: Tensor, x: Tensor, channel_dim: int, dtype: tor
     )
 
 
-def _kernels_take(x: Tensor, channel_dim: int) -> bool:
-    """Whether the fused autograd functions run ``x``'s full-size passes in the Triton kernels (CUDA)."""
-    return channel_dim == 1 and kernels.supports(x)
+def _kernel_layout(x: Tensor, channel_dim: int) -> Optional[kernels.Layout]:
+    """``x``'s layout when the fused autograd functions run on the Triton kernels (CUDA), else ``None``."""
+    return kernels.layout(x) if channel_dim == 1 else None
 
 
-def _moments_of(x: Tensor, channel_dim: int, fast: bool) -> Tuple[Tensor, Tensor]:
-    return kernels.moments(x) if fast else per_sample_moments(x, channel_dim)
+def _moments_of(x: Tensor, channel_dim: int, lay: Optional[kernels.Layout]) -> Tuple[Tensor, Tensor]:
+    if lay is not None:
+        mean, var = kernels.moments(x, lay)
+        return mean, var
+    return per_sample_moments(x, channel_dim)
 
 
-def _affine_of(x: Tensor, a: Tensor, d: Tensor, channel_dim: int, fast: bool) -> Tensor:
-    return kernels.affine(x, a, d) if fast else sample_affine(x, a, d, channel_dim)
+def _affine_of(x: Tensor, a: Tensor, d: Tensor, channel_dim: int, lay: Optional[kernels.Layout]) -> Tensor:
+    if lay is not None:
+        return kernels.affine(x, lay, torch.stack([a, d]).float())
+    return sample_affine(x, a, d, channel_dim)
 
 
-def _sums_of(grad_y: Tensor, x: Tensor, channel_dim: int, dtype: torch.dtype, fast: bool) -> Tuple[Tensor, Tensor]:
-    return kernels.channel_sums(grad_y, x) if fast else _sample_channel_sums(grad_y, x, channel_dim, dtype)
+def _sums_of(
+    grad_y: Tensor, x: Tensor, channel_dim: int, dtype: torch.dtype, lay: Optional[kernels.Layout]
+) -> Tuple[Tensor, Tensor]:
+    if lay is not None:
+        r0, r1 = kernels.channel_sums(grad_y, x, lay)
+        return r0, r1
+    return _sample_channel_sums(grad_y, x, channel_dim, dtype)
 
 
-def _input_grad_of(grad_y: Tensor, x: Tensor, a: Tensor, p: Tensor, q: Tensor, channel_dim: int, fast: bool) -> Tensor:
-    if fast:
-        return kernels.affine_input_grad(grad_y, x, a, p, q)
+def _input_grad_of(
+    grad_y: Tensor, x: Tensor, a: Tensor, p: Tensor, q: Tensor, channel_dim: int, lay: Optional[kernels.Layout]
+) -> Tensor:
+    if lay is not None:
+        return kernels.affine_input_grad(grad_y, x, lay, a.float().contiguous(), torch.stack([p, q]).float())
     return _affine_input_grad(grad_y, x, a, p, q, channel_dim)
 
 
@@ -463,8 +475,8 @@ class _MomentAffine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, channel_dim: int, coeff_fn: CoeffFn, *params: Optional[Tensor]) -> Tensor:
-        ctx.fast = _kernels_take(x, channel_dim)
-        mean, var = _moments_of(x, channel_dim, ctx.fast)
+        ctx.lay = _kernel_layout(x, channel_dim)
+        mean, var = _moments_of(x, channel_dim, ctx.lay)
         with torch.enable_grad():
             m = mean.detach().requires_grad_()
             v = var.detach().requires_grad_()
@@ -473,7 +485,7 @@ class _MomentAffine(torch.autograd.Function):
         ctx.save_for_backward(x)
         ctx.graph = (m, v, leaves, a, d)
         ctx.channel_dim = channel_dim
-        return _affine_of(x, a.detach(), d.detach(), channel_dim, ctx.fast)
+        return _affine_of(x, a.detach(), d.detach(), channel_dim, ctx.lay)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -481,7 +493,7 @@ class _MomentAffine(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         m, v, leaves, a, d = ctx.graph
         channel_dim = ctx.channel_dim
-        r0, r1 = _sums_of(grad_y, x, channel_dim, m.dtype, ctx.fast)
+        r0, r1 = _sums_of(grad_y, x, channel_dim, m.dtype, ctx.lay)
         inputs = [m, v] + [p for p in leaves if p is not None and p.requires_grad]
         # the small (B, C) graph is kept (retain_graph) so that backward through y may run twice
         grads = torch.autograd.grad((a, d), inputs, (r1, r0), allow_unused=True, retain_graph=True)
@@ -492,7 +504,7 @@ class _MomentAffine(torch.autograd.Function):
         q_coef = gm / count - p_coef * m
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = _input_grad_of(grad_y, x, a.detach(), p_coef, q_coef, channel_dim, ctx.fast)
+            grad_x = _input_grad_of(grad_y, x, a.detach(), p_coef, q_coef, channel_dim, ctx.lay)
         param_grads: List[Optional[Tensor]] = []
         it = iter(grads[2:])
         for p in leaves:
@@ -854,17 +866,17 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
         ctx.channel_dim = channel_dim
         ctx.has_weight = weight is not None
         ctx.has_bias = bias is not None
-        ctx.kernels = isinstance(noise_fn, GhostDraws) and _kernels_take(x, channel_dim)
-        if ctx.kernels:
-            # CUDA: the same math in Triton kernels (see lightning_ghostnoise.kernels), 4 launches
-            mean, var = kernels.moments(x)
-            a, d, inv, off, mu, rstd = kernels.gni_coefficients(
-                mean, var, weight, bias, running_mean, running_var, _as_strength(strength, mean), count, momentum, eps,
+        ctx.lay = _kernel_layout(x, channel_dim) if isinstance(noise_fn, GhostDraws) else None
+        if ctx.lay is not None:
+            # CUDA: the same math in Triton kernels (see lightning_ghostnoise.kernels), 3 launches
+            mv = kernels.moments(x, ctx.lay)
+            coef, stats = kernels.gni_coefficients(
+                mv, weight, bias, running_mean, running_var, _as_strength(strength, mv), count, momentum, eps,
                 shift_noise, scale_noise, indices=noise_fn.indices, noise_eps=noise_fn.eps, shift=noise_fn.shift,
                 scale=noise_fn.scale,
             )
-            ctx.save_for_backward(x, a, rstd, inv, off, mu, weight)
-            return kernels.affine(x, a, d)
+            ctx.save_for_backward(x, coef, stats, weight)
+            return kernels.affine(x, ctx.lay, coef)
         mean, var = per_sample_moments(x, channel_dim)
         mu = mean.mean(0)
         c = mean - mu
@@ -889,16 +901,18 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
         _refuse_double_backward()
-        x, a, rstd, inv, off, mu, w = ctx.saved_tensors
         channel_dim = ctx.channel_dim
-        n = x.numel() // max(x.shape[channel_dim], 1)  # values per channel
-        if ctx.kernels:
-            r0, r1 = kernels.channel_sums(grad_y, x)
-            gw, gb, p_coef, q_coef = kernels.gni_input_coefficients(r0, r1, a, inv, off, mu, rstd, w, n)
-            grad_x = kernels.affine_input_grad(grad_y, x, a, p_coef, q_coef) if ctx.needs_input_grad[0] else None
-            grad_w = gw if ctx.has_weight and ctx.needs_input_grad[1] else None
-            grad_b = gb if ctx.has_bias and ctx.needs_input_grad[2] else None
+        if ctx.lay is not None:
+            x, coef, stats, weight = ctx.saved_tensors
+            n = x.numel() // x.shape[1]  # values per channel
+            r = kernels.channel_sums(grad_y, x, ctx.lay)
+            out = kernels.gni_input_coefficients(r, coef, stats, weight, n)  # P, Q, grad_w, grad_b
+            grad_x = kernels.affine_input_grad(grad_y, x, ctx.lay, coef, out[:2]) if ctx.needs_input_grad[0] else None
+            grad_w = out[2] if ctx.has_weight and ctx.needs_input_grad[1] else None
+            grad_b = out[3] if ctx.has_bias and ctx.needs_input_grad[2] else None
             return (grad_x, grad_w, grad_b) + (None,) * 9
+        x, a, rstd, inv, off, mu, w = ctx.saved_tensors
+        n = x.numel() // max(x.shape[channel_dim], 1)  # values per channel
         r0, r1 = _sample_channel_sums(grad_y, x, channel_dim, a.dtype)
         r1 = r1.addcmul_(r0, mu, value=-1)  # A also enters D = b - w * off - mu * A
         u = r1.mul_(inv)
@@ -948,21 +962,19 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
         scale_noise: bool,
         channel_dim: int,
     ) -> Tensor:
-        fast = _kernels_take(x, channel_dim)
         count = x.numel() // max(x.shape[channel_dim], 1)
-        if fast:
+        ctx.lay = _kernel_layout(x, channel_dim)
+        if ctx.lay is not None:
             # CUDA: the same math in Triton kernels (see lightning_ghostnoise.kernels), 3 launches
-            mean, var = kernels.moments(x)
-            s = _as_strength(strength, mean)
-            stats = kernels.ghost_statistics_coefficients(
-                mean, var, weight, bias, running_mean, running_var, s, count, momentum, eps, ghost_batch_size,
-                exclusive, shift_noise, scale_noise,
+            mv = kernels.moments(x, ctx.lay)
+            s = _as_strength(strength, mv)
+            per_sample, per_channel = kernels.ghost_statistics_coefficients(
+                mv, weight, bias, running_mean, running_var, s, count, momentum, eps, ghost_batch_size, exclusive,
+                shift_noise, scale_noise,
             )
-            ctx.save_for_backward(x, mean, s, *stats)
+            ctx.save_for_backward(x, mv, per_sample, per_channel, s)
             ctx.flags = (ghost_batch_size, exclusive, shift_noise, scale_noise, weight is not None, bias is not None)
-            ctx.kernels = True
-            return kernels.affine(x, stats.a, stats.d)
-        ctx.kernels = False
+            return kernels.affine(x, ctx.lay, per_sample)  # A and D are its first two rows
         mean, var = per_sample_moments(x, channel_dim)
         batch, channels = mean.shape
         centre = mean.mean(0)
@@ -991,17 +1003,17 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
         _refuse_double_backward()
-        if ctx.kernels:
-            x, mean, s, *saved = ctx.saved_tensors
-            stats = kernels.GhostStatistics(*saved)
+        if ctx.lay is not None:
+            x, mv, per_sample, per_channel, s = ctx.saved_tensors
             ghost_batch_size, exclusive, shift_noise, scale_noise, has_weight, has_bias = ctx.flags
-            r0, r1 = kernels.channel_sums(grad_y, x)
-            gw, gb, p_coef, q_coef = kernels.ghost_statistics_input_coefficients(
-                r0, r1, mean, stats, s, _spatial_count(x, 1), ghost_batch_size, exclusive, shift_noise, scale_noise
+            r = kernels.channel_sums(grad_y, x, ctx.lay)
+            pq, grads = kernels.ghost_statistics_input_coefficients(
+                r, mv, per_sample, per_channel, s, _spatial_count(x, 1), ghost_batch_size, exclusive, shift_noise,
+                scale_noise,
             )
-            grad_x = kernels.affine_input_grad(grad_y, x, stats.a, p_coef, q_coef) if ctx.needs_input_grad[0] else None
-            grad_w = gw if has_weight and ctx.needs_input_grad[1] else None
-            grad_b = gb if has_bias and ctx.needs_input_grad[2] else None
+            grad_x = kernels.affine_input_grad(grad_y, x, ctx.lay, per_sample, pq) if ctx.needs_input_grad[0] else None
+            grad_w = grads[0] if has_weight and ctx.needs_input_grad[1] else None
+            grad_b = grads[1] if has_bias and ctx.needs_input_grad[2] else None
             return (grad_x, grad_w, grad_b) + (None,) * 10
         x, mean, c, a, std_eff, std_b, std_g, gm, bm, gvar_raw, bvar_raw, shifted, avg, s, w = ctx.saved_tensors
         channel_dim, shift_noise, scale_noise, has_weight, has_bias = ctx.flags

@@ -2,22 +2,27 @@
 
 In eager mode a ghost noise layer is a handful of full-size passes (BatchNorm's own number) plus
 small ``(B, C)`` math: on a GPU each small op is a kernel launch, and a layer written in plain
-PyTorch launches dozens of them. These kernels do the same work in seven launches per layer and
-step (GNI and analytic GNI) with every intermediate in float32:
+PyTorch launches dozens of them. These kernels do the same work in three launches forward and three
+backward, every intermediate in float32:
 
 * :func:`moments` -- per-(sample, channel) mean and variance (one read of ``x``);
-* :func:`gni_coefficients` -- batch statistics, running statistics, the ghost noise from drawn
-  indices (or given analytic draws) and the per-(sample, channel) affine ``(A, D)``;
+* :func:`gni_coefficients` (GNI, analytic GNI) or :func:`ghost_statistics_coefficients` (GBN, XBN)
+  -- batch statistics, running statistics, the noise or the ghost statistics, and the
+  per-(sample, channel) affine ``(A, D)``;
 * :func:`affine` -- ``y = x * A + D``;
 * :func:`channel_sums` -- ``sum_s grad_y`` and ``sum_s grad_y * x`` (one read of each);
-* :func:`gni_input_coefficients` -- the closed-form backward of the coefficients;
+* :func:`gni_input_coefficients` or :func:`ghost_statistics_input_coefficients` -- the closed-form
+  backward of the coefficients;
 * :func:`affine_input_grad` -- ``grad_x = grad_y * A + x * P + Q``.
 
 They compute the formulas of :mod:`lightning_ghostnoise.functional` (which stays the reference, and
 the CPU path) from the same random draws; the tests check each kernel against it, on CPU through
-Triton's interpreter (``TRITON_INTERPRET=1``) and on CUDA natively. Inputs must be
-``(B, C, *spatial)`` in a contiguous or channels-last layout, in float32, float16 or bfloat16
-(:func:`supports` says whether a tensor qualifies; the callers fall back to plain PyTorch otherwise).
+Triton's interpreter (``TRITON_INTERPRET=1``) and on CUDA natively, and compile every kernel for an
+H100 target. Inputs are ``(B, C, *spatial)`` in a contiguous or channels-last layout, in float32,
+float16 or bfloat16 (:func:`layout` says whether a tensor qualifies; the callers fall back to plain
+PyTorch otherwise). Small results come stacked in one buffer (e.g. ``moments`` returns ``(2, B, C)``:
+mean then variance), which saves allocations: in eager mode the host-side cost per layer is what
+limits a small model's step on a GPU.
 
 ``GHOSTNOISE_TRITON=0`` in the environment turns the kernels off (for A/B comparisons).
 
@@ -30,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple, Optional, Tuple
 
@@ -44,15 +50,16 @@ except ImportError:  # pragma: no cover - depends on the installation
     tl = None
 
 __all__ = [
+    "Layout",
     "affine",
     "affine_input_grad",
     "available",
-    "GhostStatistics",
     "channel_sums",
-    "gni_coefficients",
     "ghost_statistics_coefficients",
     "ghost_statistics_input_coefficients",
+    "gni_coefficients",
     "gni_input_coefficients",
+    "layout",
     "moments",
     "supports",
 ]
@@ -64,6 +71,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 2048  # elements per program and loop step in the full-size kernels
 _SMALL_B = 32  # samples per step in the (B, C) kernels
 _SMALL_C = 32  # channels per program in the (B, C) kernels
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def available() -> bool:
@@ -71,65 +79,82 @@ def available() -> bool:
     return triton is not None and os.environ.get("GHOSTNOISE_TRITON", "1") != "0"
 
 
-def _layout(x: Tensor) -> Optional[Tuple[int, int, int]]:
-    """Strides ``(batch, channel, spatial)`` of ``x`` seen as ``(B, C, S)``, or ``None`` if no such view exists."""
-    if x.dim() == 2:
-        return x.stride(0), x.stride(1), 1
-    b, c = x.shape[0], x.shape[1]
+class Layout(NamedTuple):
+    """A tensor seen as ``(B, C, S)``: sizes, and the strides of the batch, channel and spatial index."""
+
+    b: int
+    c: int
+    s: int
+    sb: int
+    sc: int
+    ss: int
+
+
+def _strides(x: Tensor) -> Optional[Layout]:
+    shape = x.shape
+    b, c = shape[0], shape[1]
+    if len(shape) == 2:
+        return Layout(b, c, 1, c, 1, 1) if x.is_contiguous() else None
     s = x.numel() // max(b * c, 1)
     if x.is_contiguous():
-        return c * s, s, 1
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+        return Layout(b, c, s, c * s, s, 1)
+    fmt = _CHANNELS_LAST.get(len(shape))
     if fmt is not None and x.is_contiguous(memory_format=fmt):
-        return s * c, 1, c
+        return Layout(b, c, s, s * c, 1, c)
     return None
 
 
+def layout(x: Tensor) -> Optional[Layout]:
+    """``x``'s :class:`Layout` if the kernels take it, else ``None``.
+
+    They take a CUDA tensor ``(B, C, *spatial)`` (2 to 5 dims, not empty) of float32, float16 or
+    bfloat16, contiguous or channels-last, outside ``torch.compile`` (which fuses the PyTorch path
+    itself), with Triton available.
+    """
+    if not ((x.is_cuda or ALLOW_CPU) and x.dtype in _DTYPES and 2 <= x.dim() <= 5 and x.numel() > 0):
+        return None
+    if not available() or torch.compiler.is_compiling():
+        return None
+    return _strides(x)
+
+
 def supports(x: Tensor) -> bool:
-    """Whether the kernels take ``x``: a CUDA tensor ``(B, C, *spatial)`` (2 to 5 dims) of float32,
-    float16 or bfloat16 in a contiguous or channels-last layout, outside ``torch.compile``."""
-    return (
-        available()
-        and (x.is_cuda or ALLOW_CPU)
-        and x.dtype in _DTYPES
-        and 2 <= x.dim() <= 5
-        and x.numel() > 0
-        and not torch.compiler.is_compiling()
-        and _layout(x) is not None
-    )
+    """Whether the kernels take ``x`` (see :func:`layout`)."""
+    return layout(x) is not None
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _pow2(n: int, low: int = 4) -> int:
     return max(low, 1 << max(int(n) - 1, 0).bit_length())
 
 
-def _blocks(channels: int, spatial: int, channel_stride: int) -> Tuple[int, int]:
+@functools.lru_cache(maxsize=None)
+def _blocks(channels: int, spatial: int, channels_adjacent: bool) -> Tuple[int, int]:
     """Tile ``(BLOCK_C, BLOCK_S)``: long along the dimension that is contiguous in memory."""
-    if channel_stride == 1 and spatial > 1:  # channels-last: channels are adjacent
+    if channels_adjacent and spatial > 1:  # channels-last
         block_c = min(_pow2(channels), 128)
         return block_c, min(_pow2(spatial), max(4, _TILE // block_c))
     block_s = min(_pow2(spatial), 1024)
     return min(_pow2(channels), max(4, _TILE // block_s)), block_s
 
 
-def _shape(x: Tensor) -> Tuple[int, int, int]:
-    b, c = x.shape[0], x.shape[1]
-    return b, c, x.numel() // max(b * c, 1)
-
-
-def _strided(x: Tensor) -> Tuple[Tensor, Tuple[int, int, int]]:
-    strides = _layout(x)
-    if strides is None:
-        x = x.contiguous()
-        strides = _layout(x)
-    assert strides is not None
-    return x, strides
+def _like(grad: Tensor, lay: Layout) -> Tuple[Tensor, Layout]:
+    """A gradient and its layout (made contiguous if it has none the kernels read)."""
+    grad_lay = _strides(grad)
+    if grad_lay is None:
+        grad = grad.contiguous()
+        grad_lay = _strides(grad)
+    assert grad_lay is not None and grad_lay.b == lay.b and grad_lay.c == lay.c and grad_lay.s == lay.s
+    return grad, grad_lay
 
 
 if triton is not None:
 
     @triton.jit
-    def _moments_kernel(x_ptr, mean_ptr, var_ptr, C, S, sxb, sxc, sxs, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _moments_kernel(x_ptr, mv_ptr, B, C, S, sxb, sxc, sxs, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
@@ -147,12 +172,12 @@ if triton is not None:
             acc2 += dv * dv
         m = tl.sum(acc1, axis=1) / S
         var = tl.maximum(tl.sum(acc2, axis=1) / S - m * m, 0.0)
-        tl.store(mean_ptr + b * C + cs, pivot + m, mask=cmask)
-        tl.store(var_ptr + b * C + cs, var, mask=cmask)
+        tl.store(mv_ptr + b * C + cs, pivot + m, mask=cmask)  # (2, B, C): mean, then variance
+        tl.store(mv_ptr + B * C + b * C + cs, var, mask=cmask)
 
     @triton.jit
     def _sums_kernel(
-        g_ptr, x_ptr, r0_ptr, r1_ptr, C, S, sgb, sgc, sgs, sxb, sxc, sxs, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
+        g_ptr, x_ptr, r_ptr, B, C, S, sgb, sgc, sgs, sxb, sxc, sxs, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
     ):
         b = tl.program_id(0).to(tl.int64)
         cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -169,29 +194,29 @@ if triton is not None:
             x = tl.load(xrow[:, None] + ss[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
             acc0 += g
             acc1 += g * x
-        tl.store(r0_ptr + b * C + cs, tl.sum(acc0, axis=1), mask=cmask)
-        tl.store(r1_ptr + b * C + cs, tl.sum(acc1, axis=1), mask=cmask)
+        tl.store(r_ptr + b * C + cs, tl.sum(acc0, axis=1), mask=cmask)  # (2, B, C): r0, then r1
+        tl.store(r_ptr + B * C + b * C + cs, tl.sum(acc1, axis=1), mask=cmask)
 
     @triton.jit
     def _affine_kernel(
-        x_ptr, y_ptr, a_ptr, d_ptr, C, S, sxb, sxc, sxs, syb, syc, sys, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
+        x_ptr, y_ptr, ad_ptr, B, C, S, sxb, sxc, sxs, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
     ):
         b = tl.program_id(0).to(tl.int64)
         cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         ss = (tl.program_id(2) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
         cmask = cs < C
         mask = cmask[:, None] & (ss < S)[None, :]
-        a = tl.load(a_ptr + b * C + cs, mask=cmask, other=0.0)
-        d = tl.load(d_ptr + b * C + cs, mask=cmask, other=0.0)
-        c64 = cs.to(tl.int64)
-        x = tl.load(x_ptr + b * sxb + c64[:, None] * sxc + ss[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(ad_ptr + b * C + cs, mask=cmask, other=0.0)  # (2+, B, C): A, then D
+        d = tl.load(ad_ptr + B * C + b * C + cs, mask=cmask, other=0.0)
+        at = b * sxb + cs.to(tl.int64)[:, None] * sxc + ss[None, :] * sxs  # y has x's strides
+        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
         y = x * a[:, None] + d[:, None]
-        tl.store(y_ptr + b * syb + c64[:, None] * syc + ss[None, :] * sys, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _input_grad_kernel(
-        g_ptr, x_ptr, gx_ptr, a_ptr, p_ptr, q_ptr, C, S, spb,
-        sgb, sgc, sgs, sxb, sxc, sxs, sob, soc, sos,
+        g_ptr, x_ptr, gx_ptr, a_ptr, pq_ptr, C, S, spb, q_offset,
+        sgb, sgc, sgs, sxb, sxc, sxs,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ):  # fmt: skip
         b = tl.program_id(0).to(tl.int64)
@@ -200,18 +225,18 @@ if triton is not None:
         cmask = cs < C
         mask = cmask[:, None] & (ss < S)[None, :]
         a = tl.load(a_ptr + b * C + cs, mask=cmask, other=0.0)
-        p = tl.load(p_ptr + b * spb + cs, mask=cmask, other=0.0)
-        q = tl.load(q_ptr + b * spb + cs, mask=cmask, other=0.0)
+        p = tl.load(pq_ptr + b * spb + cs, mask=cmask, other=0.0)  # P, then Q at q_offset
+        q = tl.load(pq_ptr + q_offset + b * spb + cs, mask=cmask, other=0.0)
         c64 = cs.to(tl.int64)
         g = tl.load(g_ptr + b * sgb + c64[:, None] * sgc + ss[None, :] * sgs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + b * sxb + c64[:, None] * sxc + ss[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
+        at = b * sxb + c64[:, None] * sxc + ss[None, :] * sxs  # grad_x has x's strides
+        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
         gx = g * a[:, None] + x * p[:, None] + q[:, None]
-        tl.store(gx_ptr + b * sob + c64[:, None] * soc + ss[None, :] * sos, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(gx_ptr + at, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _gni_coefficients_kernel(
-        mean_ptr, var_ptr, idx_ptr, nshift_ptr, nscale_ptr, w_ptr, bias_ptr, rm_ptr, rv_ptr, s_ptr,
-        a_ptr, d_ptr, inv_ptr, off_ptr, mu_ptr, rstd_ptr,
+        mv_ptr, idx_ptr, nshift_ptr, nscale_ptr, w_ptr, bias_ptr, rm_ptr, rv_ptr, s_ptr, coef_ptr, stats_ptr,
         B, C, N, momentum, unbias, eps, noise_eps,
         ANALYTIC: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
         SHIFT_NOISE: tl.constexpr, SCALE_NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -219,6 +244,8 @@ if triton is not None:
         cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
         first = tl.program_id(1) * BLOCK_B
+        mean_ptr = mv_ptr
+        var_ptr = mv_ptr + B * C
         # batch statistics of the channels (every program of the column recomputes them: B x BLOCK_C loads)
         acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
         for b0 in range(0, B, BLOCK_B):
@@ -238,9 +265,9 @@ if triton is not None:
             acc_e += v + c * c
         batch_var = tl.sum(acc_e, axis=0) / B
         rstd = 1.0 / tl.sqrt(batch_var + eps)
-        if tl.program_id(1) == 0:
-            tl.store(mu_ptr + cs, mu, mask=cmask)
-            tl.store(rstd_ptr + cs, rstd, mask=cmask)
+        if tl.program_id(1) == 0:  # stats: (2, C), mu then rstd
+            tl.store(stats_ptr + cs, mu, mask=cmask)
+            tl.store(stats_ptr + C + cs, rstd, mask=cmask)
             if HAS_RUNNING:
                 rm = tl.load(rm_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
                 rv = tl.load(rv_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
@@ -292,21 +319,26 @@ if triton is not None:
             off = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
         a = inv * (rstd * w)[None, :]
         d = bias[None, :] - w[None, :] * off - mu[None, :] * a
-        tl.store(a_ptr + out, a, mask=mask)
-        tl.store(d_ptr + out, d, mask=mask)
-        tl.store(inv_ptr + out, inv, mask=mask)
-        tl.store(off_ptr + out, off, mask=mask)
+        # coef: (4, B, C), A, D, inv, off
+        tl.store(coef_ptr + out, a, mask=mask)
+        tl.store(coef_ptr + B * C + out, d, mask=mask)
+        tl.store(coef_ptr + 2 * B * C + out, inv, mask=mask)
+        tl.store(coef_ptr + 3 * B * C + out, off, mask=mask)
 
     @triton.jit
     def _gni_input_coefficients_kernel(
-        r0_ptr, r1_ptr, a_ptr, inv_ptr, off_ptr, mu_ptr, rstd_ptr, w_ptr,
-        gw_ptr, gb_ptr, p_ptr, q_ptr, B, C, count,
+        r_ptr, coef_ptr, stats_ptr, w_ptr, out_ptr, B, C, count,
         HAS_W: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
-        mu = tl.load(mu_ptr + cs, mask=cmask, other=0.0)
-        rstd = tl.load(rstd_ptr + cs, mask=cmask, other=0.0)
+        mu = tl.load(stats_ptr + cs, mask=cmask, other=0.0)
+        rstd = tl.load(stats_ptr + C + cs, mask=cmask, other=0.0)
+        r0_ptr = r_ptr
+        r1_ptr = r_ptr + B * C
+        a_ptr = coef_ptr
+        inv_ptr = coef_ptr + 2 * B * C
+        off_ptr = coef_ptr + 3 * B * C
         acc_w = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
         acc_r = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
@@ -333,10 +365,11 @@ if triton is not None:
         g_var = -0.5 * g_rstd * rstd * rstd * rstd
         p = g_var * (2.0 / count)
         q = -(g_mu_neg + 2.0 * g_var * mu) / count
-        tl.store(gw_ptr + cs, tl.sum(acc_w, axis=0), mask=cmask)
-        tl.store(gb_ptr + cs, tl.sum(acc_b, axis=0), mask=cmask)
-        tl.store(p_ptr + cs, p, mask=cmask)
-        tl.store(q_ptr + cs, q, mask=cmask)
+        # out: (4, C), P, Q, grad_weight, grad_bias
+        tl.store(out_ptr + cs, p, mask=cmask)
+        tl.store(out_ptr + C + cs, q, mask=cmask)
+        tl.store(out_ptr + 2 * C + cs, tl.sum(acc_w, axis=0), mask=cmask)
+        tl.store(out_ptr + 3 * C + cs, tl.sum(acc_b, axis=0), mask=cmask)
 
 
     @triton.jit
@@ -348,8 +381,7 @@ if triton is not None:
 
     @triton.jit
     def _ghost_stats_coefficients_kernel(
-        mean_ptr, var_ptr, w_ptr, bias_ptr, rm_ptr, rv_ptr, s_ptr,
-        a_ptr, d_ptr, std_eff_ptr, std_g_ptr, gm_ptr, gvar_ptr, shifted_ptr, centre_ptr, bm_ptr, bvar_ptr, std_b_ptr,
+        mv_ptr, w_ptr, bias_ptr, rm_ptr, rv_ptr, s_ptr, ps_ptr, pc_ptr,
         B, C, N, G, momentum, unbias, eps,
         EXCLUSIVE: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
         SHIFT_NOISE: tl.constexpr, SCALE_NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -357,6 +389,20 @@ if triton is not None:
         cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
         g = tl.program_id(1)
+        mean_ptr = mv_ptr
+        var_ptr = mv_ptr + B * C
+        # per sample (7, B, C): A, D, std_eff, std_g, gm, gvar, shifted; per channel (4, C): centre, bm, bvar, std_b
+        a_ptr = ps_ptr
+        d_ptr = ps_ptr + B * C
+        std_eff_ptr = ps_ptr + 2 * B * C
+        std_g_ptr = ps_ptr + 3 * B * C
+        gm_ptr = ps_ptr + 4 * B * C
+        gvar_ptr = ps_ptr + 5 * B * C
+        shifted_ptr = ps_ptr + 6 * B * C
+        centre_ptr = pc_ptr
+        bm_ptr = pc_ptr + C
+        bvar_ptr = pc_ptr + 2 * C
+        std_b_ptr = pc_ptr + 3 * C
         # the centre (batch mean of the per-sample means), then the batch statistics of c = m - centre
         acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
         for b0 in range(0, B, BLOCK_B):
@@ -474,15 +520,26 @@ if triton is not None:
 
     @triton.jit
     def _ghost_stats_input_coefficients_kernel(
-        r0_ptr, r1_ptr, mean_ptr, a_ptr, std_eff_ptr, std_g_ptr, gm_ptr, gvar_ptr, shifted_ptr,
-        centre_ptr, bm_ptr, bvar_ptr, std_b_ptr, s_ptr,
-        gw_ptr, gb_ptr, p_ptr, q_ptr, B, C, N, G, count,
+        r_ptr, mv_ptr, ps_ptr, pc_ptr, s_ptr, pq_ptr, grads_ptr, B, C, N, G, count,
         EXCLUSIVE: tl.constexpr, SHIFT_NOISE: tl.constexpr, SCALE_NOISE: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
         g = tl.program_id(1)
+        r0_ptr = r_ptr
+        r1_ptr = r_ptr + B * C
+        mean_ptr = mv_ptr
+        a_ptr = ps_ptr
+        std_eff_ptr = ps_ptr + 2 * B * C
+        std_g_ptr = ps_ptr + 3 * B * C
+        gm_ptr = ps_ptr + 4 * B * C
+        gvar_ptr = ps_ptr + 5 * B * C
+        shifted_ptr = ps_ptr + 6 * B * C
+        centre_ptr = pc_ptr
+        bm_ptr = pc_ptr + C
+        bvar_ptr = pc_ptr + 2 * C
+        std_b_ptr = pc_ptr + 3 * C
         s = tl.load(s_ptr).to(tl.float32)
         bm = tl.load(bm_ptr + cs, mask=cmask, other=0.0)
         bvar = tl.load(bvar_ptr + cs, mask=cmask, other=0.0)
@@ -510,9 +567,9 @@ if triton is not None:
             else:
                 acc_t += -(g_a * a) / std_eff
             acc_m += -(r0 * a)  # the gradient of the effective mean
-        if g == 0:
-            tl.store(gw_ptr + cs, tl.sum(acc_w, axis=0), mask=cmask)
-            tl.store(gb_ptr + cs, tl.sum(acc_b, axis=0), mask=cmask)
+        if g == 0:  # (2, C): grad_weight, grad_bias
+            tl.store(grads_ptr + cs, tl.sum(acc_w, axis=0), mask=cmask)
+            tl.store(grads_ptr + C + cs, tl.sum(acc_b, axis=0), mask=cmask)
         # std_eff = std_b**(1 - s) * std_g**s; mean_eff = bm + s (gm - bm); std = sqrt(max(var, 0) + eps)
         if SCALE_NOISE:
             g_std_b = tl.sum(acc_t, axis=0) / std_b * (1.0 - s)
@@ -560,72 +617,64 @@ if triton is not None:
             m = tl.load(mean_ptr + at, mask=mask, other=0.0)
             g_m = g_c + 2.0 * (m - centre[None, :]) * g_e2  # e2 = v + c**2, c = m - centre
             p = g_e2 * (2.0 / count)  # v = mean_s (x - m)**2
-            tl.store(p_ptr + at, p, mask=mask)
-            tl.store(q_ptr + at, g_m / count - p * m, mask=mask)
+            tl.store(pq_ptr + at, p, mask=mask)  # (2, B, C): P, then Q
+            tl.store(pq_ptr + B * C + at, g_m / count - p * m, mask=mask)
 
 
-def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-(sample, channel) mean and biased variance of ``x`` ``(B, C, *spatial)``, float32 ``(B, C)``.
+def moments(x: Tensor, lay: Layout) -> Tensor:
+    """Per-(sample, channel) mean and biased variance of ``x`` (``lay``: its :func:`layout`), float32 ``(2, B, C)``.
 
     Same result as :func:`lightning_ghostnoise.functional.per_sample_moments` (to float32 rounding).
     """
-    x, (sb, sc, ss) = _strided(x)
-    b, c, s = _shape(x)
-    mean = torch.empty(b, c, device=x.device, dtype=torch.float32)
-    var = torch.empty_like(mean)
-    block_c, block_s = _blocks(c, s, sc)
-    _moments_kernel[(b, triton.cdiv(c, block_c))](x, mean, var, c, s, sb, sc, ss, BLOCK_C=block_c, BLOCK_S=block_s)
-    return mean, var
-
-
-def affine(x: Tensor, a: Tensor, d: Tensor) -> Tensor:
-    """``x * a[b, c] + d[b, c]`` computed in float32, returned in ``x``'s dtype and memory layout."""
-    x, (sb, sc, ss) = _strided(x)
-    y = torch.empty_like(x)  # x is dense here: same strides
-    ob, oc, os_ = _layout(y)  # type: ignore[misc]
-    b, c, s = _shape(x)
-    block_c, block_s = _blocks(c, s, sc)
-    grid = (b, triton.cdiv(c, block_c), triton.cdiv(s, block_s))
-    _affine_kernel[grid](
-        x, y, a.contiguous(), d.contiguous(), c, s, sb, sc, ss, ob, oc, os_, BLOCK_C=block_c, BLOCK_S=block_s
+    mv = torch.empty(2, lay.b, lay.c, device=x.device, dtype=torch.float32)
+    block_c, block_s = _blocks(lay.c, lay.s, lay.sc == 1)
+    _moments_kernel[(lay.b, _cdiv(lay.c, block_c))](
+        x, mv, lay.b, lay.c, lay.s, lay.sb, lay.sc, lay.ss, BLOCK_C=block_c, BLOCK_S=block_s
     )
+    return mv
+
+
+def affine(x: Tensor, lay: Layout, ad: Tensor) -> Tensor:
+    """``x * A[b, c] + D[b, c]`` computed in float32, in ``x``'s dtype and layout; ``ad`` is a contiguous
+    float32 buffer ``(k >= 2, B, C)`` holding ``A`` then ``D``."""
+    y = torch.empty_like(x)  # x is dense: the same strides
+    block_c, block_s = _blocks(lay.c, lay.s, lay.sc == 1)
+    grid = (lay.b, _cdiv(lay.c, block_c), _cdiv(lay.s, block_s))
+    _affine_kernel[grid](x, y, ad, lay.b, lay.c, lay.s, lay.sb, lay.sc, lay.ss, BLOCK_C=block_c, BLOCK_S=block_s)
     return y
 
 
-def channel_sums(grad_y: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-(sample, channel) ``sum_s grad_y`` and ``sum_s grad_y * x``, float32 ``(B, C)``."""
-    grad_y, (gb, gc, gs) = _strided(grad_y)
-    x, (sb, sc, ss) = _strided(x)
-    b, c, s = _shape(x)
-    r0 = torch.empty(b, c, device=x.device, dtype=torch.float32)
-    r1 = torch.empty_like(r0)
-    block_c, block_s = _blocks(c, s, sc)
-    _sums_kernel[(b, triton.cdiv(c, block_c))](
-        grad_y, x, r0, r1, c, s, gb, gc, gs, sb, sc, ss, BLOCK_C=block_c, BLOCK_S=block_s
+def channel_sums(grad_y: Tensor, x: Tensor, lay: Layout) -> Tensor:
+    """Per-(sample, channel) ``sum_s grad_y`` and ``sum_s grad_y * x``, float32 ``(2, B, C)``."""
+    grad_y, g = _like(grad_y, lay)
+    r = torch.empty(2, lay.b, lay.c, device=x.device, dtype=torch.float32)
+    block_c, block_s = _blocks(lay.c, lay.s, lay.sc == 1)
+    _sums_kernel[(lay.b, _cdiv(lay.c, block_c))](
+        grad_y, x, r, lay.b, lay.c, lay.s, g.sb, g.sc, g.ss, lay.sb, lay.sc, lay.ss, BLOCK_C=block_c, BLOCK_S=block_s
     )
-    return r0, r1
+    return r
 
 
-def affine_input_grad(grad_y: Tensor, x: Tensor, a: Tensor, p: Tensor, q: Tensor) -> Tensor:
-    """``grad_y * a[b, c] + x * p + q`` with ``p``, ``q`` of shape ``(C,)`` or ``(B, C)``; ``x``'s dtype and layout."""
-    grad_y, (gb, gc, gs) = _strided(grad_y)
-    x, (sb, sc, ss) = _strided(x)
+def affine_input_grad(grad_y: Tensor, x: Tensor, lay: Layout, a: Tensor, pq: Tensor) -> Tensor:
+    """``grad_y * A[b, c] + x * P + Q`` in ``x``'s dtype and layout.
+
+    ``a``: a contiguous float32 buffer whose first ``(B, C)`` block is ``A``; ``pq``: contiguous
+    float32 ``(2, C)`` (per channel) or ``(2, B, C)`` (per sample) holding ``P`` then ``Q``.
+    """
+    grad_y, g = _like(grad_y, lay)
     out = torch.empty_like(x)
-    ob, oc, os_ = _layout(out)  # type: ignore[misc]
-    b, c, s = _shape(x)
-    per_sample = p.dim() == 2
-    block_c, block_s = _blocks(c, s, sc)
-    grid = (b, triton.cdiv(c, block_c), triton.cdiv(s, block_s))
+    block_c, block_s = _blocks(lay.c, lay.s, lay.sc == 1)
+    grid = (lay.b, _cdiv(lay.c, block_c), _cdiv(lay.s, block_s))
+    per_sample = pq.dim() == 3
     _input_grad_kernel[grid](
-        grad_y, x, out, a.contiguous(), p.float().contiguous(), q.float().contiguous(), c, s, c if per_sample else 0,
-        gb, gc, gs, sb, sc, ss, ob, oc, os_, BLOCK_C=block_c, BLOCK_S=block_s,
+        grad_y, x, out, a, pq, lay.c, lay.s, lay.c if per_sample else 0, pq.numel() // 2,
+        g.sb, g.sc, g.ss, lay.sb, lay.sc, lay.ss, BLOCK_C=block_c, BLOCK_S=block_s,
     )  # fmt: skip
     return out
 
 
 def gni_coefficients(
-    mean: Tensor,
-    var: Tensor,
+    mv: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
     running_mean: Optional[Tensor],
@@ -640,82 +689,61 @@ def gni_coefficients(
     noise_eps: float = 1e-3,
     shift: Optional[Tensor] = None,
     scale: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor]:
     """GNI's forward ``(B, C)`` math in one launch (see ``functional._GhostNoiseBatchNorm``).
 
-    From the per-sample moments: the batch statistics (updating the running statistics in place), the
-    noise of the normalized features from the ghost ``indices`` ``(B, N)`` -- or the given analytic
-    ``shift``/``scale`` -- and the affine ``y = x * A + D``.
+    From the per-sample moments ``mv`` (:func:`moments`): the batch statistics (updating the running
+    statistics in place), the noise of the normalized features from the ghost ``indices`` ``(B, N)``
+    -- or the given analytic ``shift``/``scale`` -- and the affine ``y = x * A + D``.
 
     Returns:
-        ``(A, D, inv, off, mu, rstd)``: ``A``, ``D``, ``inv = scale**-s`` and ``off = s * shift * inv``
-        of shape ``(B, C)``; batch mean ``mu`` and ``rstd`` of shape ``(C,)``; all float32.
+        ``coef`` ``(4, B, C)``: ``A``, ``D``, ``inv = scale**-s`` and ``off = s * shift * inv``; and
+        ``stats`` ``(2, C)``: the batch mean and ``rstd``; all float32.
     """
-    batch, channels = mean.shape
+    _, batch, channels = mv.shape
     analytic = indices is None
     if analytic and (shift is None or scale is None):
         raise ValueError("gni_coefficients needs either indices or both shift and scale.")
-    a = torch.empty_like(mean)
-    d, inv, off = torch.empty_like(a), torch.empty_like(a), torch.empty_like(a)
-    mu = torch.empty(channels, device=mean.device, dtype=torch.float32)
-    rstd = torch.empty_like(mu)
+    coef = torch.empty(4, batch, channels, device=mv.device, dtype=torch.float32)
+    stats = torch.empty(2, channels, device=mv.device, dtype=torch.float32)
     has_running = running_mean is not None and running_var is not None
-    dummy = mean
     n = 1 if analytic else indices.shape[1]  # type: ignore[union-attr]
-    grid = (triton.cdiv(channels, _SMALL_C), triton.cdiv(batch, _SMALL_B))
-    _gni_coefficients_kernel[grid](
-        mean.contiguous(), var.contiguous(),
-        dummy if analytic else indices.contiguous(),  # type: ignore[union-attr]
-        shift.float().contiguous() if analytic else dummy,  # type: ignore[union-attr]
-        scale.float().contiguous() if analytic else dummy,  # type: ignore[union-attr]
-        weight if weight is not None else dummy, bias if bias is not None else dummy,
-        running_mean if has_running else dummy, running_var if has_running else dummy, strength,
-        a, d, inv, off, mu, rstd,
+    _gni_coefficients_kernel[(_cdiv(channels, _SMALL_C), _cdiv(batch, _SMALL_B))](
+        mv,
+        mv if analytic else indices.contiguous(),  # type: ignore[union-attr]
+        shift.float().contiguous() if analytic else mv,  # type: ignore[union-attr]
+        scale.float().contiguous() if analytic else mv,  # type: ignore[union-attr]
+        weight if weight is not None else mv, bias if bias is not None else mv,
+        running_mean if has_running else mv, running_var if has_running else mv, strength, coef, stats,
         batch, channels, n, float(momentum), count / max(count - 1, 1), float(eps), float(noise_eps),
         ANALYTIC=analytic, HAS_W=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
         SHIFT_NOISE=bool(shift_noise), SCALE_NOISE=bool(scale_noise), BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C,
     )  # fmt: skip
-    return a, d, inv, off, mu, rstd
+    return coef, stats
 
 
-def gni_input_coefficients(
-    r0: Tensor, r1: Tensor, a: Tensor, inv: Tensor, off: Tensor, mu: Tensor, rstd: Tensor, weight: Optional[Tensor], count: int
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """GNI's backward ``(B, C)`` math in one launch: ``(grad_weight, grad_bias, P, Q)``, each ``(C,)`` float32.
+def gni_input_coefficients(r: Tensor, coef: Tensor, stats: Tensor, weight: Optional[Tensor], count: int) -> Tensor:
+    """GNI's backward ``(B, C)`` math in one launch.
 
-    ``r0``/``r1`` are :func:`channel_sums`; the input gradient is then
-    :func:`affine_input_grad` ``(grad_y, x, A, P, Q)``.
+    Args:
+        r: :func:`channel_sums`; ``coef``, ``stats``: from :func:`gni_coefficients`; ``count``: values
+            per channel (``B * S``).
+
+    Returns:
+        ``(4, C)`` float32: ``P`` and ``Q`` (the first two rows, for :func:`affine_input_grad`), then
+        the gradients of the weight and of the bias.
     """
-    batch, channels = r0.shape
-    gw = torch.empty(channels, device=r0.device, dtype=torch.float32)
-    gb, p, q = torch.empty_like(gw), torch.empty_like(gw), torch.empty_like(gw)
-    _gni_input_coefficients_kernel[(triton.cdiv(channels, _SMALL_C),)](
-        r0, r1, a, inv, off, mu, rstd, weight if weight is not None else mu,
-        gw, gb, p, q, batch, channels, float(count),
+    _, batch, channels = r.shape
+    out = torch.empty(4, channels, device=r.device, dtype=torch.float32)
+    _gni_input_coefficients_kernel[(_cdiv(channels, _SMALL_C),)](
+        r, coef, stats, weight if weight is not None else stats, out, batch, channels, float(count),
         HAS_W=weight is not None, BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C,
     )  # fmt: skip
-    return gw, gb, p, q
-
-
-class GhostStatistics(NamedTuple):
-    """What GBN/XBN's forward kernel computes: the affine ``(a, d)`` and what the backward needs."""
-
-    a: Tensor  # (B, C): y = x * a + d
-    d: Tensor
-    std_eff: Tensor  # (B, C): the effective standard deviation of each sample
-    std_g: Tensor  # (B, C): of its ghost batch
-    gm: Tensor  # (B, C): ghost mean, relative to the centre
-    gvar: Tensor  # (B, C): ghost variance before clamping
-    shifted: Tensor  # (B, C): the effective mean
-    centre: Tensor  # (C,): the batch mean of the per-sample means
-    bm: Tensor  # (C,): batch mean relative to the centre
-    bvar: Tensor  # (C,): batch variance before clamping
-    std_b: Tensor  # (C,)
+    return out
 
 
 def ghost_statistics_coefficients(
-    mean: Tensor,
-    var: Tensor,
+    mv: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
     running_mean: Optional[Tensor],
@@ -728,52 +756,59 @@ def ghost_statistics_coefficients(
     exclusive: bool,
     shift_noise: bool,
     scale_noise: bool,
-) -> GhostStatistics:
+) -> Tuple[Tensor, Tensor]:
     """GBN's (XBN's with ``exclusive``) forward ``(B, C)`` math in one launch (see
-    ``functional._GhostStatisticsBatchNorm``): batch and ghost statistics from the per-sample moments,
-    the running statistics (updated in place) and the per-(sample, channel) affine."""
-    batch, channels = mean.shape
+    ``functional._GhostStatisticsBatchNorm``): batch and ghost statistics from the per-sample moments
+    ``mv``, the running statistics (updated in place) and the per-(sample, channel) affine.
+
+    Returns:
+        Per sample ``(7, B, C)``: ``A``, ``D``, the effective std, the ghost std, the ghost mean
+        (relative to the centre), the ghost variance (before clamping) and the effective mean; per
+        channel ``(4, C)``: the centre (batch mean of the per-sample means), the batch mean relative
+        to it, the batch variance (before clamping) and the batch std. All float32.
+    """
+    _, batch, channels = mv.shape
     groups = max(batch // ghost_batch_size, 1)
-    per_sample = [torch.empty_like(mean) for _ in range(7)]
-    per_channel = [torch.empty(channels, device=mean.device, dtype=torch.float32) for _ in range(4)]
+    per_sample = torch.empty(7, batch, channels, device=mv.device, dtype=torch.float32)
+    per_channel = torch.empty(4, channels, device=mv.device, dtype=torch.float32)
     has_running = running_mean is not None and running_var is not None
-    dummy = mean
-    _ghost_stats_coefficients_kernel[(triton.cdiv(channels, _SMALL_C), groups)](
-        mean.contiguous(), var.contiguous(), weight if weight is not None else dummy,
-        bias if bias is not None else dummy, running_mean if has_running else dummy,
-        running_var if has_running else dummy, strength, *per_sample, *per_channel,
+    _ghost_stats_coefficients_kernel[(_cdiv(channels, _SMALL_C), groups)](
+        mv, weight if weight is not None else mv, bias if bias is not None else mv,
+        running_mean if has_running else mv, running_var if has_running else mv, strength, per_sample, per_channel,
         batch, channels, ghost_batch_size, groups, float(momentum), count / max(count - 1, 1), float(eps),
         EXCLUSIVE=bool(exclusive), HAS_W=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
         SHIFT_NOISE=bool(shift_noise), SCALE_NOISE=bool(scale_noise), BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C,
     )  # fmt: skip
-    return GhostStatistics(*per_sample, *per_channel)
+    return per_sample, per_channel
 
 
 def ghost_statistics_input_coefficients(
-    r0: Tensor,
-    r1: Tensor,
-    mean: Tensor,
-    stats: GhostStatistics,
+    r: Tensor,
+    mv: Tensor,
+    per_sample: Tensor,
+    per_channel: Tensor,
     strength: Tensor,
     count: int,
     ghost_batch_size: int,
     exclusive: bool,
     shift_noise: bool,
     scale_noise: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """GBN's (XBN's) backward ``(B, C)`` math in one launch: ``(grad_weight, grad_bias)`` of shape
-    ``(C,)`` and ``(P, Q)`` of shape ``(B, C)`` for :func:`affine_input_grad`. ``count`` is the number of
-    spatial positions (values per sample and channel)."""
-    batch, channels = r0.shape
+) -> Tuple[Tensor, Tensor]:
+    """GBN's (XBN's) backward ``(B, C)`` math in one launch.
+
+    ``count`` is the number of spatial positions (values per sample and channel).
+
+    Returns:
+        ``(P, Q)`` as ``(2, B, C)`` for :func:`affine_input_grad`, and ``(2, C)``: the gradients of the
+        weight and of the bias; float32.
+    """
+    _, batch, channels = r.shape
     groups = max(batch // ghost_batch_size, 1)
-    gw = torch.empty(channels, device=r0.device, dtype=torch.float32)
-    gb = torch.empty_like(gw)
-    p, q = torch.empty_like(r0), torch.empty_like(r0)
-    st = stats
-    _ghost_stats_input_coefficients_kernel[(triton.cdiv(channels, _SMALL_C), groups)](
-        r0, r1, mean, st.a, st.std_eff, st.std_g, st.gm, st.gvar, st.shifted, st.centre, st.bm, st.bvar, st.std_b,
-        strength, gw, gb, p, q, batch, channels, ghost_batch_size, groups, float(count),
+    pq = torch.empty(2, batch, channels, device=r.device, dtype=torch.float32)
+    grads = torch.empty(2, channels, device=r.device, dtype=torch.float32)
+    _ghost_stats_input_coefficients_kernel[(_cdiv(channels, _SMALL_C), groups)](
+        r, mv, per_sample, per_channel, strength, pq, grads, batch, channels, ghost_batch_size, groups, float(count),
         EXCLUSIVE=bool(exclusive), SHIFT_NOISE=bool(shift_noise), SCALE_NOISE=bool(scale_noise),
         BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C,
     )  # fmt: skip
-    return gw, gb, p, q
+    return pq, grads

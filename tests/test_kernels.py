@@ -50,6 +50,9 @@ def test_supports(use_kernels, monkeypatch):
     assert kernels.supports(x.to(torch.bfloat16))
     assert not kernels.supports(x.double())  # float64 keeps the PyTorch path
     assert not kernels.supports(x[:, :, ::2])  # no (B, C, S) view
+    assert not kernels.supports(x[:, :, 0, 0].t().t()[:, ::2])  # a strided (B, C)
+    assert kernels.layout(x) == (4, 3, 25, 75, 25, 1)
+    assert kernels.layout(x.to(memory_format=torch.channels_last)) == (4, 3, 25, 75, 1, 3)
     assert not kernels.supports(torch.randn(4, device=DEVICE))
     assert not kernels.supports(torch.empty(0, 3, 4, device=DEVICE))
     monkeypatch.setenv("GHOSTNOISE_TRITON", "0")
@@ -66,7 +69,7 @@ def test_cpu_tensors_take_pytorch_path_by_default():
 def test_moments_match_per_sample_moments(use_kernels, shape, dtype):
     for x in _layouts(shape):
         x = (x + 100.0).to(dtype)  # a large mean: the kernel shifts by a pivot
-        mean, var = kernels.moments(x)
+        mean, var = kernels.moments(x, kernels.layout(x))
         ref_mean, ref_var = GF.per_sample_moments(x.double())
         assert mean.dtype == torch.float32 and mean.shape == ref_mean.shape
         torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-5)
@@ -81,7 +84,7 @@ def test_affine_matches_sample_affine_and_keeps_layout(use_kernels, shape, dtype
     d = torch.randn(shape[:2], generator=g).to(DEVICE)
     for x in _layouts(shape):
         x = x.to(dtype)
-        y = kernels.affine(x, a, d)
+        y = kernels.affine(x, kernels.layout(x), torch.stack([a, d]))
         assert y.dtype == dtype and y.stride() == x.stride()
         ref = GF.sample_affine(x.double(), a.double(), d.double())
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
@@ -96,12 +99,13 @@ def test_channel_sums_and_input_grad_match_pytorch(use_kernels, shape):
     p_bc, q_bc = torch.randn(shape[:2], generator=g).to(DEVICE), torch.randn(shape[:2], generator=g).to(DEVICE)
     for x in _layouts(shape):
         grad_y = torch.randn(shape, generator=g).to(DEVICE)  # contiguous even when x is channels-last
-        r0, r1 = kernels.channel_sums(grad_y, x)
+        lay = kernels.layout(x)
+        r0, r1 = kernels.channel_sums(grad_y, x, lay)
         e0, e1 = GF._sample_channel_sums(grad_y.double(), x.double(), 1, torch.float64)
         torch.testing.assert_close(r0.double(), e0, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r1.double(), e1, rtol=1e-5, atol=1e-5)
         for p, q in ((p_c, q_c), (p_bc, q_bc)):
-            gx = kernels.affine_input_grad(grad_y, x, a, p, q)
+            gx = kernels.affine_input_grad(grad_y, x, lay, a, torch.stack([p, q]))
             assert gx.stride() == x.stride()
             ref = GF._affine_input_grad(grad_y.double(), x.double(), a.double(), p.double(), q.double(), 1)
             torch.testing.assert_close(gx.double(), ref, rtol=1e-5, atol=1e-5)
