@@ -71,6 +71,9 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 2048  # elements per program and loop step in the full-size kernels
 _SMALL_B = 32  # samples per step in the (B, C) kernels
 _SMALL_C = 32  # channels per program in the (B, C) kernels
+#: Above this batch size the per-channel statistics of the (B, C) kernels get a launch of their own
+#: rather than being recomputed by every program of a channel block (work quadratic in B).
+SPLIT_BATCH = 256
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
@@ -235,24 +238,15 @@ if triton is not None:
         tl.store(gx_ptr + at, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _gni_coefficients_kernel(
-        mv_ptr, idx_ptr, nshift_ptr, nscale_ptr, w_ptr, bias_ptr, rm_ptr, rv_ptr, s_ptr, coef_ptr, stats_ptr,
-        B, C, N, momentum, unbias, eps, noise_eps,
-        ANALYTIC: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
-        SHIFT_NOISE: tl.constexpr, SCALE_NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):  # fmt: skip
-        cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cs < C
-        first = tl.program_id(1) * BLOCK_B
-        mean_ptr = mv_ptr
-        var_ptr = mv_ptr + B * C
-        # batch statistics of the channels (every program of the column recomputes them: B x BLOCK_C loads)
+    def _channel_moments(mean_ptr, var_ptr, cs, cmask, B, C, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Per channel: the centre (mean of the per-sample means m), and the means of c = m - centre
+        and of e = v + c**2 over the batch."""
         acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
         for b0 in range(0, B, BLOCK_B):
             bs = b0 + tl.arange(0, BLOCK_B)
             mask = (bs < B)[:, None] & cmask[None, :]
             acc += tl.load(mean_ptr + bs[:, None] * C + cs[None, :], mask=mask, other=0.0)
-        mu = tl.sum(acc, axis=0) / B
+        centre = tl.sum(acc, axis=0) / B
         acc_c = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
         acc_e = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
         for b0 in range(0, B, BLOCK_B):
@@ -260,10 +254,46 @@ if triton is not None:
             mask = (bs < B)[:, None] & cmask[None, :]
             m = tl.load(mean_ptr + bs[:, None] * C + cs[None, :], mask=mask, other=0.0)
             v = tl.load(var_ptr + bs[:, None] * C + cs[None, :], mask=mask, other=0.0)
-            c = tl.where(mask, m - mu[None, :], 0.0)
+            c = tl.where(mask, m - centre[None, :], 0.0)
             acc_c += c
             acc_e += v + c * c
-        batch_var = tl.sum(acc_e, axis=0) / B
+        return centre, tl.sum(acc_c, axis=0) / B, tl.sum(acc_e, axis=0) / B
+
+    @triton.jit
+    def _batch_moments(mv_ptr, cm_ptr, cs, cmask, B, C, GIVEN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+        """:func:`_channel_moments`, read from ``cm_ptr`` ``(3, C)`` when a previous launch computed them."""
+        if GIVEN:
+            centre = tl.load(cm_ptr + cs, mask=cmask, other=0.0)
+            mean_c = tl.load(cm_ptr + C + cs, mask=cmask, other=0.0)
+            mean_e = tl.load(cm_ptr + 2 * C + cs, mask=cmask, other=0.0)
+        else:
+            centre, mean_c, mean_e = _channel_moments(mv_ptr, mv_ptr + B * C, cs, cmask, B, C, BLOCK_B, BLOCK_C)
+        return centre, mean_c, mean_e
+
+    @triton.jit
+    def _channel_moments_kernel(mv_ptr, cm_ptr, B, C, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Large batches: the batch statistics once per channel, instead of in every program of a column."""
+        cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        centre, mean_c, mean_e = _channel_moments(mv_ptr, mv_ptr + B * C, cs, cmask, B, C, BLOCK_B, BLOCK_C)
+        tl.store(cm_ptr + cs, centre, mask=cmask)
+        tl.store(cm_ptr + C + cs, mean_c, mask=cmask)
+        tl.store(cm_ptr + 2 * C + cs, mean_e, mask=cmask)
+
+    @triton.jit
+    def _gni_coefficients_kernel(
+        mv_ptr, cm_ptr, idx_ptr, nshift_ptr, nscale_ptr, w_ptr, bias_ptr, rm_ptr, rv_ptr, s_ptr, coef_ptr, stats_ptr,
+        B, C, N, momentum, unbias, eps, noise_eps,
+        STATS_GIVEN: tl.constexpr, ANALYTIC: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_RUNNING: tl.constexpr, SHIFT_NOISE: tl.constexpr, SCALE_NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        first = tl.program_id(1) * BLOCK_B
+        mean_ptr = mv_ptr
+        var_ptr = mv_ptr + B * C
+        # batch statistics of the channels (computed by every program of the column, or given)
+        mu, mean_c, batch_var = _batch_moments(mv_ptr, cm_ptr, cs, cmask, B, C, STATS_GIVEN, BLOCK_B, BLOCK_C)
         rstd = 1.0 / tl.sqrt(batch_var + eps)
         if tl.program_id(1) == 0:  # stats: (2, C), mu then rstd
             tl.store(stats_ptr + cs, mu, mask=cmask)
@@ -276,7 +306,7 @@ if triton is not None:
                 tl.store(rm_ptr + cs, rm.to(rm_ptr.dtype.element_ty), mask=cmask)
                 tl.store(rv_ptr + cs, rv.to(rv_ptr.dtype.element_ty), mask=cmask)
         # moments of the normalized features: m_hat = (m - mu) rstd, second moment v rstd^2 + m_hat^2
-        norm_m1 = tl.sum(acc_c, axis=0) / B * rstd
+        norm_m1 = mean_c * rstd
         norm_var = tl.maximum(batch_var * rstd * rstd - norm_m1 * norm_m1, 0.0)
         s = tl.load(s_ptr).to(tl.float32)
         if HAS_W:
@@ -295,6 +325,11 @@ if triton is not None:
             shift = tl.load(nshift_ptr + out, mask=mask, other=0.0)
             scale = tl.load(nscale_ptr + out, mask=mask, other=1.0)
         else:
+            # sums relative to the first member's mean (less cancellation in the ghost variance: a ghost
+            # batch of one sample drawn N times has exactly zero ghost variance, as in the float64 formula)
+            first_member = tl.load(idx_ptr + bs.to(tl.int64) * N, mask=bmask, other=0).to(tl.int64)
+            m0 = tl.load(mean_ptr + first_member[:, None] * C + cs[None, :], mask=mask, other=0.0)
+            mh0 = (m0 - mu[None, :]) * rstd[None, :]
             g1 = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
             g2 = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
             for j in range(0, N):
@@ -302,12 +337,12 @@ if triton is not None:
                 at = member[:, None] * C + cs[None, :]
                 m = tl.load(mean_ptr + at, mask=mask, other=0.0)
                 v = tl.load(var_ptr + at, mask=mask, other=0.0)
-                mh = (m - mu[None, :]) * rstd[None, :]
-                g1 += mh
-                g2 += v * (rstd * rstd)[None, :] + mh * mh
+                dh = (m - mu[None, :]) * rstd[None, :] - mh0
+                g1 += dh
+                g2 += v * (rstd * rstd)[None, :] + dh * dh
             g1 = g1 / N
             ghost_var = tl.maximum(g2 / N - g1 * g1, 0.0)
-            shift = g1 - norm_m1[None, :]
+            shift = (mh0 + g1) - norm_m1[None, :]
             scale = tl.sqrt((ghost_var + noise_eps) / (norm_var[None, :] + noise_eps))
         if SCALE_NOISE:
             inv = tl.where(s == 0.0, 1.0, tl.exp2(-s * tl.log2(scale)))
@@ -381,9 +416,9 @@ if triton is not None:
 
     @triton.jit
     def _ghost_stats_coefficients_kernel(
-        mv_ptr, w_ptr, bias_ptr, rm_ptr, rv_ptr, s_ptr, ps_ptr, pc_ptr,
+        mv_ptr, cm_ptr, w_ptr, bias_ptr, rm_ptr, rv_ptr, s_ptr, ps_ptr, pc_ptr,
         B, C, N, G, momentum, unbias, eps,
-        EXCLUSIVE: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
+        STATS_GIVEN: tl.constexpr, EXCLUSIVE: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
         SHIFT_NOISE: tl.constexpr, SCALE_NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -404,24 +439,8 @@ if triton is not None:
         bvar_ptr = pc_ptr + 2 * C
         std_b_ptr = pc_ptr + 3 * C
         # the centre (batch mean of the per-sample means), then the batch statistics of c = m - centre
-        acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-        for b0 in range(0, B, BLOCK_B):
-            bs = b0 + tl.arange(0, BLOCK_B)
-            mask = (bs < B)[:, None] & cmask[None, :]
-            acc += tl.load(mean_ptr + bs[:, None] * C + cs[None, :], mask=mask, other=0.0)
-        centre = tl.sum(acc, axis=0) / B
-        acc_c = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-        acc_e = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-        for b0 in range(0, B, BLOCK_B):
-            bs = b0 + tl.arange(0, BLOCK_B)
-            mask = (bs < B)[:, None] & cmask[None, :]
-            m = tl.load(mean_ptr + bs[:, None] * C + cs[None, :], mask=mask, other=0.0)
-            v = tl.load(var_ptr + bs[:, None] * C + cs[None, :], mask=mask, other=0.0)
-            c = tl.where(mask, m - centre[None, :], 0.0)
-            acc_c += c
-            acc_e += v + c * c
-        bm = tl.sum(acc_c, axis=0) / B
-        bvar = tl.sum(acc_e, axis=0) / B - bm * bm
+        centre, bm, mean_e = _batch_moments(mv_ptr, cm_ptr, cs, cmask, B, C, STATS_GIVEN, BLOCK_B, BLOCK_C)
+        bvar = mean_e - bm * bm
         std_b = tl.sqrt(tl.maximum(bvar, 0.0) + eps)
         if g == 0:
             tl.store(centre_ptr + cs, centre, mask=cmask)
@@ -519,9 +538,53 @@ if triton is not None:
         return g_gm - 2.0 * gm * g_gvar, g_gvar
 
     @triton.jit
+    def _ghost_stats_channel_grads(
+        r_ptr, ps_ptr, cs, cmask, B, C, SCALE_NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr
+    ):
+        """GBN/XBN backward, per channel over the batch: the gradients of the weight and bias, and the
+        sums reaching the batch std and the batch mean."""
+        acc_b = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        acc_w = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        acc_t = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        acc_m = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+        for b0 in range(0, B, BLOCK_B):
+            bs = b0 + tl.arange(0, BLOCK_B)
+            mask = (bs < B)[:, None] & cmask[None, :]
+            at = bs[:, None] * C + cs[None, :]
+            r0 = tl.load(r_ptr + at, mask=mask, other=0.0)
+            r1 = tl.load(r_ptr + B * C + at, mask=mask, other=0.0)
+            a = tl.load(ps_ptr + at, mask=mask, other=0.0)
+            std_eff = tl.load(ps_ptr + 2 * B * C + at, mask=mask, other=1.0)
+            shifted = tl.load(ps_ptr + 6 * B * C + at, mask=mask, other=0.0)
+            g_a = r1 - shifted * r0  # D = b - shifted * A
+            acc_b += r0
+            acc_w += g_a / std_eff
+            if SCALE_NOISE:
+                acc_t += -(g_a * a)  # the gradient of std_eff, times std_eff
+            else:
+                acc_t += -(g_a * a) / std_eff
+            acc_m += -(r0 * a)  # the gradient of the effective mean
+        return tl.sum(acc_w, axis=0), tl.sum(acc_b, axis=0), tl.sum(acc_t, axis=0), tl.sum(acc_m, axis=0)
+
+    @triton.jit
+    def _ghost_stats_channel_grads_kernel(
+        r_ptr, ps_ptr, cg_ptr, B, C, SCALE_NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr
+    ):
+        """Large batches: :func:`_ghost_stats_channel_grads` once per channel, into ``cg`` ``(4, C)``."""
+        cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        sum_w, sum_b, sum_t, sum_m = _ghost_stats_channel_grads(
+            r_ptr, ps_ptr, cs, cmask, B, C, SCALE_NOISE, BLOCK_B, BLOCK_C
+        )
+        tl.store(cg_ptr + cs, sum_w, mask=cmask)
+        tl.store(cg_ptr + C + cs, sum_b, mask=cmask)
+        tl.store(cg_ptr + 2 * C + cs, sum_t, mask=cmask)
+        tl.store(cg_ptr + 3 * C + cs, sum_m, mask=cmask)
+
+    @triton.jit
     def _ghost_stats_input_coefficients_kernel(
-        r_ptr, mv_ptr, ps_ptr, pc_ptr, s_ptr, pq_ptr, grads_ptr, B, C, N, G, count,
-        EXCLUSIVE: tl.constexpr, SHIFT_NOISE: tl.constexpr, SCALE_NOISE: tl.constexpr,
+        r_ptr, mv_ptr, ps_ptr, pc_ptr, s_ptr, pq_ptr, cg_ptr, B, C, N, G, count,
+        GRADS_GIVEN: tl.constexpr, EXCLUSIVE: tl.constexpr, SHIFT_NOISE: tl.constexpr, SCALE_NOISE: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -546,40 +609,26 @@ if triton is not None:
         std_b = tl.load(std_b_ptr + cs, mask=cmask, other=1.0)
         centre = tl.load(centre_ptr + cs, mask=cmask, other=0.0)
         # channel sums over the whole batch: the batch statistics' share of the gradient
-        acc_b = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-        acc_w = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-        acc_t = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-        acc_m = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-        for b0 in range(0, B, BLOCK_B):
-            bs = b0 + tl.arange(0, BLOCK_B)
-            mask = (bs < B)[:, None] & cmask[None, :]
-            at = bs[:, None] * C + cs[None, :]
-            r0 = tl.load(r0_ptr + at, mask=mask, other=0.0)
-            r1 = tl.load(r1_ptr + at, mask=mask, other=0.0)
-            a = tl.load(a_ptr + at, mask=mask, other=0.0)
-            std_eff = tl.load(std_eff_ptr + at, mask=mask, other=1.0)
-            shifted = tl.load(shifted_ptr + at, mask=mask, other=0.0)
-            g_a = r1 - shifted * r0  # D = b - shifted * A
-            acc_b += r0
-            acc_w += g_a / std_eff
-            if SCALE_NOISE:
-                acc_t += -(g_a * a)  # the gradient of std_eff, times std_eff
-            else:
-                acc_t += -(g_a * a) / std_eff
-            acc_m += -(r0 * a)  # the gradient of the effective mean
-        if g == 0:  # (2, C): grad_weight, grad_bias
-            tl.store(grads_ptr + cs, tl.sum(acc_w, axis=0), mask=cmask)
-            tl.store(grads_ptr + C + cs, tl.sum(acc_b, axis=0), mask=cmask)
+        if GRADS_GIVEN:
+            sum_t = tl.load(cg_ptr + 2 * C + cs, mask=cmask, other=0.0)
+            sum_m = tl.load(cg_ptr + 3 * C + cs, mask=cmask, other=0.0)
+        else:
+            sum_w, sum_b, sum_t, sum_m = _ghost_stats_channel_grads(
+                r_ptr, ps_ptr, cs, cmask, B, C, SCALE_NOISE, BLOCK_B, BLOCK_C
+            )
+            if g == 0:  # (4, C): grad_weight, grad_bias, and the two sums below
+                tl.store(cg_ptr + cs, sum_w, mask=cmask)
+                tl.store(cg_ptr + C + cs, sum_b, mask=cmask)
         # std_eff = std_b**(1 - s) * std_g**s; mean_eff = bm + s (gm - bm); std = sqrt(max(var, 0) + eps)
         if SCALE_NOISE:
-            g_std_b = tl.sum(acc_t, axis=0) / std_b * (1.0 - s)
+            g_std_b = sum_t / std_b * (1.0 - s)
         else:
-            g_std_b = tl.sum(acc_t, axis=0)
+            g_std_b = sum_t
         g_bvar = tl.where(bvar >= 0.0, g_std_b / (2.0 * std_b), 0.0)
         if SHIFT_NOISE:
-            g_bm = tl.sum(acc_m, axis=0) * (1.0 - s)
+            g_bm = sum_m * (1.0 - s)
         else:
-            g_bm = tl.sum(acc_m, axis=0)
+            g_bm = sum_m
         g_bm = g_bm - 2.0 * bm * g_bvar  # bvar = be2 - bm**2
         # this ghost batch's sums of the gradients reaching its ghost statistics
         start, end = _group_range(g, B, N, G)
@@ -673,6 +722,14 @@ def affine_input_grad(grad_y: Tensor, x: Tensor, lay: Layout, a: Tensor, pq: Ten
     return out
 
 
+def _split_channel_moments(mv: Tensor) -> Tensor:
+    """``(3, C)``: per channel the centre and the batch means of ``c`` and ``e`` (see the kernel)."""
+    _, batch, channels = mv.shape
+    cm = torch.empty(3, channels, device=mv.device, dtype=torch.float32)
+    _channel_moments_kernel[(_cdiv(channels, _SMALL_C),)](mv, cm, batch, channels, BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C)
+    return cm
+
+
 def gni_coefficients(
     mv: Tensor,
     weight: Optional[Tensor],
@@ -708,16 +765,17 @@ def gni_coefficients(
     stats = torch.empty(2, channels, device=mv.device, dtype=torch.float32)
     has_running = running_mean is not None and running_var is not None
     n = 1 if analytic else indices.shape[1]  # type: ignore[union-attr]
+    cm = _split_channel_moments(mv) if batch > SPLIT_BATCH else mv
     _gni_coefficients_kernel[(_cdiv(channels, _SMALL_C), _cdiv(batch, _SMALL_B))](
-        mv,
+        mv, cm,
         mv if analytic else indices.contiguous(),  # type: ignore[union-attr]
         shift.float().contiguous() if analytic else mv,  # type: ignore[union-attr]
         scale.float().contiguous() if analytic else mv,  # type: ignore[union-attr]
         weight if weight is not None else mv, bias if bias is not None else mv,
         running_mean if has_running else mv, running_var if has_running else mv, strength, coef, stats,
         batch, channels, n, float(momentum), count / max(count - 1, 1), float(eps), float(noise_eps),
-        ANALYTIC=analytic, HAS_W=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
-        SHIFT_NOISE=bool(shift_noise), SCALE_NOISE=bool(scale_noise), BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C,
+        STATS_GIVEN=batch > SPLIT_BATCH, ANALYTIC=analytic, HAS_W=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RUNNING=has_running, SHIFT_NOISE=bool(shift_noise), SCALE_NOISE=bool(scale_noise), BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C,
     )  # fmt: skip
     return coef, stats
 
@@ -772,11 +830,13 @@ def ghost_statistics_coefficients(
     per_sample = torch.empty(7, batch, channels, device=mv.device, dtype=torch.float32)
     per_channel = torch.empty(4, channels, device=mv.device, dtype=torch.float32)
     has_running = running_mean is not None and running_var is not None
+    cm = _split_channel_moments(mv) if batch > SPLIT_BATCH else mv
     _ghost_stats_coefficients_kernel[(_cdiv(channels, _SMALL_C), groups)](
-        mv, weight if weight is not None else mv, bias if bias is not None else mv,
+        mv, cm, weight if weight is not None else mv, bias if bias is not None else mv,
         running_mean if has_running else mv, running_var if has_running else mv, strength, per_sample, per_channel,
         batch, channels, ghost_batch_size, groups, float(momentum), count / max(count - 1, 1), float(eps),
-        EXCLUSIVE=bool(exclusive), HAS_W=weight is not None, HAS_BIAS=bias is not None, HAS_RUNNING=has_running,
+        STATS_GIVEN=batch > SPLIT_BATCH, EXCLUSIVE=bool(exclusive), HAS_W=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RUNNING=has_running,
         SHIFT_NOISE=bool(shift_noise), SCALE_NOISE=bool(scale_noise), BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C,
     )  # fmt: skip
     return per_sample, per_channel
@@ -805,10 +865,15 @@ def ghost_statistics_input_coefficients(
     _, batch, channels = r.shape
     groups = max(batch // ghost_batch_size, 1)
     pq = torch.empty(2, batch, channels, device=r.device, dtype=torch.float32)
-    grads = torch.empty(2, channels, device=r.device, dtype=torch.float32)
+    cg = torch.empty(4, channels, device=r.device, dtype=torch.float32)  # grad_w, grad_b, two channel sums
+    split = batch > SPLIT_BATCH
+    if split:
+        _ghost_stats_channel_grads_kernel[(_cdiv(channels, _SMALL_C),)](
+            r, per_sample, cg, batch, channels, SCALE_NOISE=bool(scale_noise), BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C
+        )
     _ghost_stats_input_coefficients_kernel[(_cdiv(channels, _SMALL_C), groups)](
-        r, mv, per_sample, per_channel, strength, pq, grads, batch, channels, ghost_batch_size, groups, float(count),
-        EXCLUSIVE=bool(exclusive), SHIFT_NOISE=bool(shift_noise), SCALE_NOISE=bool(scale_noise),
+        r, mv, per_sample, per_channel, strength, pq, cg, batch, channels, ghost_batch_size, groups, float(count),
+        GRADS_GIVEN=split, EXCLUSIVE=bool(exclusive), SHIFT_NOISE=bool(shift_noise), SCALE_NOISE=bool(scale_noise),
         BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C,
     )  # fmt: skip
-    return pq, grads
+    return pq, cg[:2]

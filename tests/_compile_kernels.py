@@ -45,21 +45,23 @@ def main() -> int:
         (K._affine_kernel, big),
         (K._input_grad_kernel, big),
         (K._gni_input_coefficients_kernel, dict(HAS_W=True, **small)),
+        (K._channel_moments_kernel, small),
+        (K._ghost_stats_channel_grads_kernel, dict(SCALE_NOISE=True, **small)),
     ]
     for analytic in (False, True):
         for flags in ((True, True, True, True, True), (False, False, False, False, False)):
             has_w, has_b, running, shift, scale = flags
             cases.append((K._gni_coefficients_kernel, dict(
-                ANALYTIC=analytic, HAS_W=has_w, HAS_BIAS=has_b, HAS_RUNNING=running, SHIFT_NOISE=shift,
+                STATS_GIVEN=analytic, ANALYTIC=analytic, HAS_W=has_w, HAS_BIAS=has_b, HAS_RUNNING=running, SHIFT_NOISE=shift,
                 SCALE_NOISE=scale, **small)))  # fmt: skip
     for exclusive in (False, True):
         for flags in ((True, True, True, True, True), (False, False, False, False, False)):
             has_w, has_b, running, shift, scale = flags
             cases.append((K._ghost_stats_coefficients_kernel, dict(
-                EXCLUSIVE=exclusive, HAS_W=has_w, HAS_BIAS=has_b, HAS_RUNNING=running, SHIFT_NOISE=shift,
+                STATS_GIVEN=exclusive, EXCLUSIVE=exclusive, HAS_W=has_w, HAS_BIAS=has_b, HAS_RUNNING=running, SHIFT_NOISE=shift,
                 SCALE_NOISE=scale, **small)))  # fmt: skip
             cases.append((K._ghost_stats_input_coefficients_kernel, dict(
-                EXCLUSIVE=exclusive, SHIFT_NOISE=shift, SCALE_NOISE=scale, **small)))  # fmt: skip
+                GRADS_GIVEN=shift, EXCLUSIVE=exclusive, SHIFT_NOISE=shift, SCALE_NOISE=scale, **small)))  # fmt: skip
     for fn, constexprs in cases:
         compiled = compile_kernel(fn, constexprs)
         print(f"compiled {fn.fn.__name__} {constexprs}: {len(compiled.asm['cubin'])} bytes of cubin")

@@ -172,6 +172,17 @@ CASES = [
 @pytest.mark.parametrize("method,N,strength,shift,scale,affine,track", CASES)
 @pytest.mark.parametrize("shape", [(6, 5), (6, 5, 3, 4), (5, 3, 2, 3, 2)])
 def test_layer_with_kernels_matches_pytorch_path(monkeypatch, method, N, strength, shift, scale, affine, track, shape):
+    _check_layer_against_pytorch(monkeypatch, method, N, strength, shift, scale, affine, track, shape)
+
+
+@pytest.mark.parametrize("method,N", [("gni", 3), ("analytic", 4), ("gbn", 2), ("xbn", 3)])
+def test_large_batch_statistics_launch_matches_pytorch_path(monkeypatch, method, N):
+    """Above SPLIT_BATCH the batch statistics get a launch of their own: same results."""
+    monkeypatch.setattr(kernels, "SPLIT_BATCH", 4)
+    _check_layer_against_pytorch(monkeypatch, method, N, 0.8, True, True, True, True, (7, 5, 3, 4))
+
+
+def _check_layer_against_pytorch(monkeypatch, method, N, strength, shift, scale, affine, track, shape):
     plain = _bn(FACTORY[len(shape)], shape[1], affine, track)
     layer = GHOST[FACTORY[len(shape)]].from_module(
         plain, method=method, ghost_batch_size=N, strength=strength, shift_noise=shift, scale_noise=scale
@@ -236,4 +247,4 @@ def test_kernels_compile_for_h100():
         [sys.executable, str(root / "tests" / "_compile_kernels.py")], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("compiled ") == 18
+    assert proc.stdout.count("compiled ") == 20
