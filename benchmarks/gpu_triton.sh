@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # One prepared GPU session for the Triton kernels: the kernel tests on CUDA, the eager benchmark with
-# the kernels (with a kernel profile) and without them (A/B), a larger batch (GPU-bound rather than
-# host-bound), the host cost per layer, and the CUDA checks.
+# the kernels (batch 256 with a kernel profile, and batch 1024), the synchronization check, and the
+# compiled GNI step with its kernel profile.
 # Run from the repo root on a machine with torch, triton, lightning and a CUDA GPU:
 #   bash benchmarks/gpu_triton.sh        (pytest comes from .gpu_wheels/ if the machine lacks it)
+# A/B against the PyTorch fused path: GHOSTNOISE_TRITON=0 python3 benchmarks/overhead.py --device cuda
 set -u
 export PYTHONPATH=.:/tmp/gn-site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/ghostnoise-gpu}"; mkdir -p "$OUT"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 python3 -c "import pytest" 2>/dev/null || python3 -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('/tmp/gn-site') for w in glob.glob('.gpu_wheels/*.whl')]"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -25 | tee "$OUT/kernel_tests_cuda.txt"
-timeout 120 python3 benchmarks/overhead.py --device cuda --repeats 20 --profile 2>&1 | tee "$OUT/overhead_cuda_eager_triton.txt"
-GHOSTNOISE_TRITON=0 timeout 60 python3 benchmarks/overhead.py --device cuda --repeats 20 --skip-layers --methods gni,gbn 2>&1 | tee "$OUT/overhead_cuda_eager_pytorch.txt"
-timeout 90 python3 benchmarks/overhead.py --device cuda --repeats 10 --skip-layers --batch 1024 2>&1 | tee "$OUT/overhead_cuda_eager_b1024.txt"
-timeout 40 python3 benchmarks/host_overhead.py --device cuda 2>&1 | tee "$OUT/host_overhead_cuda.txt"
-timeout 100 python3 benchmarks/cuda_checks.py "synchronization,bf16,agree,Lightning" 2>&1 | tee "$OUT/cuda_checks_triton.txt"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -25 | tee "$OUT/kernel_tests_cuda.txt"
+timeout 100 python3 benchmarks/overhead.py --device cuda --repeats 20 --profile 2>&1 | tee "$OUT/overhead_cuda_eager_triton.txt"
+timeout 70 python3 benchmarks/overhead.py --device cuda --repeats 10 --skip-layers --batch 1024 2>&1 | tee "$OUT/overhead_cuda_eager_b1024.txt"
+timeout 40 python3 benchmarks/cuda_checks.py "synchronization,agree" 2>&1 | tee "$OUT/cuda_checks_triton.txt"
+timeout 110 python3 benchmarks/overhead.py --device cuda --compile-only --skip-layers --methods gni --repeats 20 --profile 2>&1 | tee "$OUT/overhead_cuda_compiled_profile.txt"
