@@ -457,10 +457,18 @@ def _input_grad_of(
     return _affine_input_grad(grad_y, x, a, p, q, channel_dim)
 
 
-def _use_fused(fused: Optional[bool]) -> bool:
-    """``fused=None``: the fused autograd functions in eager mode, plain autograd under ``torch.compile``."""
+def _use_fused(fused: Optional[bool], closed_form: bool = True) -> bool:
+    """``fused=None``: the fused autograd functions while gradients are recorded.
+
+    The closed-form ones (every method without ``sync``) also under ``torch.compile``, which traces
+    their forward and backward into the graph (0 graph breaks): on a 2-core CPU that took the compiled
+    GBN/XBN step from 1.24-1.53x to 1.04x of plain BatchNorm's, where inductor's own derivative of
+    the plain formulas fused poorly. The generic :func:`moment_affine` (``sync=True``) keeps plain
+    autograd under ``torch.compile``: its backward differentiates a small graph with
+    ``torch.autograd.grad``, which the compiler does not trace.
+    """
     if fused is None:
-        return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        return torch.is_grad_enabled() and (closed_form or not torch.compiler.is_compiling())
     return fused
 
 
@@ -519,8 +527,8 @@ def moment_affine(
     ``x``'s per-sample moments (:func:`per_sample_moments`); gradients flow through everything.
 
     Every BatchNorm-family method is one ``coeff_fn``. ``fused=None`` picks the fused autograd function
-    in eager mode and plain autograd under ``torch.compile`` (which fuses it by itself); both compute the
-    same forward, and gradients equal to float rounding.
+    in eager mode and plain autograd under ``torch.compile`` (the fused backward calls
+    ``torch.autograd.grad``); both compute the same forward, and gradients equal to float rounding.
 
     Example:
         >>> def standardize(mean, var):
@@ -529,7 +537,7 @@ def moment_affine(
         >>> bool(y.mean(-1).abs().max() < 1e-5)
         True
     """
-    if _use_fused(fused):
+    if _use_fused(fused, closed_form=False):
         return _MomentAffine.apply(x, channel_dim, coeff_fn, *params)
     mean, var = per_sample_moments(x, channel_dim)
     a, d = coeff_fn(mean, var, *params)
