@@ -241,6 +241,29 @@ if triton is not None:
         tl.store(gx_ptr + at, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _update_running(rm_ptr, rv_ptr, cs, cmask, mean, var, momentum, unbias):
+        """``running = running + momentum * (batch - running)``; the variance made unbiased."""
+        rm = tl.load(rm_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        rv = tl.load(rv_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        rm = rm + momentum * (mean - rm)
+        rv = rv + momentum * (var * unbias - rv)
+        tl.store(rm_ptr + cs, rm.to(rm_ptr.dtype.element_ty), mask=cmask)
+        tl.store(rv_ptr + cs, rv.to(rv_ptr.dtype.element_ty), mask=cmask)
+
+    @triton.jit
+    def _affine_params(w_ptr, bias_ptr, cs, cmask, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The layer's weight and bias in float32 (1 and 0 when absent)."""
+        if HAS_W:
+            w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            w = tl.full([BLOCK_C], 1.0, tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+        return w, bias
+
+    @triton.jit
     def _channel_moments(mean_ptr, var_ptr, cs, cmask, B, C, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
         """Per channel: the centre (mean of the per-sample means m), and the means of c = m - centre
         and of e = v + c**2 over the batch."""
@@ -302,24 +325,12 @@ if triton is not None:
             tl.store(stats_ptr + cs, mu, mask=cmask)
             tl.store(stats_ptr + C + cs, rstd, mask=cmask)
             if HAS_RUNNING:
-                rm = tl.load(rm_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-                rv = tl.load(rv_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-                rm = rm + momentum * (mu - rm)
-                rv = rv + momentum * (batch_var * unbias - rv)
-                tl.store(rm_ptr + cs, rm.to(rm_ptr.dtype.element_ty), mask=cmask)
-                tl.store(rv_ptr + cs, rv.to(rv_ptr.dtype.element_ty), mask=cmask)
+                _update_running(rm_ptr, rv_ptr, cs, cmask, mu, batch_var, momentum, unbias)
         # moments of the normalized features: m_hat = (m - mu) rstd, second moment v rstd^2 + m_hat^2
         norm_m1 = mean_c * rstd
         norm_var = tl.maximum(batch_var * rstd * rstd - norm_m1 * norm_m1, 0.0)
         s = tl.load(s_ptr).to(tl.float32)
-        if HAS_W:
-            w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            w = tl.full([BLOCK_C], 1.0, tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+        w, bias = _affine_params(w_ptr, bias_ptr, cs, cmask, HAS_W, HAS_BIAS, BLOCK_C)
         bs = first + tl.arange(0, BLOCK_B)
         bmask = bs < B
         mask = bmask[:, None] & cmask[None, :]
@@ -451,12 +462,7 @@ if triton is not None:
             tl.store(bvar_ptr + cs, bvar, mask=cmask)
             tl.store(std_b_ptr + cs, std_b, mask=cmask)
             if HAS_RUNNING:
-                rm = tl.load(rm_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-                rv = tl.load(rv_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-                rm = rm + momentum * (bm + centre - rm)
-                rv = rv + momentum * (tl.maximum(bvar, 0.0) * unbias - rv)
-                tl.store(rm_ptr + cs, rm.to(rm_ptr.dtype.element_ty), mask=cmask)
-                tl.store(rv_ptr + cs, rv.to(rv_ptr.dtype.element_ty), mask=cmask)
+                _update_running(rm_ptr, rv_ptr, cs, cmask, bm + centre, tl.maximum(bvar, 0.0), momentum, unbias)
         # this ghost batch's sums
         start, end = _group_range(g, B, N, G)
         size = (end - start).to(tl.float32)
@@ -471,14 +477,7 @@ if triton is not None:
             sum_c += tl.sum(c, axis=0)
             sum_e += tl.sum(tl.where(mask, v + c * c, 0.0), axis=0)
         s = tl.load(s_ptr).to(tl.float32)
-        if HAS_W:
-            w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            w = tl.full([BLOCK_C], 1.0, tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+        w, bias = _affine_params(w_ptr, bias_ptr, cs, cmask, HAS_W, HAS_BIAS, BLOCK_C)
         for b0 in range(start, end, BLOCK_B):
             bs = b0 + tl.arange(0, BLOCK_B)
             mask = (bs < end)[:, None] & cmask[None, :]

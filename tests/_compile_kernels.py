@@ -15,6 +15,7 @@ from lightning_ghostnoise import kernels as K
 
 FLOATS = {"momentum", "unbias", "eps", "noise_eps", "count"}
 # pointers that are not float32: the data tensors in half precision, the ghost indices int64
+FLAGS = ("HAS_W", "HAS_BIAS", "HAS_RUNNING", "SHIFT_NOISE", "SCALE_NOISE")
 POINTERS = {"x_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "gx_ptr": "*bf16", "idx_ptr": "*i64", "rm_ptr": "*fp32"}
 
 
@@ -48,20 +49,14 @@ def main() -> int:
         (K._channel_moments_kernel, small),
         (K._ghost_stats_channel_grads_kernel, dict(SCALE_NOISE=True, **small)),
     ]
-    for analytic in (False, True):
-        for flags in ((True, True, True, True, True), (False, False, False, False, False)):
-            has_w, has_b, running, shift, scale = flags
-            cases.append((K._gni_coefficients_kernel, dict(
-                STATS_GIVEN=analytic, ANALYTIC=analytic, HAS_W=has_w, HAS_BIAS=has_b, HAS_RUNNING=running, SHIFT_NOISE=shift,
-                SCALE_NOISE=scale, **small)))  # fmt: skip
-    for exclusive in (False, True):
-        for flags in ((True, True, True, True, True), (False, False, False, False, False)):
-            has_w, has_b, running, shift, scale = flags
-            cases.append((K._ghost_stats_coefficients_kernel, dict(
-                STATS_GIVEN=exclusive, EXCLUSIVE=exclusive, HAS_W=has_w, HAS_BIAS=has_b, HAS_RUNNING=running, SHIFT_NOISE=shift,
-                SCALE_NOISE=scale, **small)))  # fmt: skip
+    all_on, all_off = dict.fromkeys(FLAGS, True), dict.fromkeys(FLAGS, False)
+    for variant in (False, True):  # analytic GNI / XBN, with the statistics from a separate launch
+        for flags in (all_on, all_off):
+            cases.append((K._gni_coefficients_kernel, dict(STATS_GIVEN=variant, ANALYTIC=variant, **flags, **small)))
+            cases.append((K._ghost_stats_coefficients_kernel, dict(STATS_GIVEN=variant, EXCLUSIVE=variant, **flags, **small)))
+            noise = dict(SHIFT_NOISE=flags["SHIFT_NOISE"], SCALE_NOISE=flags["SCALE_NOISE"])
             cases.append((K._ghost_stats_input_coefficients_kernel, dict(
-                GRADS_GIVEN=shift, EXCLUSIVE=exclusive, SHIFT_NOISE=shift, SCALE_NOISE=scale, **small)))  # fmt: skip
+                GRADS_GIVEN=flags["SHIFT_NOISE"], EXCLUSIVE=variant, **noise, **small)))  # fmt: skip
     for fn, constexprs in cases:
         compiled = compile_kernel(fn, constexprs)
         print(f"compiled {fn.fn.__name__} {constexprs}: {len(compiled.asm['cubin'])} bytes of cubin")
