@@ -6,6 +6,8 @@ a GPU: the arithmetic is negligible, what remains is the per-op overhead.
 
     python benchmarks/host_overhead.py                # CPU tensor
     python benchmarks/host_overhead.py --device cuda  # CUDA tensor: host time per call (launches are async)
+    python benchmarks/host_overhead.py --stub-kernels # CPU: the Triton path's Python with no-op launches
+                                                      # (a GPU-free proxy for its host cost, launches excluded)
 """
 
 from __future__ import annotations
@@ -20,10 +22,30 @@ import torch
 from lightning_ghostnoise import apply_ghost_noise
 
 
+class _NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](*args)`` does nothing."""
+
+    def __getitem__(self, grid: object) -> object:
+        return lambda *args, **kwargs: None
+
+
+def stub_kernel_launches() -> None:
+    """Route CPU tensors through the Triton path of the layers, with every launch a no-op."""
+    from lightning_ghostnoise import kernels
+
+    for name in [n for n in dir(kernels) if n.startswith("_") and n.endswith("_kernel")]:
+        setattr(kernels, name, _NoLaunch())
+    kernels.ALLOW_CPU = True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    device = torch.device(parser.parse_args().device)
+    parser.add_argument("--stub-kernels", action="store_true", help="CPU: Triton path with no-op launches")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.stub_kernels:
+        stub_kernel_launches()
     torch.set_num_threads(1)
     bn = torch.nn.BatchNorm2d(16).to(device)
     x = torch.randn(8, 16, 4, 4, dtype=torch.bfloat16, device=device).to(memory_format=torch.channels_last)
@@ -46,6 +68,8 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, one thread"
+    if args.stub_kernels:
+        where += ", Triton path with no-op launches"
     print(f"# torch {torch.__version__}, {where}, BatchNorm2d(16) on (8, 16, 4, 4) bf16 channels_last")
     for name, t in med.items():
         print(f"host layer fwd+bwd method={name:<8} {t * 1e6:7.0f}us ratio={t / med['bn']:.2f}")
