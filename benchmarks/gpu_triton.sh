@@ -3,7 +3,9 @@
 # the kernels (batch 256 with a kernel profile, and batch 1024), the synchronization check, and the
 # compiled GNI step with its kernel profile.
 # Run from the repo root on a machine with torch, triton, lightning and a CUDA GPU:
-#   bash benchmarks/gpu_triton.sh        (pytest comes from .gpu_wheels/ if the machine lacks it)
+#   bash benchmarks/gpu_triton.sh
+# If the GPU machine has no pytest (and no network), carry pure-Python wheels along, made beforehand with
+#   pip download --no-deps -d .gpu_wheels pytest iniconfig pluggy packaging
 # A/B against the PyTorch fused path: GHOSTNOISE_TRITON=0 python3 benchmarks/overhead.py --device cuda
 set -u
 export PYTHONPATH=.:/tmp/gn-site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
