@@ -16,4 +16,4 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 
 timeout 100 python3 benchmarks/overhead.py --device cuda --repeats 20 --profile 2>&1 | tee "$OUT/overhead_cuda_eager_triton.txt"
 timeout 70 python3 benchmarks/overhead.py --device cuda --repeats 10 --skip-layers --batch 1024 2>&1 | tee "$OUT/overhead_cuda_eager_b1024.txt"
 timeout 40 python3 benchmarks/cuda_checks.py "synchronization,agree" 2>&1 | tee "$OUT/cuda_checks_triton.txt"
-timeout 110 python3 benchmarks/overhead.py --device cuda --compile-only --skip-layers --methods gni --repeats 20 --profile 2>&1 | tee "$OUT/overhead_cuda_compiled_profile.txt"
+timeout 240 python3 benchmarks/overhead.py --device cuda --compile-only --skip-layers --methods gni,gbn --repeats 20 --profile 2>&1 | tee "$OUT/overhead_cuda_compiled_profile.txt"
