@@ -117,9 +117,11 @@ def layout(x: Tensor) -> Optional[Layout]:
     bfloat16, contiguous or channels-last, outside ``torch.compile`` (which fuses the PyTorch path
     itself), with Triton available.
     """
+    if torch.compiler.is_compiling():  # first: nothing below is traced into a compiled graph
+        return None
     if not ((x.is_cuda or ALLOW_CPU) and x.dtype in _DTYPES and 2 <= x.dim() <= 5 and x.numel() > 0):
         return None
-    if not available() or torch.compiler.is_compiling():
+    if not available():
         return None
     return _strides(x)
 

@@ -231,6 +231,27 @@ def test_bf16_channels_last_layer(monkeypatch):
     torch.testing.assert_close(fast["grad_weight"], ref["grad_weight"], rtol=5e-2, atol=5e-2)
 
 
+def test_compiled_graph_does_not_use_the_kernels(use_kernels):
+    """Under torch.compile the layers take the PyTorch formulas (traced, no graph break), kernels or not."""
+    torch._dynamo.reset()
+    layer = GhostBatchNorm2d.from_module(_bn(nn.BatchNorm2d, 3), method="gni", ghost_batch_size=2)
+    layer.train()
+    calls = []
+    real = kernels.moments
+    kernels.moments = lambda *a: calls.append(1) or real(*a)
+    try:
+        x = torch.randn(4, 3, 2, 2, device=DEVICE)
+        explanation = torch._dynamo.explain(layer)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        torch.compile(layer, backend="aot_eager")(x.requires_grad_()).sum().backward()
+        assert calls == []
+        layer(x)  # eager: the kernels
+        assert calls == [1]
+    finally:
+        kernels.moments = real
+        torch._dynamo.reset()
+
+
 def test_kernel_path_refuses_double_backward(use_kernels):
     layer = GhostBatchNorm2d.from_module(_bn(nn.BatchNorm2d, 3), method="gni", ghost_batch_size=2)
     x = torch.randn(4, 3, 2, 2, device=DEVICE, requires_grad=True)
