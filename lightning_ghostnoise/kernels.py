@@ -517,14 +517,13 @@ if triton is not None:
 
     @triton.jit
     def _ghost_stats_terms(
-        r0_ptr, r1_ptr, a_ptr, std_eff_ptr, std_g_ptr, gm_ptr, gvar_ptr, shifted_ptr, at, mask, s,
+        r0_ptr, r1_ptr, a_ptr, std_g_ptr, gm_ptr, gvar_ptr, shifted_ptr, at, mask, s,
         SHIFT_NOISE: tl.constexpr, SCALE_NOISE: tl.constexpr,
     ):  # fmt: skip
         """Per-(sample, channel) gradients reaching the ghost mean and ghost variance."""
         r0 = tl.load(r0_ptr + at, mask=mask, other=0.0)
         r1 = tl.load(r1_ptr + at, mask=mask, other=0.0)
         a = tl.load(a_ptr + at, mask=mask, other=0.0)
-        std_eff = tl.load(std_eff_ptr + at, mask=mask, other=1.0)
         shifted = tl.load(shifted_ptr + at, mask=mask, other=0.0)
         gm = tl.load(gm_ptr + at, mask=mask, other=0.0)
         g_a = r1 - shifted * r0
@@ -598,7 +597,6 @@ if triton is not None:
         r1_ptr = r_ptr + B * C
         mean_ptr = mv_ptr
         a_ptr = ps_ptr
-        std_eff_ptr = ps_ptr + 2 * B * C
         std_g_ptr = ps_ptr + 3 * B * C
         gm_ptr = ps_ptr + 4 * B * C
         gvar_ptr = ps_ptr + 5 * B * C
@@ -644,7 +642,7 @@ if triton is not None:
             mask = (bs < end)[:, None] & cmask[None, :]
             at = bs[:, None] * C + cs[None, :]
             t_gm, t_gv = _ghost_stats_terms(
-                r0_ptr, r1_ptr, a_ptr, std_eff_ptr, std_g_ptr, gm_ptr, gvar_ptr, shifted_ptr, at, mask, s,
+                r0_ptr, r1_ptr, a_ptr, std_g_ptr, gm_ptr, gvar_ptr, shifted_ptr, at, mask, s,
                 SHIFT_NOISE, SCALE_NOISE,
             )
             sum_gm += tl.sum(tl.where(mask, t_gm, 0.0), axis=0)
@@ -656,7 +654,7 @@ if triton is not None:
             at = bs[:, None] * C + cs[None, :]
             if EXCLUSIVE:
                 t_gm, t_gv = _ghost_stats_terms(
-                    r0_ptr, r1_ptr, a_ptr, std_eff_ptr, std_g_ptr, gm_ptr, gvar_ptr, shifted_ptr, at, mask, s,
+                    r0_ptr, r1_ptr, a_ptr, std_g_ptr, gm_ptr, gvar_ptr, shifted_ptr, at, mask, s,
                     SHIFT_NOISE, SCALE_NOISE,
                 )
                 others = tl.maximum(size - 1.0, 1.0)
