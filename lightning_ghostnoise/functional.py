@@ -33,7 +33,9 @@ from lightning_ghostnoise import counter_rng, kernels
 
 __all__ = [
     "NOISE_EPS",
+    "analytic_draws",
     "analytic_noise",
+    "analytic_noise_from_draws",
     "apply_noise",
     "broadcast_channels",
     "exclusive_batch_norm",
@@ -241,10 +243,11 @@ def ghost_noise(
 class GhostDraws:
     """A ``noise_fn`` whose random draws are made before the moments are known.
 
-    Either the ghost ``indices`` ``(B, N)`` of GNI (:func:`ghost_indices`) or the ``shift`` and
-    ``scale`` of analytic GNI (:func:`analytic_noise`). Calling it gives GNI's ``(shift, scale)``
-    (:func:`ghost_noise`), like any ``noise_fn``; because the draws are plain tensors, the fused CUDA
-    path (:mod:`lightning_ghostnoise.kernels`) can compute the noise inside its own kernel.
+    Either the ghost ``indices`` ``(B, N)`` of GNI (:func:`ghost_indices`), or the ``normal`` and
+    ``gamma`` draws of analytic GNI (:func:`analytic_draws`) with its ``ghost_batch_size``. Calling it
+    gives the ``(shift, scale)`` noise (:func:`ghost_noise` or :func:`analytic_noise_from_draws`), like
+    any ``noise_fn``; because the draws are plain tensors, the fused CUDA path
+    (:mod:`lightning_ghostnoise.kernels`) computes the noise inside its own kernel.
 
     Example:
         >>> idx = ghost_indices(8, 4, generator=torch.Generator().manual_seed(0))
@@ -256,19 +259,67 @@ class GhostDraws:
     def __init__(
         self,
         indices: Optional[Tensor] = None,
-        shift: Optional[Tensor] = None,
-        scale: Optional[Tensor] = None,
         eps: float = NOISE_EPS,
+        normal: Optional[Tensor] = None,
+        gamma: Optional[Tensor] = None,
+        ghost_batch_size: Optional[int] = None,
     ) -> None:
-        if (indices is None) == (shift is None or scale is None):
-            raise ValueError("GhostDraws takes either indices (GNI) or both shift and scale (analytic GNI).")
-        self.indices, self.shift, self.scale, self.eps = indices, shift, scale, eps
+        analytic = normal is not None and gamma is not None and ghost_batch_size is not None
+        if (indices is None) == (not analytic):
+            raise ValueError(
+                "GhostDraws takes either indices (GNI) or normal, gamma and ghost_batch_size (analytic GNI)."
+            )
+        self.indices, self.eps = indices, eps
+        self.normal, self.gamma, self.ghost_batch_size = normal, gamma, ghost_batch_size
 
     def __call__(self, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
         if self.indices is not None:
             return ghost_noise(mean, var, self.indices, self.eps)
-        assert self.shift is not None and self.scale is not None
-        return self.shift, self.scale
+        assert self.normal is not None and self.gamma is not None and self.ghost_batch_size is not None
+        return analytic_noise_from_draws(self.normal, self.gamma, self.ghost_batch_size)
+
+
+def analytic_draws(
+    batch_size: int,
+    num_channels: int,
+    ghost_batch_size: int,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[Union[torch.device, str]] = None,
+    key: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """The random draws behind :func:`analytic_noise`: per (sample, channel) a standard normal and a
+    ``Gamma((N - 1) / 2, 1)`` variate (zero for ``N = 1``), float32 ``(batch_size, num_channels)`` each.
+
+    With ``key`` they come from the counter-based generator (what the layers use under
+    ``torch.compile``), the gamma variate as half a sum of ``N - 1`` squared normals.
+
+    Example:
+        >>> z, g = analytic_draws(4, 3, 16, generator=torch.Generator().manual_seed(0))
+        >>> z.shape, bool((g > 0).all())
+        (torch.Size([4, 3]), True)
+    """
+    if ghost_batch_size < 1:
+        raise ValueError(f"ghost_batch_size must be >= 1, got {ghost_batch_size}.")
+    n = ghost_batch_size
+    shape = (batch_size, num_channels)
+    if key is not None:
+        normal = counter_rng.normal(key, shape, salt=0)
+        if n == 1:
+            return normal, torch.zeros_like(normal)
+        return normal, counter_rng.normal(key, (n - 1,) + shape, salt=1).square().sum(0) / 2
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    normal = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    if n == 1:
+        return normal, torch.zeros_like(normal)
+    alpha = torch.full(shape, (n - 1) / 2.0, device=device, dtype=torch.float32)
+    return normal, torch._standard_gamma(alpha, generator=generator)
+
+
+def analytic_noise_from_draws(normal: Tensor, gamma: Tensor, ghost_batch_size: int) -> Tuple[Tensor, Tensor]:
+    """``shift = normal / sqrt(N)`` and ``scale = sqrt(2 gamma / N)`` (``chi2(k) = 2 Gamma(k / 2, 1)``)."""
+    n = ghost_batch_size
+    return normal / math.sqrt(n), torch.sqrt((2.0 * gamma) / n)
 
 
 def analytic_noise(
@@ -283,7 +334,7 @@ def analytic_noise(
 
     ``shift ~ Normal(0, 1) / sqrt(N)`` and ``scale = sqrt(chi2(N - 1) / N)``, i.e. GNI's law for one
     value per sample. The scale needs ``N >= 2``: ``chi2(0)`` is zero, so ``N = 1`` returns a zero
-    scale, usable only for shift-only noise.
+    scale, usable only for shift-only noise. The draws are :func:`analytic_draws`.
 
     Returns:
         ``(shift, scale)``, each ``(batch_size, num_channels)`` float32.
@@ -293,27 +344,8 @@ def analytic_noise(
         >>> s.shape, bool((k > 0).all())
         (torch.Size([4, 3]), True)
     """
-    if ghost_batch_size < 1:
-        raise ValueError(f"ghost_batch_size must be >= 1, got {ghost_batch_size}.")
-    n = ghost_batch_size
-    shape = (batch_size, num_channels)
-    if key is not None:
-        # counter-based draws (torch.compile): chi2(n - 1) as a sum of n - 1 squared normals
-        shift = counter_rng.normal(key, shape, salt=0) / math.sqrt(n)
-        if n == 1:
-            return shift, torch.zeros_like(shift)
-        chi2 = counter_rng.normal(key, (n - 1,) + shape, salt=1).square().sum(0)
-        return shift, torch.sqrt(chi2 / n)
-    if device is None:
-        device = generator.device if generator is not None else "cpu"
-    shift = torch.randn(shape, generator=generator, device=device, dtype=torch.float32) / math.sqrt(n)
-    if n == 1:
-        return shift, torch.zeros_like(shift)
-    # chi2(k) = 2 * Gamma(k / 2, 1)
-    alpha = torch.full(shape, (n - 1) / 2.0, device=device, dtype=torch.float32)
-    chi2 = 2.0 * torch._standard_gamma(alpha, generator=generator)
-    scale = torch.sqrt(chi2 / n)
-    return shift, scale
+    normal, gamma = analytic_draws(batch_size, num_channels, ghost_batch_size, generator, device, key)
+    return analytic_noise_from_draws(normal, gamma, ghost_batch_size)
 
 
 def apply_noise(
@@ -880,8 +912,8 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
             mv = kernels.moments(x, ctx.lay)
             coef, stats = kernels.gni_coefficients(
                 mv, weight, bias, running_mean, running_var, _as_strength(strength, mv), count, momentum, eps,
-                shift_noise, scale_noise, indices=noise_fn.indices, noise_eps=noise_fn.eps, shift=noise_fn.shift,
-                scale=noise_fn.scale,
+                shift_noise, scale_noise, indices=noise_fn.indices, noise_eps=noise_fn.eps, normal=noise_fn.normal,
+                gamma=noise_fn.gamma, ghost_batch_size=noise_fn.ghost_batch_size,
             )
             ctx.save_for_backward(x, coef, stats, weight)
             return kernels.affine(x, ctx.lay, coef)

@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import NamedTuple, Optional, Tuple
 
@@ -310,8 +311,8 @@ if triton is not None:
 
     @triton.jit
     def _gni_coefficients_kernel(
-        mv_ptr, cm_ptr, idx_ptr, nshift_ptr, nscale_ptr, w_ptr, bias_ptr, rm_ptr, rv_ptr, s_ptr, coef_ptr, stats_ptr,
-        B, C, N, momentum, unbias, eps, noise_eps,
+        mv_ptr, cm_ptr, idx_ptr, normal_ptr, gamma_ptr, w_ptr, bias_ptr, rm_ptr, rv_ptr, s_ptr, coef_ptr, stats_ptr,
+        B, C, N, sqrt_n, momentum, unbias, eps, noise_eps,
         STATS_GIVEN: tl.constexpr, ANALYTIC: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_RUNNING: tl.constexpr, SHIFT_NOISE: tl.constexpr, SCALE_NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
@@ -337,9 +338,9 @@ if triton is not None:
         bmask = bs < B
         mask = bmask[:, None] & cmask[None, :]
         out = bs[:, None] * C + cs[None, :]
-        if ANALYTIC:
-            shift = tl.load(nshift_ptr + out, mask=mask, other=0.0)
-            scale = tl.load(nscale_ptr + out, mask=mask, other=1.0)
+        if ANALYTIC:  # shift = normal / sqrt(N), scale = sqrt(2 gamma / N)
+            shift = tl.load(normal_ptr + out, mask=mask, other=0.0) / sqrt_n
+            scale = tl.sqrt((2.0 * tl.load(gamma_ptr + out, mask=mask, other=0.5)) / N)
         else:
             # sums relative to the first member's mean (less cancellation in the ghost variance: a ghost
             # batch of one sample drawn N times has exactly zero ghost variance, as in the float64 formula)
@@ -746,14 +747,16 @@ def gni_coefficients(
     scale_noise: bool,
     indices: Optional[Tensor] = None,
     noise_eps: float = 1e-3,
-    shift: Optional[Tensor] = None,
-    scale: Optional[Tensor] = None,
+    normal: Optional[Tensor] = None,
+    gamma: Optional[Tensor] = None,
+    ghost_batch_size: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
     """GNI's forward ``(B, C)`` math in one launch (see ``functional._GhostNoiseBatchNorm``).
 
     From the per-sample moments ``mv`` (:func:`moments`): the batch statistics (updating the running
     statistics in place), the noise of the normalized features from the ghost ``indices`` ``(B, N)``
-    -- or the given analytic ``shift``/``scale`` -- and the affine ``y = x * A + D``.
+    -- or analytic GNI's ``normal`` and ``gamma`` draws (``functional.analytic_draws``) with its
+    ``ghost_batch_size`` -- and the affine ``y = x * A + D``.
 
     Returns:
         ``coef`` ``(4, B, C)``: ``A``, ``D``, ``inv = scale**-s`` and ``off = s * shift * inv``; and
@@ -761,21 +764,21 @@ def gni_coefficients(
     """
     _, batch, channels = mv.shape
     analytic = indices is None
-    if analytic and (shift is None or scale is None):
-        raise ValueError("gni_coefficients needs either indices or both shift and scale.")
+    if analytic and (normal is None or gamma is None or ghost_batch_size is None):
+        raise ValueError("gni_coefficients needs either indices or normal, gamma and ghost_batch_size.")
     coef = torch.empty(4, batch, channels, device=mv.device, dtype=torch.float32)
     stats = torch.empty(2, channels, device=mv.device, dtype=torch.float32)
     has_running = running_mean is not None and running_var is not None
-    n = 1 if analytic else indices.shape[1]  # type: ignore[union-attr]
+    n = int(ghost_batch_size) if analytic else indices.shape[1]  # type: ignore[union-attr, arg-type]
     cm = _split_channel_moments(mv) if batch > SPLIT_BATCH else mv
     _gni_coefficients_kernel[(_cdiv(channels, _SMALL_C), _cdiv(batch, _SMALL_B))](
         mv, cm,
         mv if analytic else indices.contiguous(),  # type: ignore[union-attr]
-        shift.float().contiguous() if analytic else mv,  # type: ignore[union-attr]
-        scale.float().contiguous() if analytic else mv,  # type: ignore[union-attr]
+        normal.float().contiguous() if analytic else mv,  # type: ignore[union-attr]
+        gamma.float().contiguous() if analytic else mv,  # type: ignore[union-attr]
         weight if weight is not None else mv, bias if bias is not None else mv,
         running_mean if has_running else mv, running_var if has_running else mv, strength, coef, stats,
-        batch, channels, n, float(momentum), count / max(count - 1, 1), float(eps), float(noise_eps),
+        batch, channels, n, math.sqrt(n), float(momentum), count / max(count - 1, 1), float(eps), float(noise_eps),
         STATS_GIVEN=batch > SPLIT_BATCH, ANALYTIC=analytic, HAS_W=weight is not None, HAS_BIAS=bias is not None,
         HAS_RUNNING=has_running, SHIFT_NOISE=bool(shift_noise), SCALE_NOISE=bool(scale_noise), BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C,
     )  # fmt: skip

@@ -317,8 +317,9 @@ class GhostNoiseMixin:
         """This step's random draws for a pool of ``pool`` samples: ghost indices, or analytic noise."""
         gen, key = self._random_source(device)
         if self.method == "analytic":
-            shift, scale = GF.analytic_noise(pool, channels, self._ghost_batch_size, generator=gen, device=device, key=key)
-            return GF.GhostDraws(shift=shift, scale=scale)
+            n = self._ghost_batch_size
+            normal, gamma = GF.analytic_draws(pool, channels, n, generator=gen, device=device, key=key)
+            return GF.GhostDraws(normal=normal, gamma=gamma, ghost_batch_size=n)
         idx = GF.ghost_indices(pool, self._ghost_batch_size, generator=gen, device=device, key=key)
         return GF.GhostDraws(indices=idx, eps=self.noise_eps)
 
@@ -335,9 +336,9 @@ class GhostNoiseMixin:
             return self._draws(batch, channels, mean.device)(mean, var)
         first, pool = world[0] * batch, batch * world[1]
         draws = self._draws(pool, channels, mean.device)
-        if draws.indices is None:
-            assert draws.shift is not None and draws.scale is not None
-            return draws.shift[first : first + batch], draws.scale[first : first + batch]
+        if draws.indices is None:  # analytic: no data needed, keep this process's rows
+            shift, scale = draws(mean, var)
+            return shift[first : first + batch], scale[first : first + batch]
         both = gather_rows(torch.cat([mean, var], 1), self.process_group)
         return GF.ghost_noise(both[:, :channels], both[:, channels:], draws.indices[first : first + batch], eps=self.noise_eps)
 

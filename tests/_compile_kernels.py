@@ -13,7 +13,7 @@ from triton.compiler import ASTSource
 
 from lightning_ghostnoise import kernels as K
 
-FLOATS = {"momentum", "unbias", "eps", "noise_eps", "count"}
+FLOATS = {"momentum", "unbias", "eps", "noise_eps", "count", "sqrt_n"}
 # pointers that are not float32: the data tensors in half precision, the ghost indices int64
 FLAGS = ("HAS_W", "HAS_BIAS", "HAS_RUNNING", "SHIFT_NOISE", "SCALE_NOISE")
 POINTERS = {"x_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "gx_ptr": "*bf16", "idx_ptr": "*i64", "rm_ptr": "*fp32"}

@@ -636,3 +636,33 @@ def test_apply_noise_identity_noise_keeps_memory_format():
     y = GF.apply_noise(x_hat, torch.zeros(4, 3), torch.ones(4, 3))
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, x_hat)
+
+
+def test_ghost_draws_validates_and_matches_the_noise_functions():
+    idx = GF.ghost_indices(6, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="either indices"):
+        GF.GhostDraws()
+    z, g = GF.analytic_draws(6, 2, 3, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="either indices"):
+        GF.GhostDraws(indices=idx, normal=z, gamma=g, ghost_batch_size=3)
+    with pytest.raises(ValueError, match="either indices"):
+        GF.GhostDraws(normal=z, gamma=g)  # the ghost batch size is part of the analytic law
+    mean, var = torch.randn(6, 2), torch.rand(6, 2)
+    for got, want in zip(GF.GhostDraws(indices=idx, eps=0.01)(mean, var), GF.ghost_noise(mean, var, idx, eps=0.01)):
+        assert torch.equal(got, want)
+    # the analytic draws and their transform are analytic_noise, draw for draw
+    expected = GF.analytic_noise(6, 2, 3, generator=torch.Generator().manual_seed(1))
+    for got, want in zip(GF.GhostDraws(normal=z, gamma=g, ghost_batch_size=3)(mean, var), expected):
+        assert torch.equal(got, want)
+
+
+def test_analytic_draws_counter_gamma_is_half_a_chi2():
+    from lightning_ghostnoise import counter_rng
+
+    key = counter_rng.mix_key(torch.tensor(3))
+    z, g = GF.analytic_draws(5, 4, 6, key=key)
+    chi2 = counter_rng.normal(key, (5, 5, 4), salt=1).square().sum(0)
+    assert torch.equal(z, counter_rng.normal(key, (5, 4), salt=0))
+    torch.testing.assert_close(2 * g, chi2, rtol=0, atol=0)
+    z1, g1 = GF.analytic_draws(5, 4, 1, key=key)
+    assert torch.equal(g1, torch.zeros(5, 4))
