@@ -59,6 +59,19 @@ def test_supports(use_kernels, monkeypatch):
     assert not kernels.supports(x)
 
 
+def test_environment_switch_turns_the_layers_kernels_off(use_kernels, monkeypatch):
+    layer = GhostBatchNorm2d.from_module(_bn(nn.BatchNorm2d, 3), method="gbn", ghost_batch_size=2)
+    layer.train()
+    calls = []
+    real = kernels.affine
+    monkeypatch.setattr(kernels, "affine", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(4, 3, 2, 2, device=DEVICE)
+    layer(x)
+    monkeypatch.setenv("GHOSTNOISE_TRITON", "0")
+    layer(x)
+    assert calls == [1]
+
+
 def test_cpu_tensors_take_pytorch_path_by_default():
     assert not kernels.ALLOW_CPU
     assert not kernels.supports(torch.randn(4, 3, 5, 5))
