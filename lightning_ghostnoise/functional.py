@@ -291,7 +291,9 @@ def analytic_draws(
     ``Gamma((N - 1) / 2, 1)`` variate (zero for ``N = 1``), float32 ``(batch_size, num_channels)`` each.
 
     With ``key`` they come from the counter-based generator (what the layers use under
-    ``torch.compile``), the gamma variate as half a sum of ``N - 1`` squared normals.
+    ``torch.compile``): ``Gamma(k / 2, 1)`` for ``k = N - 1`` as a sum of ``k // 2`` standard
+    exponentials (``-log U``), plus ``Z**2 / 2`` for a normal ``Z`` when ``k`` is odd: the exact law
+    with about a third of the random numbers of ``k`` squared normals.
 
     Example:
         >>> z, g = analytic_draws(4, 3, 16, generator=torch.Generator().manual_seed(0))
@@ -303,10 +305,14 @@ def analytic_draws(
     n = ghost_batch_size
     shape = (batch_size, num_channels)
     if key is not None:
-        normal = counter_rng.normal(key, shape, salt=0)
-        if n == 1:
-            return normal, torch.zeros_like(normal)
-        return normal, counter_rng.normal(key, (n - 1,) + shape, salt=1).square().sum(0) / 2
+        normal = counter_rng.normal(key, shape, salt=0)  # uniform streams 1 and 2
+        k = n - 1
+        gamma = torch.zeros_like(normal)
+        if k // 2:
+            gamma = -torch.log(counter_rng.uniform(key, (k // 2,) + shape, salt=5)).sum(0)
+        if k % 2:
+            gamma = gamma + counter_rng.normal(key, shape, salt=1).square() / 2  # uniform streams 3 and 4
+        return normal, gamma
     if device is None:
         device = generator.device if generator is not None else "cpu"
     normal = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
