@@ -8,12 +8,16 @@ a GPU: the arithmetic is negligible, what remains is the per-op overhead.
     python benchmarks/host_overhead.py --device cuda  # CUDA tensor: host time per call (launches are async)
     python benchmarks/host_overhead.py --stub-kernels # CPU: the Triton path's Python with no-op launches
                                                       # (a GPU-free proxy for its host cost, launches excluded)
+    python benchmarks/host_overhead.py --device cuda --cprofile gni  # and where a GNI layer's host time goes
+    GHOSTNOISE_FAST_LAUNCH=0 python benchmarks/host_overhead.py --device cuda  # Triton's own launch path
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
+import pstats
 import statistics
 import time
 
@@ -42,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--stub-kernels", action="store_true", help="CPU: Triton path with no-op launches")
+    parser.add_argument("--cprofile", metavar="METHOD", help="then profile this method's layer (cProfile, top functions)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.stub_kernels:
@@ -70,9 +75,22 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, one thread"
     if args.stub_kernels:
         where += ", Triton path with no-op launches"
+    from lightning_ghostnoise import kernels
+
+    if kernels.available():
+        where += f", cached Triton launch {'on' if kernels.FAST_LAUNCH else 'off'}"
     print(f"# torch {torch.__version__}, {where}, BatchNorm2d(16) on (8, 16, 4, 4) bf16 channels_last")
     for name, t in med.items():
         print(f"host layer fwd+bwd method={name:<8} {t * 1e6:7.0f}us ratio={t / med['bn']:.2f}")
+    if args.cprofile:
+        layer = layers[args.cprofile]
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(300):
+            layer(x).backward(grad)
+        profiler.disable()
+        print(f"# cProfile, method={args.cprofile}, 300 calls of fwd+bwd (times include the profiler's own cost)")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":

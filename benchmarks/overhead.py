@@ -10,6 +10,7 @@ Usage:
     python benchmarks/overhead.py                      # CPU: small ResNet, 1x28x28, batch 128
     python benchmarks/overhead.py --device cuda        # CUDA: ResNet-18, 3x32x32, batch 256, bf16, channels_last
     python benchmarks/overhead.py --compile            # add torch.compile cases
+    python benchmarks/overhead.py --device cuda --compile-only --compile-mode reduce-overhead  # CUDA graphs
     python benchmarks/overhead.py --quick              # fewer repeats (smoke test)
 
 Every line ends with ``ratio=X.XXX`` (time relative to plain BN in the same run).
@@ -109,13 +110,17 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
             for k in list(models):
                 breaks[k] = graph_breaks(models[k], x)
             torch._dynamo.reset()
-            runners = {k: torch.compile(m) for k, m in models.items()}
+            runners = {k: torch.compile(m, mode=args.compile_mode) for k, m in models.items()}
         else:
             runners = dict(models)
         optims = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
 
+        cudagraphs = compiled and args.compile_mode == "reduce-overhead"
+
         def make_step(k: str) -> Callable[[], None]:
             def step() -> None:
+                if cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 optims[k].zero_grad(set_to_none=True)
                 with autocast:
                     loss = nn.functional.cross_entropy(runners[k](x), y)
@@ -125,9 +130,12 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
             return step
 
         steps = {k: make_step(k) for k in models}
-        for step in steps.values():  # warm-up (and compilation)
+        skips: Dict[str, int] = {}
+        for k, step in steps.items():  # warm-up (and compilation)
+            before = _cudagraph_skips()
             for _ in range(3 if not compiled else 4):
                 step()
+            skips[k] = _cudagraph_skips() - before
         medians = interleaved_medians(steps, args.repeats, device)
         peaks: Dict[str, Optional[int]] = {}
         for k, step in steps.items():
@@ -143,7 +151,9 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
             for k, m in models.items():
                 with autocast:
                     act[k] = saved_bytes(lambda: nn.functional.cross_entropy(m(x), y))
-        mode = "compiled" if compiled else "eager"
+        mode = "eager"
+        if compiled:
+            mode = "compiled" if args.compile_mode in (None, "default") else f"compiled[{args.compile_mode}]"
         if args.profile and device.type == "cuda":
             for k, step in steps.items():
                 profile_step(f"{mode} method={k}", step)
@@ -159,8 +169,20 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
                 parts.append(f"peak={peaks[k] / 2**20:7.1f}MiB peak_ratio={peaks[k] / peaks['bn']:.3f}")  # type: ignore[operator]
             if compiled:
                 parts.append(f"graph_breaks={breaks.get(k)}")
+            if cudagraphs:
+                parts.append(f"cudagraph_skips={skips[k]}")
             parts.append(f"ratio={medians[k] / medians['bn']:.3f}")
             print(" ".join(parts), flush=True)
+
+
+def _cudagraph_skips() -> int:
+    """How often inductor has declined CUDA graphs so far (``mode="reduce-overhead"``)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["inductor"]["cudagraph_skips"])
+    except Exception:  # pragma: no cover - an internal counter; reported as 0 when absent
+        return 0
 
 
 def bench_layers(args: argparse.Namespace, device: torch.device) -> None:
@@ -231,6 +253,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (inductor)")
     parser.add_argument("--compile-only", action="store_true", help="measure only torch.compile cases")
+    parser.add_argument(
+        "--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs; models only)"
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (default on CUDA)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last (default on CUDA)")
     parser.add_argument("--batch", type=int, default=None)

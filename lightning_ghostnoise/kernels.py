@@ -150,6 +150,92 @@ def _blocks(channels: int, spatial: int, channels_adjacent: bool) -> Tuple[int, 
     return min(_pow2(channels), max(4, _TILE // block_s)), block_s
 
 
+#: Launch a kernel's cached compiled form directly once it has run (see :class:`_Launcher`);
+#: ``GHOSTNOISE_FAST_LAUNCH=0`` in the environment always goes through ``kernel[grid](...)``.
+FAST_LAUNCH = os.environ.get("GHOSTNOISE_FAST_LAUNCH", "1") != "0"
+
+
+def _spec(arg: object) -> object:
+    """What Triton specializes a kernel on, for one argument (a superset, so a cache key is safe)."""
+    if isinstance(arg, Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if type(arg) is int:
+        return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31
+    return type(arg)
+
+
+def _current_device() -> int:
+    """The current CUDA device (the one Triton launches on), ``-1`` before CUDA is initialized."""
+    return torch.cuda.current_device() if torch.cuda.is_initialized() else -1
+
+
+def _current_stream(device: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+def _launch_hook_set() -> bool:
+    knobs = getattr(triton, "knobs", None)
+    return knobs is None or knobs.runtime.launch_enter_hook is not None  # no knobs: an older Triton
+
+
+class _Launcher:
+    """``fn[grid](*args, **constexprs)`` with less host work per call.
+
+    Triton's launch binds and specializes every argument, builds a cache key and looks the compiled
+    kernel up on every call: in eager mode, where a small model's step is bound by the host, that
+    is a visible part of a layer's cost. The first call for a given specialization (the current
+    device, argument dtypes, 16-byte alignment of the pointers, integers equal to 1 / divisible by 16
+    / in int32 range, the constexprs) goes through Triton and keeps the compiled kernel it returns;
+    later calls with the same specialization hand the arguments straight to that kernel's launcher,
+    as Triton's own launch does after its lookup. Launch hooks (profilers such as proton), the
+    interpreter, Triton versions without ``triton.knobs`` and ``GHOSTNOISE_FAST_LAUNCH=0`` take
+    Triton's path.
+    """
+
+    def __init__(self, fn: object) -> None:
+        self.fn = fn
+        self.cache: dict = {}
+
+    def __call__(self, grid: Tuple[int, ...], args: Tuple[object, ...], meta: dict) -> None:
+        if not FAST_LAUNCH or _launch_hook_set():
+            self.fn[grid](*args, **meta)  # type: ignore[index]
+            return
+        device = _current_device()
+        key = (device, tuple(map(_spec, args)), tuple(meta.items()))
+        hit = self.cache.get(key)
+        if hit is None:
+            compiled = self.fn[grid](*args, **meta)  # type: ignore[index]
+            if hasattr(compiled, "result"):  # an asynchronous compile
+                compiled = compiled.result()
+            names = list(getattr(self.fn, "arg_names", ()))
+            rest = names[len(args) :]
+            if device >= 0 and hasattr(compiled, "packed_metadata") and sorted(rest) == sorted(meta):
+                self.cache[key] = (compiled, tuple(meta[n] for n in rest))
+            else:  # the interpreter (or an unexpected signature): Triton's path from now on
+                self.cache[key] = False
+            return
+        if hit is False:
+            self.fn[grid](*args, **meta)  # type: ignore[index]
+            return
+        compiled, constexprs = hit
+        dims = tuple(grid) + (1, 1)
+        compiled.run(
+            dims[0], dims[1], dims[2], _current_stream(device), compiled.function, compiled.packed_metadata,
+            None, None, None, *args, *constexprs,
+        )  # fmt: skip
+
+
+_LAUNCHERS: dict = {}
+
+
+def _launch(fn: object, grid: Tuple[int, ...], *args: object, **meta: object) -> None:
+    """Launch the Triton kernel ``fn`` on ``grid``: ``fn[grid](*args, **meta)`` (see :class:`_Launcher`)."""
+    launcher = _LAUNCHERS.get(id(fn))
+    if launcher is None or launcher.fn is not fn:
+        launcher = _LAUNCHERS[id(fn)] = _Launcher(fn)
+    launcher(grid, args, meta)
+
+
 def _like(grad: Tensor, lay: Layout) -> Tuple[Tensor, Layout]:
     """A gradient and its layout (made contiguous if it has none the kernels read)."""
     grad_lay = _strides(grad)
@@ -680,7 +766,7 @@ def moments(x: Tensor, lay: Layout) -> Tensor:
     """
     mv = torch.empty(2, lay.b, lay.c, device=x.device, dtype=torch.float32)
     block_c, block_s = _blocks(lay.c, lay.s, lay.sc == 1)
-    _moments_kernel[(lay.b, _cdiv(lay.c, block_c))](
+    _launch(_moments_kernel, (lay.b, _cdiv(lay.c, block_c)),
         x, mv, lay.b, lay.c, lay.s, lay.sb, lay.sc, lay.ss, BLOCK_C=block_c, BLOCK_S=block_s
     )
     return mv
@@ -692,7 +778,7 @@ def affine(x: Tensor, lay: Layout, ad: Tensor) -> Tensor:
     y = torch.empty_like(x)  # x is dense: the same strides
     block_c, block_s = _blocks(lay.c, lay.s, lay.sc == 1)
     grid = (lay.b, _cdiv(lay.c, block_c), _cdiv(lay.s, block_s))
-    _affine_kernel[grid](x, y, ad, lay.b, lay.c, lay.s, lay.sb, lay.sc, lay.ss, BLOCK_C=block_c, BLOCK_S=block_s)
+    _launch(_affine_kernel, grid, x, y, ad, lay.b, lay.c, lay.s, lay.sb, lay.sc, lay.ss, BLOCK_C=block_c, BLOCK_S=block_s)
     return y
 
 
@@ -701,7 +787,7 @@ def channel_sums(grad_y: Tensor, x: Tensor, lay: Layout) -> Tensor:
     grad_y, g = _like(grad_y, lay)
     r = torch.empty(2, lay.b, lay.c, device=x.device, dtype=torch.float32)
     block_c, block_s = _blocks(lay.c, lay.s, lay.sc == 1)
-    _sums_kernel[(lay.b, _cdiv(lay.c, block_c))](
+    _launch(_sums_kernel, (lay.b, _cdiv(lay.c, block_c)),
         grad_y, x, r, lay.b, lay.c, lay.s, g.sb, g.sc, g.ss, lay.sb, lay.sc, lay.ss, BLOCK_C=block_c, BLOCK_S=block_s
     )
     return r
@@ -718,7 +804,7 @@ def affine_input_grad(grad_y: Tensor, x: Tensor, lay: Layout, a: Tensor, pq: Ten
     block_c, block_s = _blocks(lay.c, lay.s, lay.sc == 1)
     grid = (lay.b, _cdiv(lay.c, block_c), _cdiv(lay.s, block_s))
     per_sample = pq.dim() == 3
-    _input_grad_kernel[grid](
+    _launch(_input_grad_kernel, grid,
         grad_y, x, out, a, pq, lay.c, lay.s, lay.c if per_sample else 0, pq.numel() // 2,
         g.sb, g.sc, g.ss, lay.sb, lay.sc, lay.ss, BLOCK_C=block_c, BLOCK_S=block_s,
     )  # fmt: skip
@@ -729,7 +815,7 @@ def _split_channel_moments(mv: Tensor) -> Tensor:
     """``(3, C)``: per channel the centre and the batch means of ``c`` and ``e`` (see the kernel)."""
     _, batch, channels = mv.shape
     cm = torch.empty(3, channels, device=mv.device, dtype=torch.float32)
-    _channel_moments_kernel[(_cdiv(channels, _SMALL_C),)](mv, cm, batch, channels, BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C)
+    _launch(_channel_moments_kernel, (_cdiv(channels, _SMALL_C),), mv, cm, batch, channels, BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C)
     return cm
 
 
@@ -771,7 +857,7 @@ def gni_coefficients(
     has_running = running_mean is not None and running_var is not None
     n = int(ghost_batch_size) if analytic else indices.shape[1]  # type: ignore[union-attr, arg-type]
     cm = _split_channel_moments(mv) if batch > SPLIT_BATCH else mv
-    _gni_coefficients_kernel[(_cdiv(channels, _SMALL_C), _cdiv(batch, _SMALL_B))](
+    _launch(_gni_coefficients_kernel, (_cdiv(channels, _SMALL_C), _cdiv(batch, _SMALL_B)),
         mv, cm,
         mv if analytic else indices.contiguous(),  # type: ignore[union-attr]
         normal.float().contiguous() if analytic else mv,  # type: ignore[union-attr]
@@ -798,7 +884,7 @@ def gni_input_coefficients(r: Tensor, coef: Tensor, stats: Tensor, weight: Optio
     """
     _, batch, channels = r.shape
     out = torch.empty(4, channels, device=r.device, dtype=torch.float32)
-    _gni_input_coefficients_kernel[(_cdiv(channels, _SMALL_C),)](
+    _launch(_gni_input_coefficients_kernel, (_cdiv(channels, _SMALL_C),),
         r, coef, stats, weight if weight is not None else stats, out, batch, channels, float(count),
         HAS_W=weight is not None, BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C,
     )  # fmt: skip
@@ -836,7 +922,7 @@ def ghost_statistics_coefficients(
     per_channel = torch.empty(4, channels, device=mv.device, dtype=torch.float32)
     has_running = running_mean is not None and running_var is not None
     cm = _split_channel_moments(mv) if batch > SPLIT_BATCH else mv
-    _ghost_stats_coefficients_kernel[(_cdiv(channels, _SMALL_C), groups)](
+    _launch(_ghost_stats_coefficients_kernel, (_cdiv(channels, _SMALL_C), groups),
         mv, cm, weight if weight is not None else mv, bias if bias is not None else mv,
         running_mean if has_running else mv, running_var if has_running else mv, strength, per_sample, per_channel,
         batch, channels, ghost_batch_size, groups, float(momentum), count / max(count - 1, 1), float(eps),
@@ -873,10 +959,10 @@ def ghost_statistics_input_coefficients(
     cg = torch.empty(4, channels, device=r.device, dtype=torch.float32)  # grad_w, grad_b, two channel sums
     split = batch > SPLIT_BATCH
     if split:
-        _ghost_stats_channel_grads_kernel[(_cdiv(channels, _SMALL_C),)](
+        _launch(_ghost_stats_channel_grads_kernel, (_cdiv(channels, _SMALL_C),),
             r, per_sample, cg, batch, channels, SCALE_NOISE=bool(scale_noise), BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C
         )
-    _ghost_stats_input_coefficients_kernel[(_cdiv(channels, _SMALL_C), groups)](
+    _launch(_ghost_stats_input_coefficients_kernel, (_cdiv(channels, _SMALL_C), groups),
         r, mv, per_sample, per_channel, strength, pq, cg, batch, channels, ghost_batch_size, groups, float(count),
         GRADS_GIVEN=split, EXCLUSIVE=bool(exclusive), SHIFT_NOISE=bool(shift_noise), SCALE_NOISE=bool(scale_noise),
         BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C,

@@ -282,3 +282,103 @@ def test_kernels_compile_for_h100():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("compiled ") == 20
+
+
+class _FakeCompiled:
+    """Stands in for a Triton ``CompiledKernel``: records what its launcher gets."""
+
+    function = "function-handle"
+    packed_metadata = "packed-metadata"
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, *args):
+        self.runs.append(args)
+
+
+class _FakeKernel:
+    """Stands in for a ``JITFunction``: ``fn[grid](*args, **meta)`` records the call, returns the compiled kernel."""
+
+    arg_names = ["x_ptr", "n", "scale", "BLOCK", "FLAG"]
+
+    def __init__(self, returns_compiled=True):
+        self.compiled = _FakeCompiled()
+        self.triton_calls = []
+        self.returns_compiled = returns_compiled
+
+    def __getitem__(self, grid):
+        def call(*args, **meta):
+            self.triton_calls.append((grid, args, meta))
+            return self.compiled if self.returns_compiled else None
+
+        return call
+
+
+@pytest.fixture
+def fast_launch(monkeypatch):
+    """The launcher as on a GPU: device 0, stream 77, no launch hook."""
+    monkeypatch.setattr(kernels, "FAST_LAUNCH", True)
+    monkeypatch.setattr(kernels, "_current_device", lambda: 0)
+    monkeypatch.setattr(kernels, "_current_stream", lambda device: 77)
+    monkeypatch.setattr(kernels, "_launch_hook_set", lambda: False)
+
+
+def test_launcher_reuses_the_compiled_kernel(fast_launch):
+    fn = _FakeKernel()
+    x = torch.zeros(8)
+    kernels._launch(fn, (3, 2), x, 32, 0.5, FLAG=True, BLOCK=64)  # first: through Triton (compiles)
+    assert fn.triton_calls == [((3, 2), (x, 32, 0.5), {"FLAG": True, "BLOCK": 64})]
+    kernels._launch(fn, (4,), x, 48, 0.25, FLAG=True, BLOCK=64)  # same specialization: direct
+    assert len(fn.triton_calls) == 1
+    # as Triton's own launch: grid padded to 3 dims, stream, handles, no metadata or hooks, then every
+    # argument in signature order (the constexprs after the others, whatever the keyword order)
+    assert fn.compiled.runs == [(4, 1, 1, 77, "function-handle", "packed-metadata", None, None, None, x, 48, 0.25, 64, True)]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda x: dict(args=(x[1:], 32, 0.5)),  # a pointer off 16-byte alignment
+        lambda x: dict(args=(x.half(), 32, 0.5)),  # another dtype
+        lambda x: dict(args=(x, 1, 0.5)),  # an integer equal to 1
+        lambda x: dict(args=(x, 33, 0.5)),  # not divisible by 16
+        lambda x: dict(args=(x, 2**31, 0.5)),  # beyond int32
+        lambda x: dict(meta=dict(FLAG=False, BLOCK=64)),  # another constexpr
+    ],
+)
+def test_launcher_respecializes(fast_launch, change):
+    fn = _FakeKernel()
+    x = torch.zeros(8)
+    base = dict(args=(x, 32, 0.5), meta=dict(FLAG=True, BLOCK=64))
+    kernels._launch(fn, (1,), *base["args"], **base["meta"])
+    other = {**base, **change(x)}
+    kernels._launch(fn, (1,), *other["args"], **other["meta"])
+    assert len(fn.triton_calls) == 2 and not fn.compiled.runs  # compiled anew, through Triton
+
+
+def test_launcher_keeps_tritons_path(fast_launch, monkeypatch):
+    x = torch.zeros(8)
+    interpreted = _FakeKernel(returns_compiled=False)  # the interpreter returns no compiled kernel
+    for _ in range(3):
+        kernels._launch(interpreted, (1,), x, 32, 0.5, BLOCK=64, FLAG=True)
+    assert len(interpreted.triton_calls) == 3
+    missing = _FakeKernel()  # a constexpr left to its default: not cached
+    for _ in range(2):
+        kernels._launch(missing, (1,), x, 32, 0.5, BLOCK=64)
+    assert len(missing.triton_calls) == 2 and not missing.compiled.runs
+    for setting in ("FAST_LAUNCH", "_launch_hook_set"):
+        fn = _FakeKernel()
+        with monkeypatch.context() as m:
+            if setting == "FAST_LAUNCH":
+                m.setattr(kernels, "FAST_LAUNCH", False)
+            else:
+                m.setattr(kernels, "_launch_hook_set", lambda: True)  # e.g. a profiler's launch hook
+            for _ in range(2):
+                kernels._launch(fn, (1,), x, 32, 0.5, BLOCK=64, FLAG=True)
+        assert len(fn.triton_calls) == 2 and not fn.compiled.runs
+    before_cuda = _FakeKernel()
+    monkeypatch.setattr(kernels, "_current_device", lambda: -1)
+    for _ in range(2):
+        kernels._launch(before_cuda, (1,), x, 32, 0.5, BLOCK=64, FLAG=True)
+    assert len(before_cuda.triton_calls) == 2
