@@ -130,6 +130,9 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
             return step
 
         steps = {k: make_step(k) for k in models}
+        if args.launch_ab and not compiled:
+            for k in [k for k in models if k != "bn"]:
+                steps[k + "~tl"] = _with_triton_launch(steps[k])
         skips: Dict[str, int] = {}
         for k, step in steps.items():  # warm-up (and compilation)
             before = _cudagraph_skips()
@@ -173,6 +176,28 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
                 parts.append(f"cudagraph_skips={skips[k]}")
             parts.append(f"ratio={medians[k] / medians['bn']:.3f}")
             print(" ".join(parts), flush=True)
+        for k in [k for k in steps if k.endswith("~tl")]:
+            base_k = k[:-3]
+            print(
+                f"model {label} batch {shape[0]} {device.type} {mode} method={base_k:<8} with Triton's own launch "
+                f"step={medians[k] * 1e3:8.2f}ms cached_launch_speedup={medians[k] / medians[base_k]:.3f} "
+                f"ratio={medians[k] / medians['bn']:.3f}",
+                flush=True,
+            )
+
+
+def _with_triton_launch(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the kernels launched through Triton's ``kernel[grid](...)`` (no cached launch)."""
+    from lightning_ghostnoise import kernels
+
+    def run() -> None:
+        kernels.FAST_LAUNCH = False
+        try:
+            step()
+        finally:
+            kernels.FAST_LAUNCH = True
+
+    return run
 
 
 def _cudagraph_skips() -> int:
@@ -269,13 +294,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats (smoke test)")
     parser.add_argument("--skip-layers", action="store_true")
     parser.add_argument("--skip-models", action="store_true")
+    parser.add_argument(
+        "--launch-ab", action="store_true", help="eager models: also each method with Triton's own launch path"
+    )
+    parser.add_argument("--no-cudnn-benchmark", action="store_true", help="CUDA: leave cudnn.benchmark off")
     parser.add_argument("--profile", action="store_true", help="CUDA: kernel count and costliest kernels per step")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
         args.bf16 = True
         args.channels_last = True
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:

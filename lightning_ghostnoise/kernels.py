@@ -173,9 +173,17 @@ def _current_stream(device: int) -> int:
     return torch._C._cuda_getCurrentRawStream(device)
 
 
+def _hook_active(hook: object) -> bool:
+    # Triton >= 3.5 keeps a (usually empty) HookChain here; earlier ones a function or None
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _launch_hook_set() -> bool:
+    """Whether a launch hook is installed (or this Triton has no ``knobs``: an older one, Triton's path)."""
     knobs = getattr(triton, "knobs", None)
-    return knobs is None or knobs.runtime.launch_enter_hook is not None  # no knobs: an older Triton
+    if knobs is None:
+        return True
+    return _hook_active(knobs.runtime.launch_enter_hook) or _hook_active(knobs.runtime.launch_exit_hook)
 
 
 class _Launcher:

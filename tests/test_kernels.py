@@ -382,3 +382,55 @@ def test_launcher_keeps_tritons_path(fast_launch, monkeypatch):
     for _ in range(2):
         kernels._launch(before_cuda, (1,), x, 32, 0.5, BLOCK=64, FLAG=True)
     assert len(before_cuda.triton_calls) == 2
+
+
+def test_launch_hooks_detected(monkeypatch):
+    triton = pytest.importorskip("triton")
+    if getattr(triton, "knobs", None) is None:
+        assert kernels._launch_hook_set()  # an older Triton: always its own launch path
+        return
+    runtime = triton.knobs.runtime
+    assert not kernels._launch_hook_set()  # an empty hook chain (Triton >= 3.5) or None: no hook
+
+    def hook(metadata):
+        pass
+
+    chain = runtime.launch_enter_hook
+    if hasattr(chain, "add"):
+        chain.add(hook)
+        try:
+            assert kernels._launch_hook_set()
+        finally:
+            chain.remove(hook)
+    else:
+        monkeypatch.setattr(runtime, "launch_enter_hook", hook)
+        assert kernels._launch_hook_set()
+    assert not kernels._launch_hook_set()
+
+
+@pytest.mark.parametrize("method", ["gni", "gbn"])
+def test_layers_launch_through_the_cache(use_kernels, monkeypatch, method):
+    """A layer's launches: on CUDA the cached compiled kernels (bit-identical to Triton's own launch),
+    in the interpreter Triton's path."""
+
+    def run(fast):
+        monkeypatch.setattr(kernels, "FAST_LAUNCH", fast)
+        layer = GhostBatchNorm2d.from_module(_bn(nn.BatchNorm2d, 5), method=method, ghost_batch_size=4, seed=3).train()
+        x = varied_input((8, 5, 3, 4), 1).to(DEVICE).requires_grad_()
+        outs = []
+        for _ in range(3):  # the first call of each kernel fills the cache, the later ones use it
+            y = layer(x)
+            (gx,) = torch.autograd.grad(y, x, torch.cos(y.detach()))
+            outs += [y, gx, layer.running_mean.clone(), layer.running_var.clone()]
+        return outs
+
+    monkeypatch.setattr(kernels, "_LAUNCHERS", {})
+    fast = run(True)
+    entries = [v for launcher in kernels._LAUNCHERS.values() for v in launcher.cache.values()]
+    assert len(kernels._LAUNCHERS) == 6 and len(entries) == 6  # six kernels, one specialization each
+    if DEVICE == "cuda":
+        assert all(v is not False for v in entries)
+    else:
+        assert all(v is False for v in entries)
+    for a, b in zip(fast, run(False)):
+        assert torch.equal(a, b)
