@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One prepared GPU session: the kernel tests on CUDA, the host cost of a launch and of a layer (cached
-# Triton launch on, then off), the eager ResNet-18 step (each method also with Triton's own launch),
-# and the compiled GNI step's peak memory with cudnn.benchmark off.
-# The previous session's steps, for reference (about 5 minutes of compilation on a cold machine):
-#   python3 benchmarks/host_overhead.py --device cuda --cprofile gni
+# One prepared GPU session (next: the opt-in coefficient kernels in compiled graphs): the kernel tests
+# on CUDA, then the compiled ResNet-18 step with CUDA graphs (mode="reduce-overhead") with
+# GHOSTNOISE_COMPILED_KERNELS=1 and, as the A/B, without; then the compiled default-mode peak memory
+# with cudnn.benchmark off. About 7 minutes on a cold machine (inductor compiles each model).
+# Earlier sessions' steps, for reference:
+#   python3 benchmarks/launch_overhead.py
+#   python3 benchmarks/host_overhead.py --device cuda [--cprofile gni]
+#   python3 benchmarks/overhead.py --device cuda --repeats 20 --skip-layers --launch-ab [--profile]
 #   python3 benchmarks/overhead.py --device cuda --compile-only --skip-layers --methods gni,gbn --repeats 20 --profile
-#   python3 benchmarks/overhead.py --device cuda --compile-only --compile-mode reduce-overhead --skip-layers --methods gni --profile
 # Run from the repo root on a machine with torch, triton, lightning and a CUDA GPU:
 #   bash benchmarks/gpu_triton.sh
 # If the GPU machine has no pytest (and no network), carry pure-Python wheels along, made beforehand with
@@ -17,8 +19,6 @@ OUT="${OUT:-/tmp/ghostnoise-gpu}"; mkdir -p "$OUT"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 python3 -c "import pytest" 2>/dev/null || python3 -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('/tmp/gn-site') for w in glob.glob('.gpu_wheels/*.whl')]"
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -25 | tee "$OUT/kernel_tests_cuda.txt"
-timeout 30 python3 benchmarks/launch_overhead.py 2>&1 | tee "$OUT/launch_overhead_cuda.txt"
-timeout 30 python3 benchmarks/host_overhead.py --device cuda 2>&1 | tee "$OUT/host_overhead_cuda.txt"
-GHOSTNOISE_FAST_LAUNCH=0 timeout 25 python3 benchmarks/host_overhead.py --device cuda 2>&1 | tee "$OUT/host_overhead_cuda_triton_launch.txt"
-timeout 100 python3 benchmarks/overhead.py --device cuda --repeats 20 --skip-layers --launch-ab 2>&1 | tee "$OUT/overhead_cuda_eager.txt"
-timeout 110 python3 benchmarks/overhead.py --device cuda --compile-only --skip-layers --methods gni --repeats 10 --no-cudnn-benchmark 2>&1 | tee "$OUT/overhead_cuda_compiled_no_cudnn_benchmark.txt"
+GHOSTNOISE_COMPILED_KERNELS=1 timeout 170 python3 benchmarks/overhead.py --device cuda --compile-only --compile-mode reduce-overhead --skip-layers --methods gni,gbn --repeats 20 --profile 2>&1 | tee "$OUT/overhead_cuda_cudagraphs_compiled_kernels.txt"
+timeout 110 python3 benchmarks/overhead.py --device cuda --compile-only --compile-mode reduce-overhead --skip-layers --methods gni,gbn --repeats 20 2>&1 | tee "$OUT/overhead_cuda_cudagraphs_inductor.txt"
+GHOSTNOISE_COMPILED_KERNELS=1 timeout 110 python3 benchmarks/overhead.py --device cuda --compile-only --skip-layers --methods gni --repeats 10 --no-cudnn-benchmark 2>&1 | tee "$OUT/overhead_cuda_compiled_kernels_peak.txt"

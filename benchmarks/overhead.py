@@ -11,6 +11,7 @@ Usage:
     python benchmarks/overhead.py --device cuda        # CUDA: ResNet-18, 3x32x32, batch 256, bf16, channels_last
     python benchmarks/overhead.py --compile            # add torch.compile cases
     python benchmarks/overhead.py --device cuda --compile-only --compile-mode reduce-overhead  # CUDA graphs
+    GHOSTNOISE_COMPILED_KERNELS=1 python benchmarks/overhead.py --device cuda --compile-only  # coefficient kernels in the graph
     python benchmarks/overhead.py --quick              # fewer repeats (smoke test)
 
 Every line ends with ``ratio=X.XXX`` (time relative to plain BN in the same run).
@@ -310,7 +311,16 @@ def main() -> None:
     if args.quick:
         args.repeats = 3
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# torch {torch.__version__}, {name}, ghost_batch_size={args.ghost_batch_size}, repeats={args.repeats}", flush=True)
+    from lightning_ghostnoise import kernels, ops
+
+    setup = f"Triton {'available' if kernels.available() else 'off'}"
+    if kernels.available():
+        setup += f", cached launch {'on' if kernels.FAST_LAUNCH else 'off'}"
+        setup += f", in compiled graphs {'on' if ops.enabled() else 'off'} (GHOSTNOISE_COMPILED_KERNELS)"
+    print(
+        f"# torch {torch.__version__}, {name}, ghost_batch_size={args.ghost_batch_size}, repeats={args.repeats}, {setup}",
+        flush=True,
+    )
     if not args.skip_layers:
         bench_layers(args, device)
     if not args.skip_models:

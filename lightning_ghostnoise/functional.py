@@ -29,7 +29,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from lightning_ghostnoise import counter_rng, kernels
+from lightning_ghostnoise import counter_rng, kernels, ops
 
 __all__ = [
     "NOISE_EPS",
@@ -495,6 +495,36 @@ def _input_grad_of(
     return _affine_input_grad(grad_y, x, a, p, q, channel_dim)
 
 
+def _stacked_moments(x: Tensor, channel_dim: int, lay: Optional[kernels.Layout]) -> Tensor:
+    """Per-sample mean and variance stacked ``(2, B, C)`` float32: the Triton kernel (``lay``) or PyTorch."""
+    if lay is not None:
+        return kernels.moments(x, lay)
+    return torch.stack(per_sample_moments(x, channel_dim)).float()
+
+
+def _rows_affine(x: Tensor, ad: Tensor, channel_dim: int, lay: Optional[kernels.Layout]) -> Tensor:
+    """``x * A + D`` with ``A``, ``D`` the first two rows of ``ad`` ``(k >= 2, B, C)``."""
+    if lay is not None:
+        return kernels.affine(x, lay, ad)
+    return sample_affine(x, ad[0], ad[1], channel_dim)
+
+
+def _stacked_sums(grad_y: Tensor, x: Tensor, channel_dim: int, lay: Optional[kernels.Layout]) -> Tensor:
+    """``sum_s grad_y`` and ``sum_s grad_y * x`` stacked ``(2, B, C)`` float32."""
+    if lay is not None:
+        return kernels.channel_sums(grad_y, x, lay)
+    return torch.stack(_sample_channel_sums(grad_y, x, channel_dim, torch.float32))
+
+
+def _rows_input_grad(
+    grad_y: Tensor, x: Tensor, a_rows: Tensor, pq: Tensor, channel_dim: int, lay: Optional[kernels.Layout]
+) -> Tensor:
+    """``grad_y * A + x * P + Q``: ``A`` the first row of ``a_rows``, ``P``, ``Q`` the rows of ``pq``."""
+    if lay is not None:
+        return kernels.affine_input_grad(grad_y, x, lay, a_rows, pq)
+    return _affine_input_grad(grad_y, x, a_rows[0], pq[0], pq[1], channel_dim)
+
+
 def _use_fused(fused: Optional[bool], closed_form: bool = True) -> bool:
     """``fused=None``: the fused autograd functions while gradients are recorded.
 
@@ -912,17 +942,20 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
         ctx.channel_dim = channel_dim
         ctx.has_weight = weight is not None
         ctx.has_bias = bias is not None
-        ctx.lay = _kernel_layout(x, channel_dim) if isinstance(noise_fn, GhostDraws) else None
-        if ctx.lay is not None:
-            # CUDA: the same math in Triton kernels (see lightning_ghostnoise.kernels), 3 launches
-            mv = kernels.moments(x, ctx.lay)
-            coef, stats = kernels.gni_coefficients(
+        draws = isinstance(noise_fn, GhostDraws)
+        ctx.lay = _kernel_layout(x, channel_dim) if draws else None
+        ctx.in_graph = ctx.lay is None and draws and ops.in_graph(x, channel_dim)
+        if ctx.lay is not None or ctx.in_graph:
+            # CUDA: the same math in Triton kernels (see lightning_ghostnoise.kernels), 3 launches; in a
+            # compiled graph (opt-in, lightning_ghostnoise.ops) the coefficient kernel alone, as a custom op
+            mv = _stacked_moments(x, channel_dim, ctx.lay)
+            coef, stats = (ops.gni_coefficients if ctx.in_graph else kernels.gni_coefficients)(
                 mv, weight, bias, running_mean, running_var, _as_strength(strength, mv), count, momentum, eps,
                 shift_noise, scale_noise, indices=noise_fn.indices, noise_eps=noise_fn.eps, normal=noise_fn.normal,
                 gamma=noise_fn.gamma, ghost_batch_size=noise_fn.ghost_batch_size,
             )
             ctx.save_for_backward(x, coef, stats, weight)
-            return kernels.affine(x, ctx.lay, coef)
+            return _rows_affine(x, coef, channel_dim, ctx.lay)
         mean, var = per_sample_moments(x, channel_dim)
         mu = mean.mean(0)
         c = mean - mu
@@ -948,12 +981,13 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
         _refuse_double_backward()
         channel_dim = ctx.channel_dim
-        if ctx.lay is not None:
+        if ctx.lay is not None or ctx.in_graph:
             x, coef, stats, weight = ctx.saved_tensors
             n = x.numel() // x.shape[1]  # values per channel
-            r = kernels.channel_sums(grad_y, x, ctx.lay)
-            out = kernels.gni_input_coefficients(r, coef, stats, weight, n)  # P, Q, grad_w, grad_b
-            grad_x = kernels.affine_input_grad(grad_y, x, ctx.lay, coef, out[:2]) if ctx.needs_input_grad[0] else None
+            r = _stacked_sums(grad_y, x, channel_dim, ctx.lay)
+            input_coefficients = ops.gni_input_coefficients if ctx.in_graph else kernels.gni_input_coefficients
+            out = input_coefficients(r, coef, stats, weight, n)  # P, Q, grad_w, grad_b
+            grad_x = _rows_input_grad(grad_y, x, coef, out[:2], channel_dim, ctx.lay) if ctx.needs_input_grad[0] else None
             grad_w = out[2] if ctx.has_weight and ctx.needs_input_grad[1] else None
             grad_b = out[3] if ctx.has_bias and ctx.needs_input_grad[2] else None
             return (grad_x, grad_w, grad_b) + (None,) * 9
@@ -1010,17 +1044,22 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
     ) -> Tensor:
         count = x.numel() // max(x.shape[channel_dim], 1)
         ctx.lay = _kernel_layout(x, channel_dim)
-        if ctx.lay is not None:
-            # CUDA: the same math in Triton kernels (see lightning_ghostnoise.kernels), 3 launches
-            mv = kernels.moments(x, ctx.lay)
+        ctx.in_graph = ctx.lay is None and ops.in_graph(x, channel_dim)
+        if ctx.lay is not None or ctx.in_graph:
+            # CUDA: the same math in Triton kernels (see lightning_ghostnoise.kernels), 3 launches; in a
+            # compiled graph (opt-in, lightning_ghostnoise.ops) the coefficient kernel alone, as a custom op
+            mv = _stacked_moments(x, channel_dim, ctx.lay)
             s = _as_strength(strength, mv)
-            per_sample, per_channel = kernels.ghost_statistics_coefficients(
+            per_sample, per_channel = (
+                ops.ghost_statistics_coefficients if ctx.in_graph else kernels.ghost_statistics_coefficients
+            )(
                 mv, weight, bias, running_mean, running_var, s, count, momentum, eps, ghost_batch_size, exclusive,
                 shift_noise, scale_noise,
             )
             ctx.save_for_backward(x, mv, per_sample, per_channel, s)
             ctx.flags = (ghost_batch_size, exclusive, shift_noise, scale_noise, weight is not None, bias is not None)
-            return kernels.affine(x, ctx.lay, per_sample)  # A and D are its first two rows
+            ctx.channel_dim = channel_dim
+            return _rows_affine(x, per_sample, channel_dim, ctx.lay)  # A and D are its first two rows
         mean, var = per_sample_moments(x, channel_dim)
         batch, channels = mean.shape
         centre = mean.mean(0)
@@ -1049,15 +1088,17 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
         _refuse_double_backward()
-        if ctx.lay is not None:
+        if ctx.lay is not None or ctx.in_graph:
             x, mv, per_sample, per_channel, s = ctx.saved_tensors
             ghost_batch_size, exclusive, shift_noise, scale_noise, has_weight, has_bias = ctx.flags
-            r = kernels.channel_sums(grad_y, x, ctx.lay)
-            pq, grads = kernels.ghost_statistics_input_coefficients(
+            r = _stacked_sums(grad_y, x, ctx.channel_dim, ctx.lay)
+            pq, grads = (
+                ops.ghost_statistics_input_coefficients if ctx.in_graph else kernels.ghost_statistics_input_coefficients
+            )(
                 r, mv, per_sample, per_channel, s, _spatial_count(x, 1), ghost_batch_size, exclusive, shift_noise,
                 scale_noise,
             )
-            grad_x = kernels.affine_input_grad(grad_y, x, ctx.lay, per_sample, pq) if ctx.needs_input_grad[0] else None
+            grad_x = _rows_input_grad(grad_y, x, per_sample, pq, ctx.channel_dim, ctx.lay) if ctx.needs_input_grad[0] else None
             grad_w = grads[0] if has_weight and ctx.needs_input_grad[1] else None
             grad_b = grads[1] if has_bias and ctx.needs_input_grad[2] else None
             return (grad_x, grad_w, grad_b) + (None,) * 10

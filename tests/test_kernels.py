@@ -434,3 +434,71 @@ def test_layers_launch_through_the_cache(use_kernels, monkeypatch, method):
         assert all(v is False for v in entries)
     for a, b in zip(fast, run(False)):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Opt-in: the coefficient kernels as custom ops inside compiled graphs (lightning_ghostnoise.ops)
+# ---------------------------------------------------------------------------------------------------
+def _count_coefficient_kernels(monkeypatch):
+    calls = []
+    for name in ("gni_coefficients", "gni_input_coefficients", "ghost_statistics_coefficients",
+                 "ghost_statistics_input_coefficients", "moments", "affine", "channel_sums", "affine_input_grad"):  # fmt: skip
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "method,backend", [("gni", "aot_eager"), ("analytic", "aot_eager"), ("gbn", "aot_eager"), ("xbn", "aot_eager"), ("gni", "inductor")]
+)
+def test_compiled_graph_calls_the_coefficient_ops(use_kernels, monkeypatch, method, backend):
+    from lightning_ghostnoise import ops
+
+    monkeypatch.setenv("GHOSTNOISE_COMPILED_KERNELS", "1")
+    assert ops.enabled() and not ops.in_graph(torch.randn(4, 3, 2, 2))  # outside a compiled graph: no
+    torch._dynamo.reset()
+    layer = GhostBatchNorm2d.from_module(_bn(nn.BatchNorm2d, 5), method=method, ghost_batch_size=4, seed=1).train()
+    layer.counter_rng = True  # the eager reference draws from the generator the compiled graph uses
+    reference = copy.deepcopy(layer)
+    x = varied_input((8, 5, 3, 4), 2).to(DEVICE)
+    calls = _count_coefficient_kernels(monkeypatch)
+    try:
+        outs = {}
+        for name, module in (("compiled", torch.compile(layer, backend=backend)), ("eager", reference)):
+            xi = x.clone().requires_grad_()
+            y = module(xi)
+            gx, gw = torch.autograd.grad(y, [xi, module.weight], torch.cos(y.detach()))
+            outs[name] = (y, gx, gw, module.running_mean, module.running_var)
+            if name == "compiled":
+                # only the two coefficient kernels ran; inductor (or aot_eager) did the full-size passes
+                kind = "gni" if method in ("gni", "analytic") else "ghost_statistics"
+                assert calls == [f"{kind}_coefficients", f"{kind}_input_coefficients"]
+        for a, b in zip(outs["compiled"], outs["eager"]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch._dynamo.reset()
+        assert torch._dynamo.explain(layer)(x).graph_break_count == 0
+    finally:
+        torch._dynamo.reset()
+
+
+def test_coefficient_ops_opcheck(use_kernels):
+    """The custom ops' schemas, fake (meta) implementations and declared mutations (torch.library.opcheck)."""
+    from lightning_ghostnoise import ops  # noqa: F401 - registers torch.ops.ghostnoise
+
+    batch, channels = 8, 5
+    mv = torch.stack([torch.randn(batch, channels), torch.rand(batch, channels) + 0.5]).to(DEVICE)
+    w, b = torch.rand(channels, device=DEVICE) + 0.5, torch.randn(channels, device=DEVICE)
+    s = torch.tensor(0.7, device=DEVICE)
+    idx = torch.randint(0, batch, (batch, 4), device=DEVICE)
+    gni_args = (mv, w, b, torch.zeros(channels, device=DEVICE), torch.ones(channels, device=DEVICE), s, 96, 0.1, 1e-5, True, True)
+    torch.library.opcheck(torch.ops.ghostnoise.gni_coefficients.default, gni_args, dict(indices=idx))
+    coef, stats = torch.ops.ghostnoise.gni_coefficients(*gni_args, indices=idx)
+    r = torch.randn(2, batch, channels, device=DEVICE)
+    torch.library.opcheck(torch.ops.ghostnoise.gni_input_coefficients.default, (r, coef, stats, w, 96))
+    gs_args = (mv, w, b, torch.zeros(channels, device=DEVICE), torch.ones(channels, device=DEVICE), s, 96, 0.1, 1e-5, 4, True, True, True)
+    torch.library.opcheck(torch.ops.ghostnoise.ghost_statistics_coefficients.default, gs_args)
+    per_sample, per_channel = torch.ops.ghostnoise.ghost_statistics_coefficients(*gs_args)
+    torch.library.opcheck(
+        torch.ops.ghostnoise.ghost_statistics_input_coefficients.default,
+        (r, mv, per_sample, per_channel, s, 12, 4, True, True, True),
+    )
