@@ -92,10 +92,12 @@ def graph_breaks(model: nn.Module, x: torch.Tensor) -> Optional[int]:
 def bench_models(args: argparse.Namespace, device: torch.device) -> None:
     if device.type == "cuda":
         base = resnet18_cifar(num_classes=10, in_channels=3)
-        shape, label = (args.batch or 256, 3, 32, 32), "ResNet-18 3x32x32"
+        size = args.image_size or 32
+        shape, label = (args.batch or 256, 3, size, size), f"ResNet-18 3x{size}x{size}"
     else:
         base = small_resnet(depth=8, width=16, in_channels=1, num_classes=10)
-        shape, label = (args.batch or 128, 1, 28, 28), "small ResNet-8 1x28x28"
+        size = args.image_size or 28
+        shape, label = (args.batch or 128, 1, size, size), f"small ResNet-8 1x{size}x{size}"
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     base = base.to(device=device, memory_format=memory_format)
     torch.manual_seed(0)
@@ -285,6 +287,9 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (default on CUDA)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last (default on CUDA)")
     parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="models: input height and width (default 32 on CUDA, 28 on CPU)"
+    )
     parser.add_argument("--ghost-batch-size", type=int, default=16)
     parser.add_argument(
         "--methods", type=lambda v: [m for m in v.split(",") if m], default=list(METHODS[1:]),
