@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
@@ -318,8 +319,15 @@ def analytic_draws(
     normal = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
     if n == 1:
         return normal, torch.zeros_like(normal)
-    alpha = torch.full(shape, (n - 1) / 2.0, device=device, dtype=torch.float32)
+    # a cached 0-dim shape parameter, broadcast: the same draws as a full tensor, no fill launch per call
+    alpha = _gamma_shape(n, torch.device(device)).expand(shape)
     return normal, torch._standard_gamma(alpha, generator=generator)
+
+
+@functools.lru_cache(maxsize=64)
+def _gamma_shape(ghost_batch_size: int, device: torch.device) -> Tensor:
+    """``(N - 1) / 2`` as a float32 0-dim tensor on ``device`` (read-only, shared)."""
+    return torch.tensor((ghost_batch_size - 1) / 2.0, dtype=torch.float32, device=device)
 
 
 def analytic_noise_from_draws(normal: Tensor, gamma: Tensor, ghost_batch_size: int) -> Tuple[Tensor, Tensor]:

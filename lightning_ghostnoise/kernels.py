@@ -155,18 +155,30 @@ def _blocks(channels: int, spatial: int, channels_adjacent: bool) -> Tuple[int, 
 FAST_LAUNCH = os.environ.get("GHOSTNOISE_FAST_LAUNCH", "1") != "0"
 
 
-def _spec(arg: object) -> object:
-    """What Triton specializes a kernel on, for one argument (a superset, so a cache key is safe)."""
-    if isinstance(arg, Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if type(arg) is int:
-        return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31
-    return type(arg)
+def _key(device: int, args: Tuple[object, ...], meta: dict) -> Tuple[object, ...]:
+    """A cache key that determines Triton's specialization of a launch (and more: exact integers).
+
+    Triton specializes on each tensor's dtype and 16-byte alignment, each integer's value being 1,
+    divisible by 16 or beyond int32, the other arguments' types and the constexprs. The key holds
+    the tensors' dtypes and addresses modulo 16, the integers themselves, the other arguments' types
+    and the constexprs by name: equal keys imply equal specializations.
+    """
+    key: list = [device]
+    for arg in args:
+        if type(arg) is int:
+            key.append(arg)
+        elif isinstance(arg, Tensor):
+            key.append(arg.dtype)
+            key.append(arg.data_ptr() % 16)
+        else:
+            key.append(type(arg))
+    key.extend(meta.items())
+    return tuple(key)
 
 
 def _current_device() -> int:
     """The current CUDA device (the one Triton launches on), ``-1`` before CUDA is initialized."""
-    return torch.cuda.current_device() if torch.cuda.is_initialized() else -1
+    return torch._C._cuda_getDevice() if torch.cuda.is_initialized() else -1
 
 
 def _current_stream(device: int) -> int:
@@ -186,15 +198,18 @@ def _launch_hook_set() -> bool:
     return _hook_active(knobs.runtime.launch_enter_hook) or _hook_active(knobs.runtime.launch_exit_hook)
 
 
+_CACHE_SIZE = 256  # specializations kept per kernel
+
+
 class _Launcher:
     """``fn[grid](*args, **constexprs)`` with less host work per call.
 
     Triton's launch binds and specializes every argument, builds a cache key and looks the compiled
     kernel up on every call: in eager mode, where a small model's step is bound by the host, that
-    is a visible part of a layer's cost. The first call for a given specialization (the current
-    device, argument dtypes, 16-byte alignment of the pointers, integers equal to 1 / divisible by 16
-    / in int32 range, the constexprs) goes through Triton and keeps the compiled kernel it returns;
-    later calls with the same specialization hand the arguments straight to that kernel's launcher,
+    is a visible part of a layer's cost. The first call for a given key (the current device and
+    :func:`_key`: dtypes and alignment of the tensors, the integers, the constexprs) goes through
+    Triton and keeps the compiled kernel it returns; later calls with the same key hand the
+    arguments straight to that kernel's launcher,
     as Triton's own launch does after its lookup. Launch hooks (profilers such as proton), the
     interpreter, Triton versions without ``triton.knobs`` and ``GHOSTNOISE_FAST_LAUNCH=0`` take
     Triton's path.
@@ -209,9 +224,11 @@ class _Launcher:
             self.fn[grid](*args, **meta)  # type: ignore[index]
             return
         device = _current_device()
-        key = (device, tuple(map(_spec, args)), tuple(meta.items()))
+        key = _key(device, args, meta)
         hit = self.cache.get(key)
         if hit is None:
+            if len(self.cache) >= _CACHE_SIZE:  # keys hold exact integers: bound the cache
+                self.cache.clear()
             compiled = self.fn[grid](*args, **meta)  # type: ignore[index]
             if hasattr(compiled, "result"):  # an asynchronous compile
                 compiled = compiled.result()

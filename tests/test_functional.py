@@ -656,6 +656,17 @@ def test_ghost_draws_validates_and_matches_the_noise_functions():
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 16])
+def test_analytic_draws_are_a_normal_then_a_gamma_from_the_generator(n):
+    """Generator draws: a standard normal, then Gamma((N - 1) / 2) from a full shape tensor, in this order."""
+    z, g = GF.analytic_draws(7, 3, n, generator=torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)
+    want_z = torch.randn(7, 3, generator=gen)
+    want_g = torch._standard_gamma(torch.full((7, 3), (n - 1) / 2.0), generator=gen) if n > 1 else torch.zeros(7, 3)
+    assert torch.equal(z, want_z) and torch.equal(g, want_g)
+    assert g.is_contiguous() and g.dtype == torch.float32
+
+
 @pytest.mark.parametrize("n", [2, 3, 6, 17])
 def test_analytic_draws_counter_gamma_follows_its_law(n):
     """Counter draws (torch.compile): Gamma((N - 1) / 2) from exponentials (and a squared normal)."""

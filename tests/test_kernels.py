@@ -329,11 +329,24 @@ def test_launcher_reuses_the_compiled_kernel(fast_launch):
     x = torch.zeros(8)
     kernels._launch(fn, (3, 2), x, 32, 0.5, FLAG=True, BLOCK=64)  # first: through Triton (compiles)
     assert fn.triton_calls == [((3, 2), (x, 32, 0.5), {"FLAG": True, "BLOCK": 64})]
-    kernels._launch(fn, (4,), x, 48, 0.25, FLAG=True, BLOCK=64)  # same specialization: direct
+    x2 = torch.ones(8)
+    kernels._launch(fn, (4,), x2, 32, 0.25, FLAG=True, BLOCK=64)  # same key (another tensor, float): direct
     assert len(fn.triton_calls) == 1
     # as Triton's own launch: grid padded to 3 dims, stream, handles, no metadata or hooks, then every
     # argument in signature order (the constexprs after the others, whatever the keyword order)
-    assert fn.compiled.runs == [(4, 1, 1, 77, "function-handle", "packed-metadata", None, None, None, x, 48, 0.25, 64, True)]
+    assert fn.compiled.runs == [(4, 1, 1, 77, "function-handle", "packed-metadata", None, None, None, x2, 32, 0.25, 64, True)]
+
+
+def test_launcher_cache_is_bounded(fast_launch, monkeypatch):
+    monkeypatch.setattr(kernels, "_CACHE_SIZE", 4)
+    fn = _FakeKernel()
+    x = torch.zeros(8)
+    for n in range(10):  # a new integer each call: a new key each time, through Triton
+        kernels._launch(fn, (1,), x, n, 0.5, BLOCK=64, FLAG=True)
+    launcher = kernels._LAUNCHERS[id(fn)]
+    assert len(fn.triton_calls) == 10 and 1 <= len(launcher.cache) <= 4
+    kernels._launch(fn, (1,), x, 9, 0.5, BLOCK=64, FLAG=True)  # the latest key is still cached
+    assert len(fn.triton_calls) == 10 and len(fn.compiled.runs) == 1
 
 
 @pytest.mark.parametrize(
@@ -343,7 +356,9 @@ def test_launcher_reuses_the_compiled_kernel(fast_launch):
         lambda x: dict(args=(x.half(), 32, 0.5)),  # another dtype
         lambda x: dict(args=(x, 1, 0.5)),  # an integer equal to 1
         lambda x: dict(args=(x, 33, 0.5)),  # not divisible by 16
+        lambda x: dict(args=(x, 48, 0.5)),  # another integer (the key holds them exactly)
         lambda x: dict(args=(x, 2**31, 0.5)),  # beyond int32
+        lambda x: dict(args=(x, 32, 1)),  # an integer where a float was
         lambda x: dict(meta=dict(FLAG=False, BLOCK=64)),  # another constexpr
     ],
 )
