@@ -138,6 +138,50 @@ def _compile() -> None:
         y_c.sum().backward()
 
 
+@check("CUDA graphs: torch.compile(mode='reduce-overhead'), 3 SGD steps match eager, coefficient kernels in the graph on and off")
+def _cudagraphs() -> None:
+    import os
+
+    from lightning_ghostnoise import kernels
+
+    for in_graph in ("1", "0"):
+        os.environ["GHOSTNOISE_COMPILED_KERNELS"] = in_graph
+        for method in ("gni", "gbn"):
+            torch._dynamo.reset()
+            model = apply_ghost_noise(small_net(), 8, method=method, seed=2).to(dev)
+            eager_model = copy.deepcopy(model)
+            for _, layer in ghost_layers(eager_model):
+                layer.counter_rng = True  # the generator torch.compile uses
+            calls: List[bool] = []  # per kernel call: whether the compiled model was running
+            active = [False]
+            name = "gni_coefficients" if method == "gni" else "ghost_statistics_coefficients"
+            real = getattr(kernels, name)
+            setattr(kernels, name, lambda *a, **k: calls.append(active[0]) or real(*a, **k))
+            try:
+                compiled = torch.compile(model, mode="reduce-overhead")
+                opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, eager_model)]
+                x = torch.randn(32, 3, 16, 16, device=dev)
+                for _ in range(3):
+                    torch.compiler.cudagraph_mark_step_begin()
+                    outs = []
+                    for net, opt in zip((compiled, eager_model), opts):
+                        active[0] = net is compiled
+                        opt.zero_grad()
+                        y = net(x)
+                        y.square().mean().backward()
+                        opt.step()
+                        outs.append(y.detach().clone())
+                    active[0] = False
+                    torch.testing.assert_close(outs[0], outs[1], rtol=2e-3, atol=2e-3, msg=f"{method} {in_graph}")
+                torch.testing.assert_close(model[1].running_mean, eager_model[1].running_mean, rtol=1e-3, atol=1e-4)
+                torch.testing.assert_close(model[0].weight, eager_model[0].weight, rtol=1e-3, atol=1e-4)
+                # with the variable set the graph called the kernel (while recording); without, never
+                assert any(calls) == (in_graph == "1"), (method, in_graph, calls)
+            finally:
+                setattr(kernels, name, real)
+    os.environ.pop("GHOSTNOISE_COMPILED_KERNELS")
+
+
 @check("Lightning fit on one GPU with GhostNoise (bf16-mixed), every method")
 def _lightning() -> None:
     import lightning.pytorch as pl

@@ -2,7 +2,8 @@
 # One prepared GPU session (next: the opt-in coefficient kernels in compiled graphs): the kernel tests
 # on CUDA, the eager step at 224x224 (batch 64: a GPU-bound step), then the compiled ResNet-18 step with CUDA graphs (mode="reduce-overhead") with
 # GHOSTNOISE_COMPILED_KERNELS=1 and, as the A/B, without; then the compiled default-mode peak memory
-# with cudnn.benchmark off. About 7 minutes on a cold machine (inductor compiles each model).
+# with cudnn.benchmark off; before them the CUDA-graphs correctness check (cuda_checks.py cudagraphs).
+# About 10 minutes on a cold machine (inductor compiles each model): the last steps may not fit one call.
 # Earlier sessions' steps, for reference:
 #   python3 benchmarks/launch_overhead.py
 #   python3 benchmarks/host_overhead.py --device cuda [--cprofile gni]
@@ -19,6 +20,7 @@ OUT="${OUT:-/tmp/ghostnoise-gpu}"; mkdir -p "$OUT"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 python3 -c "import pytest" 2>/dev/null || python3 -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('/tmp/gn-site') for w in glob.glob('.gpu_wheels/*.whl')]"
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -25 | tee "$OUT/kernel_tests_cuda.txt"
+timeout 120 python3 benchmarks/cuda_checks.py cudagraphs 2>&1 | tee "$OUT/cuda_checks_cudagraphs.txt"
 timeout 60 python3 benchmarks/overhead.py --device cuda --repeats 10 --skip-layers --image-size 224 --batch 64 2>&1 | tee "$OUT/overhead_cuda_eager_224.txt"
 GHOSTNOISE_COMPILED_KERNELS=1 timeout 170 python3 benchmarks/overhead.py --device cuda --compile-only --compile-mode reduce-overhead --skip-layers --methods gni,gbn --repeats 20 --profile 2>&1 | tee "$OUT/overhead_cuda_cudagraphs_compiled_kernels.txt"
 timeout 110 python3 benchmarks/overhead.py --device cuda --compile-only --compile-mode reduce-overhead --skip-layers --methods gni,gbn --repeats 20 2>&1 | tee "$OUT/overhead_cuda_cudagraphs_inductor.txt"
