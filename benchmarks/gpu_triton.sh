@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One prepared GPU session (next: the opt-in coefficient kernels in compiled graphs): the kernel tests
-# on CUDA, the eager step at 224x224 (batch 64: a GPU-bound step), then the compiled ResNet-18 step with CUDA graphs (mode="reduce-overhead") with
-# GHOSTNOISE_COMPILED_KERNELS=1 and, as the A/B, without; then the compiled default-mode peak memory
-# with cudnn.benchmark off; before them the CUDA-graphs correctness check (cuda_checks.py cudagraphs).
-# About 10 minutes on a cold machine (inductor compiles each model): the last steps may not fit one call.
+# One prepared GPU session (next: the opt-in coefficient kernels in compiled graphs), in this order:
+# the kernel tests on CUDA; the CUDA-graphs correctness check (cuda_checks.py cudagraphs); the eager
+# step at 224x224, batch 64 (a GPU-bound step); the compiled ResNet-18 step with CUDA graphs
+# (mode="reduce-overhead") with GHOSTNOISE_COMPILED_KERNELS=1 and, as the A/B, without; the compiled
+# default-mode peak memory with cudnn.benchmark off. About 10 minutes on a cold machine (inductor
+# compiles each model): the last steps may not fit one call.
 # Earlier sessions' steps, for reference:
 #   python3 benchmarks/launch_overhead.py
 #   python3 benchmarks/host_overhead.py --device cuda [--cprofile gni]
