@@ -152,11 +152,17 @@ def _cudagraphs() -> None:
             eager_model = copy.deepcopy(model)
             for _, layer in ghost_layers(eager_model):
                 layer.counter_rng = True  # the generator torch.compile uses
-            calls: List[bool] = []  # per kernel call: whether the compiled model was running
+            calls: List[bool] = []  # per coefficient-kernel launch: whether the compiled model was running
             active = [False]
-            name = "gni_coefficients" if method == "gni" else "ghost_statistics_coefficients"
-            real = getattr(kernels, name)
-            setattr(kernels, name, lambda *a, **k: calls.append(active[0]) or real(*a, **k))
+            name = "_gni_coefficients_kernel" if method == "gni" else "_ghost_stats_coefficients_kernel"
+            real = kernels._launch
+
+            def launch(fn, *args, _real=real, _name=name, **meta):
+                if fn.__name__ == _name:
+                    calls.append(active[0])
+                return _real(fn, *args, **meta)
+
+            kernels._launch = launch
             try:
                 compiled = torch.compile(model, mode="reduce-overhead")
                 opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, eager_model)]
@@ -178,7 +184,7 @@ def _cudagraphs() -> None:
                 # with the variable set the graph called the kernel (while recording); without, never
                 assert any(calls) == (in_graph == "1"), (method, in_graph, calls)
             finally:
-                setattr(kernels, name, real)
+                kernels._launch = real
     os.environ.pop("GHOSTNOISE_COMPILED_KERNELS")
 
 

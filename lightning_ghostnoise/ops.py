@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
@@ -54,101 +54,40 @@ def in_graph(x: Tensor, channel_dim: int = 1) -> bool:
     )
 
 
-@torch.library.custom_op("ghostnoise::gni_coefficients", mutates_args=("running_mean", "running_var"))
-def gni_coefficients(
-    mv: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    strength: Tensor,
-    count: int,
-    momentum: float,
-    eps: float,
-    shift_noise: bool,
-    scale_noise: bool,
-    indices: Optional[Tensor] = None,
-    noise_eps: float = 1e-3,
-    normal: Optional[Tensor] = None,
-    gamma: Optional[Tensor] = None,
-    ghost_batch_size: Optional[int] = None,
-) -> Tuple[Tensor, Tensor]:
-    """:func:`lightning_ghostnoise.kernels.gni_coefficients` as ``torch.ops.ghostnoise.gni_coefficients``."""
-    return kernels.gni_coefficients(
-        mv, weight, bias, running_mean, running_var, strength, count, momentum, eps, shift_noise, scale_noise,
-        indices=indices, noise_eps=noise_eps, normal=normal, gamma=gamma, ghost_batch_size=ghost_batch_size,
-    )  # fmt: skip
+# The kernels' own functions, registered as custom ops (the schema comes from their annotations);
+# the fake implementations give the outputs' shapes for tracing.
+gni_coefficients = torch.library.custom_op(
+    "ghostnoise::gni_coefficients", mutates_args=("running_mean", "running_var")
+)(kernels.gni_coefficients)
+gni_input_coefficients = torch.library.custom_op("ghostnoise::gni_input_coefficients", mutates_args=())(
+    kernels.gni_input_coefficients
+)
+ghost_statistics_coefficients = torch.library.custom_op(
+    "ghostnoise::ghost_statistics_coefficients", mutates_args=("running_mean", "running_var")
+)(kernels.ghost_statistics_coefficients)
+ghost_statistics_input_coefficients = torch.library.custom_op(
+    "ghostnoise::ghost_statistics_input_coefficients", mutates_args=()
+)(kernels.ghost_statistics_input_coefficients)
 
 
 @gni_coefficients.register_fake
-def _(mv, weight, bias, running_mean, running_var, strength, count, momentum, eps, shift_noise, scale_noise,
-      indices=None, noise_eps=1e-3, normal=None, gamma=None, ghost_batch_size=None):  # fmt: skip
+def _gni_coefficients_fake(mv: Tensor, *args: object, **kwargs: object) -> Tuple[Tensor, Tensor]:
     _, batch, channels = mv.shape
     return mv.new_empty(4, batch, channels), mv.new_empty(2, channels)
 
 
-@torch.library.custom_op("ghostnoise::gni_input_coefficients", mutates_args=())
-def gni_input_coefficients(r: Tensor, coef: Tensor, stats: Tensor, weight: Optional[Tensor], count: int) -> Tensor:
-    """:func:`lightning_ghostnoise.kernels.gni_input_coefficients` as a custom op."""
-    return kernels.gni_input_coefficients(r, coef, stats, weight, count)
-
-
 @gni_input_coefficients.register_fake
-def _(r, coef, stats, weight, count):
+def _gni_input_coefficients_fake(r: Tensor, *args: object) -> Tensor:
     return r.new_empty(4, r.shape[2])
 
 
-@torch.library.custom_op("ghostnoise::ghost_statistics_coefficients", mutates_args=("running_mean", "running_var"))
-def ghost_statistics_coefficients(
-    mv: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    strength: Tensor,
-    count: int,
-    momentum: float,
-    eps: float,
-    ghost_batch_size: int,
-    exclusive: bool,
-    shift_noise: bool,
-    scale_noise: bool,
-) -> Tuple[Tensor, Tensor]:
-    """:func:`lightning_ghostnoise.kernels.ghost_statistics_coefficients` as a custom op."""
-    return kernels.ghost_statistics_coefficients(
-        mv, weight, bias, running_mean, running_var, strength, count, momentum, eps, ghost_batch_size, exclusive,
-        shift_noise, scale_noise,
-    )  # fmt: skip
-
-
 @ghost_statistics_coefficients.register_fake
-def _(mv, weight, bias, running_mean, running_var, strength, count, momentum, eps, ghost_batch_size, exclusive,
-      shift_noise, scale_noise):  # fmt: skip
+def _ghost_statistics_coefficients_fake(mv: Tensor, *args: object) -> Tuple[Tensor, Tensor]:
     _, batch, channels = mv.shape
     return mv.new_empty(7, batch, channels), mv.new_empty(4, channels)
 
 
-@torch.library.custom_op("ghostnoise::ghost_statistics_input_coefficients", mutates_args=())
-def ghost_statistics_input_coefficients(
-    r: Tensor,
-    mv: Tensor,
-    per_sample: Tensor,
-    per_channel: Tensor,
-    strength: Tensor,
-    count: int,
-    ghost_batch_size: int,
-    exclusive: bool,
-    shift_noise: bool,
-    scale_noise: bool,
-) -> Tuple[Tensor, Tensor]:
-    """:func:`lightning_ghostnoise.kernels.ghost_statistics_input_coefficients` as a custom op."""
-    pq, grads = kernels.ghost_statistics_input_coefficients(
-        r, mv, per_sample, per_channel, strength, count, ghost_batch_size, exclusive, shift_noise, scale_noise
-    )
-    return pq, grads.clone()  # a fresh tensor, not a view into the kernel's scratch buffer
-
-
 @ghost_statistics_input_coefficients.register_fake
-def _(r, mv, per_sample, per_channel, strength, count, ghost_batch_size, exclusive, shift_noise, scale_noise):
+def _ghost_statistics_input_coefficients_fake(r: Tensor, *args: object) -> Tuple[Tensor, Tensor]:
     _, batch, channels = r.shape
     return r.new_empty(2, batch, channels), r.new_empty(2, channels)

@@ -454,12 +454,11 @@ def test_layers_launch_through_the_cache(use_kernels, monkeypatch, method):
 # ---------------------------------------------------------------------------------------------------
 # Opt-in: the coefficient kernels as custom ops inside compiled graphs (lightning_ghostnoise.ops)
 # ---------------------------------------------------------------------------------------------------
-def _count_coefficient_kernels(monkeypatch):
+def _count_launches(monkeypatch):
+    """Record the name of every Triton kernel launched."""
     calls = []
-    for name in ("gni_coefficients", "gni_input_coefficients", "ghost_statistics_coefficients",
-                 "ghost_statistics_input_coefficients", "moments", "affine", "channel_sums", "affine_input_grad"):  # fmt: skip
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    real = kernels._launch
+    monkeypatch.setattr(kernels, "_launch", lambda fn, *a, **k: calls.append(fn.__name__) or real(fn, *a, **k))
     return calls
 
 
@@ -476,7 +475,7 @@ def test_compiled_graph_calls_the_coefficient_ops(use_kernels, monkeypatch, meth
     layer.counter_rng = True  # the eager reference draws from the generator the compiled graph uses
     reference = copy.deepcopy(layer)
     x = varied_input((8, 5, 3, 4), 2).to(DEVICE)
-    calls = _count_coefficient_kernels(monkeypatch)
+    calls = _count_launches(monkeypatch)
     try:
         outs = {}
         for name, module in (("compiled", torch.compile(layer, backend=backend)), ("eager", reference)):
@@ -486,8 +485,8 @@ def test_compiled_graph_calls_the_coefficient_ops(use_kernels, monkeypatch, meth
             outs[name] = (y, gx, gw, module.running_mean, module.running_var)
             if name == "compiled":
                 # only the two coefficient kernels ran; inductor (or aot_eager) did the full-size passes
-                kind = "gni" if method in ("gni", "analytic") else "ghost_statistics"
-                assert calls == [f"{kind}_coefficients", f"{kind}_input_coefficients"]
+                kind = "gni" if method in ("gni", "analytic") else "ghost_stats"
+                assert calls == [f"_{kind}_coefficients_kernel", f"_{kind}_input_coefficients_kernel"]
         for a, b in zip(outs["compiled"], outs["eager"]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         torch._dynamo.reset()
