@@ -473,41 +473,13 @@ def _kernel_layout(x: Tensor, channel_dim: int) -> Optional[kernels.Layout]:
     return kernels.layout(x) if channel_dim == 1 else None
 
 
-def _moments_of(x: Tensor, channel_dim: int, lay: Optional[kernels.Layout]) -> Tuple[Tensor, Tensor]:
-    if lay is not None:
-        mean, var = kernels.moments(x, lay)
-        return mean, var
-    return per_sample_moments(x, channel_dim)
-
-
-def _affine_of(x: Tensor, a: Tensor, d: Tensor, channel_dim: int, lay: Optional[kernels.Layout]) -> Tensor:
-    if lay is not None:
-        return kernels.affine(x, lay, torch.stack([a, d]).float())
-    return sample_affine(x, a, d, channel_dim)
-
-
-def _sums_of(
-    grad_y: Tensor, x: Tensor, channel_dim: int, dtype: torch.dtype, lay: Optional[kernels.Layout]
-) -> Tuple[Tensor, Tensor]:
-    if lay is not None:
-        r0, r1 = kernels.channel_sums(grad_y, x, lay)
-        return r0, r1
-    return _sample_channel_sums(grad_y, x, channel_dim, dtype)
-
-
-def _input_grad_of(
-    grad_y: Tensor, x: Tensor, a: Tensor, p: Tensor, q: Tensor, channel_dim: int, lay: Optional[kernels.Layout]
-) -> Tensor:
-    if lay is not None:
-        return kernels.affine_input_grad(grad_y, x, lay, a.float().contiguous(), torch.stack([p, q]).float())
-    return _affine_input_grad(grad_y, x, a, p, q, channel_dim)
-
-
+# The fused autograd functions' full-size passes: the Triton kernels where ``lay`` (the input's
+# kernel layout) is given, else PyTorch. Small results come stacked in rows, as the kernels keep them.
 def _stacked_moments(x: Tensor, channel_dim: int, lay: Optional[kernels.Layout]) -> Tensor:
-    """Per-sample mean and variance stacked ``(2, B, C)`` float32: the Triton kernel (``lay``) or PyTorch."""
+    """Per-sample mean and variance stacked ``(2, B, C)`` (float32; float64 for float64 inputs)."""
     if lay is not None:
         return kernels.moments(x, lay)
-    return torch.stack(per_sample_moments(x, channel_dim)).float()
+    return torch.stack(per_sample_moments(x, channel_dim))
 
 
 def _rows_affine(x: Tensor, ad: Tensor, channel_dim: int, lay: Optional[kernels.Layout]) -> Tensor:
@@ -517,11 +489,13 @@ def _rows_affine(x: Tensor, ad: Tensor, channel_dim: int, lay: Optional[kernels.
     return sample_affine(x, ad[0], ad[1], channel_dim)
 
 
-def _stacked_sums(grad_y: Tensor, x: Tensor, channel_dim: int, lay: Optional[kernels.Layout]) -> Tensor:
-    """``sum_s grad_y`` and ``sum_s grad_y * x`` stacked ``(2, B, C)`` float32."""
+def _stacked_sums(
+    grad_y: Tensor, x: Tensor, channel_dim: int, lay: Optional[kernels.Layout], dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """``sum_s grad_y`` and ``sum_s grad_y * x`` stacked ``(2, B, C)`` (PyTorch: in ``dtype``; kernels: float32)."""
     if lay is not None:
         return kernels.channel_sums(grad_y, x, lay)
-    return torch.stack(_sample_channel_sums(grad_y, x, channel_dim, torch.float32))
+    return torch.stack(_sample_channel_sums(grad_y, x, channel_dim, dtype))
 
 
 def _rows_input_grad(
@@ -560,7 +534,7 @@ class _MomentAffine(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, channel_dim: int, coeff_fn: CoeffFn, *params: Optional[Tensor]) -> Tensor:
         ctx.lay = _kernel_layout(x, channel_dim)
-        mean, var = _moments_of(x, channel_dim, ctx.lay)
+        mean, var = _stacked_moments(x, channel_dim, ctx.lay)
         with torch.enable_grad():
             m = mean.detach().requires_grad_()
             v = var.detach().requires_grad_()
@@ -569,7 +543,8 @@ class _MomentAffine(torch.autograd.Function):
         ctx.save_for_backward(x)
         ctx.graph = (m, v, leaves, a, d)
         ctx.channel_dim = channel_dim
-        return _affine_of(x, a.detach(), d.detach(), channel_dim, ctx.lay)
+        ad = torch.stack([a.detach(), d.detach()])
+        return _rows_affine(x, ad.float() if ctx.lay is not None else ad, channel_dim, ctx.lay)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -577,7 +552,7 @@ class _MomentAffine(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         m, v, leaves, a, d = ctx.graph
         channel_dim = ctx.channel_dim
-        r0, r1 = _sums_of(grad_y, x, channel_dim, m.dtype, ctx.lay)
+        r0, r1 = _stacked_sums(grad_y, x, channel_dim, ctx.lay, m.dtype)
         inputs = [m, v] + [p for p in leaves if p is not None and p.requires_grad]
         # the small (B, C) graph is kept (retain_graph) so that backward through y may run twice
         grads = torch.autograd.grad((a, d), inputs, (r1, r0), allow_unused=True, retain_graph=True)
@@ -588,7 +563,10 @@ class _MomentAffine(torch.autograd.Function):
         q_coef = gm / count - p_coef * m
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = _input_grad_of(grad_y, x, a.detach(), p_coef, q_coef, channel_dim, ctx.lay)
+            a_rows, pq = a.detach()[None], torch.stack([p_coef, q_coef])
+            if ctx.lay is not None:  # the kernel reads contiguous float32 rows
+                a_rows, pq = a_rows.float().contiguous(), pq.float()
+            grad_x = _rows_input_grad(grad_y, x, a_rows, pq, channel_dim, ctx.lay)
         param_grads: List[Optional[Tensor]] = []
         it = iter(grads[2:])
         for p in leaves:

@@ -190,12 +190,15 @@ def _hook_active(hook: object) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+_KNOBS = getattr(triton, "knobs", None)  # Triton >= 3.4
+
+
 def _launch_hook_set() -> bool:
     """Whether a launch hook is installed (or this Triton has no ``knobs``: an older one, Triton's path)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is None:
+    if _KNOBS is None:
         return True
-    return _hook_active(knobs.runtime.launch_enter_hook) or _hook_active(knobs.runtime.launch_exit_hook)
+    runtime = _KNOBS.runtime
+    return _hook_active(runtime.launch_enter_hook) or _hook_active(runtime.launch_exit_hook)
 
 
 _CACHE_SIZE = 256  # specializations kept per kernel
