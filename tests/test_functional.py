@@ -638,6 +638,56 @@ def test_apply_noise_identity_noise_keeps_memory_format():
     torch.testing.assert_close(y, x_hat)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape, channel_dim, layout, two_ops",
+    [
+        ((4, 3, 5, 6), 1, "contiguous", True),  # coefficients broadcast along W: x * a, then += d
+        ((4, 3, 5, 6), 1, "channels_last", False),  # they vary along C, innermost: one addcmul
+        ((4, 3, 7), 1, "contiguous", True),
+        ((4, 3, 5, 1), 1, "contiguous", False),  # nothing to broadcast along the innermost size-1 dim
+        ((4, 6, 5), -1, "contiguous", False),  # channels last dimension (LayerNorm)
+        ((4, 3, 5, 6), 1, "transposed", False),  # any other layout: addcmul
+    ],
+)
+def test_sample_affine_and_its_input_gradient_in_every_layout(shape, channel_dim, layout, two_ops, dtype):
+    """Both op sequences (see ``_coefficients_inner_broadcast``) give ``x * a + d`` and ``g * a + x * p + q``."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen)
+    grad = torch.randn(shape, generator=gen)
+    if layout == "channels_last":
+        x, grad = x.to(memory_format=torch.channels_last), grad.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x, grad = x.transpose(2, 3).contiguous().transpose(2, 3), grad.transpose(2, 3).contiguous().transpose(2, 3)
+    x, grad = x.to(dtype), grad.to(dtype)
+    channels = shape[channel_dim]
+    a, d = torch.randn(shape[0], channels, generator=gen), torch.randn(shape[0], channels, generator=gen)
+    p, q = torch.randn(channels, generator=gen), torch.randn(channels, generator=gen)
+    assert GF._coefficients_inner_broadcast(x, channel_dim, grad) is two_ops
+
+    def per_position(t: torch.Tensor) -> torch.Tensor:  # (B, C) or (C,) -> the shape of x, by loops
+        out = torch.empty(shape, dtype=F64)
+        for b in range(shape[0]):
+            for c in range(channels):
+                value = float(t[b, c] if t.dim() == 2 else t[c])
+                if channel_dim == 1:
+                    out[b, c] = value
+                else:
+                    out[b, ..., c] = value
+        return out
+
+    # the coefficients rounded to x's dtype first, as both functions do
+    a64, d64, p64, q64 = (per_position(t.to(dtype).double()) for t in (a, d, p, q))
+    x64, g64 = x.double(), grad.double()
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    y = GF.sample_affine(x, a, d, channel_dim)
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y.double(), x64 * a64 + d64, **tol)
+    grad_x = GF._affine_input_grad(grad, x, a, p, q, channel_dim)
+    assert grad_x.dtype == dtype
+    torch.testing.assert_close(grad_x.double(), g64 * a64 + x64 * p64 + q64, **tol)
+
+
 def test_ghost_draws_validates_and_matches_the_noise_functions():
     idx = GF.ghost_indices(6, 3, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="either indices"):
