@@ -686,6 +686,16 @@ def test_sample_affine_and_its_input_gradient_in_every_layout(shape, channel_dim
     grad_x = GF._affine_input_grad(grad, x, a, p, q, channel_dim)
     assert grad_x.dtype == dtype
     torch.testing.assert_close(grad_x.double(), g64 * a64 + x64 * p64 + q64, **tol)
+    # written into a scratch tensor of x's shape and dtype (the backward passes grad * x's memory) ...
+    scratch = grad * x
+    into = GF._affine_input_grad(grad, x, a, p, q, channel_dim, out=scratch)
+    assert into.data_ptr() == scratch.data_ptr()
+    torch.testing.assert_close(into, grad_x, rtol=0, atol=0)
+    # ... and a scratch that does not fit is left alone
+    wrong = torch.zeros(shape, dtype=torch.float64)
+    other = GF._affine_input_grad(grad, x, a, p, q, channel_dim, out=wrong)
+    assert other.data_ptr() != wrong.data_ptr() and other.dtype == dtype and not wrong.any()
+    torch.testing.assert_close(other, grad_x, rtol=0, atol=0)
 
 
 def test_ghost_draws_validates_and_matches_the_noise_functions():
