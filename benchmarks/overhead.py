@@ -3,7 +3,9 @@
 For every method (gni, gbn, xbn, analytic) and plain BN this prints, per case, the median time of a
 training step (forward + backward + SGD step) or a single layer's forward + backward, the ratio to
 plain BN measured in the same run (interleaved repeats, so machine noise hits all alike), the
-activation memory (bytes of tensors saved for backward; on CUDA also the peak allocated memory),
+activation memory (bytes of tensors saved for backward), the peak memory of a step (CUDA: the peak
+allocated memory; CPU: the peak above what was held before the step, from the profiler's allocation
+events),
 and under ``torch.compile`` the number of graph breaks.
 
 Usage:
@@ -57,6 +59,29 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
         out = fn()
     out.float().sum().backward()
     return total
+
+
+def cpu_step_peak_bytes(step: Callable[[], None]) -> Optional[int]:
+    """CPU: the most memory torch held during ``step`` above what it held at its start, in bytes.
+
+    Read from the profiler's allocation events (``profile_memory=True``), summed in time order;
+    ``None`` (with a message) if this torch's profiler does not give them.
+    """
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        cpu = torch.autograd.DeviceType.CPU
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == cpu]
+        held = peak = 0
+        for e in sorted(events, key=lambda e: e.start_ns()):
+            held += e.nbytes()
+            peak = max(peak, held)
+        return peak
+    except Exception as err:  # pragma: no cover - reported, not hidden
+        print(f"  (CPU peak memory failed: {type(err).__name__}: {err})")
+        return None
 
 
 def interleaved_medians(steps: Dict[str, Callable[[], None]], repeats: int, device: torch.device) -> Dict[str, float]:
@@ -151,7 +176,7 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
                 torch.cuda.synchronize()
                 peaks[k] = torch.cuda.max_memory_allocated()
             else:
-                peaks[k] = None
+                peaks[k] = cpu_step_peak_bytes(step)
         act = {}
         if not compiled:
             for k, m in models.items():
@@ -171,8 +196,9 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
             ]
             if act:
                 parts.append(f"saved={act[k] / 2**20:7.1f}MiB saved_ratio={act[k] / act['bn']:.3f}")
-            if peaks[k] is not None:
-                parts.append(f"peak={peaks[k] / 2**20:7.1f}MiB peak_ratio={peaks[k] / peaks['bn']:.3f}")  # type: ignore[operator]
+            if peaks[k] is not None and peaks["bn"]:
+                name = "peak" if device.type == "cuda" else "step_peak"  # CPU: above the memory held before the step
+                parts.append(f"{name}={peaks[k] / 2**20:7.1f}MiB {name}_ratio={peaks[k] / peaks['bn']:.3f}")  # type: ignore[operator]
             if compiled:
                 parts.append(f"graph_breaks={breaks.get(k)}")
             if cudagraphs:
