@@ -2,7 +2,8 @@
 
 For every method (gni, gbn, xbn, analytic) and plain BN this prints, per case, the median time of a
 training step (forward + backward + SGD step) or a single layer's forward + backward, the ratio to
-plain BN measured in the same run (interleaved repeats, so machine noise hits all alike), the
+plain BN measured in the same run (interleaved repeats in shuffled order, so machine noise hits
+all alike; ``spread`` gives the quartiles of the per-repeat ratios), the
 activation memory (bytes of tensors saved for backward), the peak memory of a step (CUDA: the peak
 allocated memory; CPU: the peak above what was held before the step, from the profiler's allocation
 events),
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import random
 import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -84,16 +86,30 @@ def cpu_step_peak_bytes(step: Callable[[], None]) -> Optional[int]:
         return None
 
 
-def interleaved_medians(steps: Dict[str, Callable[[], None]], repeats: int, device: torch.device) -> Dict[str, float]:
-    times: Dict[str, List[float]] = {k: [] for k in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+class Timings:
+    """Interleaved timings: each round runs every step once, in a shuffled order (seeded), so that
+    drifts of the machine hit all cases alike and no case always follows the same one."""
+
+    def __init__(self, steps: Dict[str, Callable[[], None]], repeats: int, device: torch.device) -> None:
+        self.times: Dict[str, List[float]] = {k: [] for k in steps}
+        order = list(steps)
+        shuffle = random.Random(0).shuffle
+        for _ in range(repeats):
+            shuffle(order)
+            for name in order:
+                _sync(device)
+                start = time.perf_counter()
+                steps[name]()
+                _sync(device)
+                self.times[name].append(time.perf_counter() - start)
+        self.medians = {k: statistics.median(v) for k, v in self.times.items()}
+
+    def ratio(self, name: str, base: str = "bn") -> str:
+        """``spread=[q1,q3] ratio=R``: R the ratio of the medians, q1 and q3 the quartiles of the
+        per-round ratios (a measure of the machine's noise)."""
+        paired = sorted(t / b for t, b in zip(self.times[name], self.times[base]))
+        q1, q3 = (statistics.quantiles(paired, n=4)[i] for i in (0, 2)) if len(paired) > 1 else (paired[0],) * 2
+        return f"spread=[{q1:.3f},{q3:.3f}] ratio={self.medians[name] / self.medians[base]:.3f}"
 
 
 def build_models(base: nn.Module, ghost_batch_size: int, methods: Sequence[str] = METHODS[1:]) -> Dict[str, nn.Module]:
@@ -167,7 +183,8 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
             for _ in range(3 if not compiled else 4):
                 step()
             skips[k] = _cudagraph_skips() - before
-        medians = interleaved_medians(steps, args.repeats, device)
+        timings = Timings(steps, args.repeats, device)
+        medians = timings.medians
         peaks: Dict[str, Optional[int]] = {}
         for k, step in steps.items():
             if device.type == "cuda":
@@ -203,7 +220,7 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
                 parts.append(f"graph_breaks={breaks.get(k)}")
             if cudagraphs:
                 parts.append(f"cudagraph_skips={skips[k]}")
-            parts.append(f"ratio={medians[k] / medians['bn']:.3f}")
+            parts.append(timings.ratio(k))
             print(" ".join(parts), flush=True)
         for k in [k for k in steps if k.endswith("~tl")]:
             base_k = k[:-3]
@@ -262,13 +279,14 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> None:
         for step in steps.values():
             for _ in range(3):
                 step()
-        medians = interleaved_medians(steps, args.repeats * 2, device)
+        timings = Timings(steps, args.repeats * 2, device)
+        medians = timings.medians
         mode = "compiled" if compiled else "eager"
         for k in models:
             print(
                 f"layer BatchNorm2d {tuple(shape)} {device.type} {mode} {str(dtype).replace('torch.', '')}"
                 f"{' channels_last' if args.channels_last else ''} method={k:<8} fwd+bwd={medians[k] * 1e3:8.3f}ms "
-                f"ratio={medians[k] / medians['bn']:.3f}",
+                f"{timings.ratio(k)}",
                 flush=True,
             )
 
