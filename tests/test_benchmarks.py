@@ -1,0 +1,56 @@
+"""Smoke tests of the benchmark scripts: they run on CPU and print what their docs promise.
+
+Tiny sizes and a few repeats: these check that the scripts work and what each line holds, never
+how fast anything is (timings live in the scripts' output, not in tests).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+ROOT = Path(__file__).resolve().parents[1]
+RATIO = re.compile(r"spread=\[(\d+\.\d{3}),(\d+\.\d{3})\] ratio=(\d+\.\d{3})$")
+
+
+def _run(*args: str, timeout: int = 240) -> List[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.splitlines()
+
+
+def test_overhead_prints_every_case_with_its_ratio_memory_and_spread():
+    lines = _run(
+        "benchmarks/overhead.py", "--quick", "--batch", "16", "--image-size", "8", "--methods", "gni,gbn",
+        "--ghost-batch-size", "4",
+    )  # fmt: skip
+    assert lines[0].startswith("# torch ")
+    layers = [line for line in lines if line.startswith("layer ")]
+    models = [line for line in lines if line.startswith("model ")]
+    assert [re.search(r"method=(\w+)", line).group(1) for line in layers] == ["bn", "gni", "gbn"]
+    assert [re.search(r"method=(\w+)", line).group(1) for line in models] == ["bn", "gni", "gbn"]
+    for line in layers + models:
+        match = RATIO.search(line)
+        assert match, line
+        q1, q3, ratio = (float(v) for v in match.groups())
+        assert 0 < q1 <= q3 and ratio > 0
+    # plain BN against itself
+    assert models[0].endswith("spread=[1.000,1.000] ratio=1.000")
+    for line in models:
+        assert re.search(r"saved=\s*[\d.]+MiB saved_ratio=\d", line), line
+        peak = re.search(r"step_peak=\s*([\d.]+)MiB step_peak_ratio=(\d+\.\d{3})", line)
+        assert peak and float(peak.group(1)) > 0, line
+
+
+def test_host_overhead_with_stub_launches_covers_every_method():
+    lines = _run("benchmarks/host_overhead.py", "--stub-kernels")
+    methods = [re.search(r"method=(\w+)", line).group(1) for line in lines if line.startswith("host layer")]
+    assert methods == ["bn", "gni", "analytic", "gbn", "xbn"]
+    assert all(re.search(r"ratio=\d+\.\d{2}$", line) for line in lines if line.startswith("host layer"))
