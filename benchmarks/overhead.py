@@ -4,9 +4,9 @@ For every method (gni, gbn, xbn, analytic) and plain BN this prints, per case, t
 training step (forward + backward + SGD step) or a single layer's forward + backward, the ratio to
 plain BN measured in the same run (interleaved repeats in shuffled order, so machine noise hits
 all alike; ``spread`` gives the quartiles of the per-repeat ratios), the
-activation memory (bytes of tensors saved for backward), the peak memory of a step (CUDA: the peak
-allocated memory; CPU: the peak above what was held before the step, from the profiler's allocation
-events),
+activation memory (bytes of tensors saved for backward), the peak memory of a step (CUDA: ``peak``,
+the peak allocated memory, and ``step_peak``, that peak above what was held before the step; CPU:
+``step_peak``, from the profiler's allocation events),
 and under ``torch.compile`` the number of graph breaks.
 
 Usage:
@@ -185,15 +185,20 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
             skips[k] = _cudagraph_skips() - before
         timings = Timings(steps, args.repeats, device)
         medians = timings.medians
-        peaks: Dict[str, Optional[int]] = {}
+        peaks: Dict[str, Dict[str, int]] = {k: {} for k in steps}  # "peak" (CUDA), "step_peak"
         for k, step in steps.items():
             if device.type == "cuda":
+                torch.cuda.synchronize()
+                held = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
                 step()
                 torch.cuda.synchronize()
-                peaks[k] = torch.cuda.max_memory_allocated()
+                peaks[k]["peak"] = torch.cuda.max_memory_allocated()
+                peaks[k]["step_peak"] = peaks[k]["peak"] - held
             else:
-                peaks[k] = cpu_step_peak_bytes(step)
+                step_peak = cpu_step_peak_bytes(step)
+                if step_peak:
+                    peaks[k]["step_peak"] = step_peak
         act = {}
         if not compiled:
             for k, m in models.items():
@@ -213,9 +218,9 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
             ]
             if act:
                 parts.append(f"saved={act[k] / 2**20:7.1f}MiB saved_ratio={act[k] / act['bn']:.3f}")
-            if peaks[k] is not None and peaks["bn"]:
-                name = "peak" if device.type == "cuda" else "step_peak"  # CPU: above the memory held before the step
-                parts.append(f"{name}={peaks[k] / 2**20:7.1f}MiB {name}_ratio={peaks[k] / peaks['bn']:.3f}")  # type: ignore[operator]
+            for name, value in peaks[k].items():  # step_peak: above the memory held before the step
+                if peaks["bn"].get(name):
+                    parts.append(f"{name}={value / 2**20:7.1f}MiB {name}_ratio={value / peaks['bn'][name]:.3f}")
             if compiled:
                 parts.append(f"graph_breaks={breaks.get(k)}")
             if cudagraphs:
