@@ -342,19 +342,21 @@ class GhostNoiseMixin:
         both = gather_rows(torch.cat([mean, var], 1), self.process_group)
         return GF.ghost_noise(both[:, :channels], both[:, channels:], draws.indices[first : first + batch], eps=self.noise_eps)
 
-    def _inject(self, x_hat: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], channel_dim: int) -> Tensor:
-        """GNI after a per-sample normalization (LayerNorm, GroupNorm): noise, then the affine."""
-        shift, scale = self._draw_noise(*GF.per_sample_moments(x_hat.detach(), channel_dim))
-        return GF.apply_noise(
-            x_hat,
-            shift,
-            scale,
+    def _inject(
+        self, x: Tensor, normalize: Callable[[Tensor], Tensor], weight: Optional[Tensor], bias: Optional[Tensor], channel_dim: int
+    ) -> Tensor:
+        """GNI after a per-sample normalization (LayerNorm, GroupNorm): ``normalize``, noise, then the affine."""
+        return GF.normalized_noise(
+            x,
+            normalize,
+            self._draw_noise,
             weight,
             bias,
             strength=getattr(self, _STRENGTH_BUFFER),
             channel_dim=channel_dim,
             shift_noise=self.shift_noise,
             scale_noise=self.scale_noise,
+            fused=None if self.fused else False,
         )
 
     def ghost_extra_repr(self) -> str:
@@ -480,8 +482,8 @@ class GhostLayerNorm(GhostNoiseMixin, nn.LayerNorm):
             raise ValueError(
                 f"GhostLayerNorm needs a batch dimension: got an input of shape {tuple(x.shape)}, expected (B, *, D)."
             )
-        x_hat = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
-        return self._inject(x_hat, self.weight, self.bias, channel_dim=-1)
+        shape, eps = self.normalized_shape, self.eps
+        return self._inject(x, lambda t: F.layer_norm(t, shape, None, None, eps), self.weight, self.bias, channel_dim=-1)
 
 
 class GhostGroupNorm(GhostNoiseMixin, nn.GroupNorm):
@@ -501,8 +503,8 @@ class GhostGroupNorm(GhostNoiseMixin, nn.GroupNorm):
             raise ValueError(
                 f"GhostGroupNorm needs a batch dimension: got an input of shape {tuple(x.shape)}, expected (B, C, *)."
             )
-        x_hat = F.group_norm(x, self.num_groups, None, None, self.eps)
-        return self._inject(x_hat, self.weight, self.bias, channel_dim=1)
+        groups, eps = self.num_groups, self.eps
+        return self._inject(x, lambda t: F.group_norm(t, groups, None, None, eps), self.weight, self.bias, channel_dim=1)
 
 
 _GHOST_CLASSES: Dict[Type[nn.Module], Type[GhostNoiseMixin]] = {

@@ -741,3 +741,185 @@ def test_analytic_draws_counter_gamma_follows_its_law(n):
     assert abs(float(torch.corrcoef(torch.stack([z.flatten(), g.flatten()]))[0, 1])) < 0.03
     z1, g1 = GF.analytic_draws(5, 4, 1, key=key)
     assert torch.equal(g1, torch.zeros(5, 4))
+
+
+# ---------------------------------------------------------------------------------------------------
+# normalized_noise: GNI after LayerNorm / GroupNorm, fused (keeps x only) against plain autograd
+# ---------------------------------------------------------------------------------------------------
+def _layer_norm(t: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(t, (t.shape[-1],), None, None, 1e-5)
+
+
+def _group_norm(t: torch.Tensor) -> torch.Tensor:
+    return F.group_norm(t, 2, None, None, 1e-5)
+
+
+NORMALIZED_CASES = {
+    "layer_norm": (_layer_norm, (8, 5, 6), -1, None),
+    "group_norm": (_group_norm, (8, 4, 3, 5), 1, None),
+    "group_norm_channels_last": (_group_norm, (8, 4, 3, 5), 1, torch.channels_last),
+}
+
+
+def _normalized_inputs(shape, memory_format, affine: bool, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(shape, generator=gen) * 2 + 1).to(dtype)
+    if memory_format is not None:
+        x = x.to(memory_format=memory_format)
+    channels = shape[-1] if len(shape) == 3 else shape[1]
+    w = (torch.rand(channels, generator=gen) + 0.5) if affine else None
+    b = torch.randn(channels, generator=gen) if affine else None
+    grad = torch.randn(shape, generator=gen).to(dtype)
+    return x, w, b, grad
+
+
+def _run_normalized(fused, x, w, b, grad, normalize, channel_dim, draws, **kwargs):
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_() if w is not None else None
+    b = b.detach().clone().requires_grad_() if b is not None else None
+    y = GF.normalized_noise(x, normalize, draws, w, b, channel_dim=channel_dim, fused=fused, **kwargs)
+    y.backward(grad)
+    return y.detach(), x.grad, (w.grad if w is not None else None), (b.grad if b is not None else None)
+
+
+@pytest.mark.parametrize("case", sorted(NORMALIZED_CASES))
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(strength=0.7), dict(strength=1.0, shift_noise=False), dict(strength=torch.tensor(1.3), scale_noise=False)],
+)
+@pytest.mark.parametrize("analytic", [False, True])
+def test_normalized_noise_fused_matches_plain_autograd(case, affine, kwargs, analytic):
+    normalize, shape, channel_dim, memory_format = NORMALIZED_CASES[case]
+    x, w, b, grad = _normalized_inputs(shape, memory_format, affine)
+    channels = shape[channel_dim]
+    gen = torch.Generator().manual_seed(5)
+    if analytic:
+        normal, gamma = GF.analytic_draws(shape[0], channels, 4, generator=gen)
+        draws = GF.GhostDraws(normal=normal, gamma=gamma, ghost_batch_size=4)
+    else:
+        draws = GF.GhostDraws(indices=GF.ghost_indices(shape[0], 3, generator=gen))
+    fused = _run_normalized(None, x, w, b, grad, normalize, channel_dim, draws, **kwargs)
+    plain = _run_normalized(False, x, w, b, grad, normalize, channel_dim, draws, **kwargs)
+    # the same float32 operations forward: bit-identical; the backward sums in another order
+    torch.testing.assert_close(fused[0], plain[0], rtol=0, atol=0)
+    if memory_format is not None:
+        assert fused[0].is_contiguous(memory_format=memory_format)
+    for got, want in zip(fused[1:], plain[1:]):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # and against float64 autograd of the plain formula, from the same draws
+    ref = _run_normalized(False, *(t.double() if t is not None else None for t in (x, w, b, grad)),
+                          normalize, channel_dim, draws, **kwargs)  # fmt: skip
+    for got, want in zip(fused, ref):
+        if want is not None:
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_normalized_noise_fused_keeps_only_the_input_for_backward():
+    """The fused path saves one full-size tensor (x), as LayerNorm does; plain autograd saves two."""
+    x, w, b, _ = _normalized_inputs((8, 5, 6), None, True)
+    x.requires_grad_()
+    w.requires_grad_()
+    idx = GF.ghost_indices(8, 3, generator=torch.Generator().manual_seed(0))
+
+    def full_size_saved(fused):
+        saved = []
+
+        def pack(t):
+            if t.numel() == x.numel():
+                saved.append(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            GF.normalized_noise(x, _layer_norm, GF.GhostDraws(indices=idx), w, b, channel_dim=-1, fused=fused)
+        return set(saved)
+
+    assert full_size_saved(None) == {x.untyped_storage().data_ptr()}
+    assert len(full_size_saved(False)) == 2
+
+
+def test_normalized_noise_fused_recomputes_under_the_forward_autocast():
+    """The backward recomputes ``normalize`` under the forward's autocast state: here a matrix
+    product autocasts to bfloat16, so a float32 recomputation would give another x_hat."""
+    x, w, b, grad = _normalized_inputs((8, 5, 6), None, True)
+    mix = torch.eye(6) + 0.1 * torch.randn(6, 6, generator=torch.Generator().manual_seed(9))
+    seen = []
+
+    def normalize(t):
+        out = _layer_norm(t @ mix)
+        seen.append(out.detach().clone())
+        return out
+
+    idx = GF.ghost_indices(8, 3, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for fused in (False, None):
+        xr = x.detach().clone().requires_grad_()
+        wr, br = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = GF.normalized_noise(xr, normalize, GF.GhostDraws(indices=idx), wr, br, channel_dim=-1, fused=fused)
+        y.backward(grad.to(y.dtype))
+        results[fused] = (y.detach(), xr.grad, wr.grad, br.grad)
+    plain_forward, fused_forward, fused_backward = seen
+    assert fused_forward.dtype == torch.bfloat16
+    torch.testing.assert_close(fused_backward, fused_forward, rtol=0, atol=0)  # same dtype, same values
+    torch.testing.assert_close(results[None][0], results[False][0], rtol=0, atol=0)
+    # plain autograd sums the (B, C) gradients in bfloat16, the fused path in float32
+    for got, want in zip(results[None][1:], results[False][1:]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+
+
+def test_normalized_noise_fused_refuses_double_backward_plain_supports_it():
+    x, w, b, _ = _normalized_inputs((8, 5, 6), None, True)
+    idx = GF.ghost_indices(8, 3, generator=torch.Generator().manual_seed(2))
+    for fused in (None, False):
+        xr = x.detach().clone().requires_grad_()
+        y = GF.normalized_noise(xr, _layer_norm, GF.GhostDraws(indices=idx), w, b, channel_dim=-1, fused=fused)
+        (g,) = torch.autograd.grad(y.square().sum(), xr, create_graph=True) if fused is False else (None,)
+        if fused is None:
+            with pytest.raises(RuntimeError, match="Double backward"):
+                torch.autograd.grad(y.square().sum(), xr, create_graph=True)
+        else:
+            g.square().sum().backward()
+            assert xr.grad is not None and torch.isfinite(xr.grad).all()
+
+
+def test_normalized_noise_leaves_the_input_alone_when_normalize_returns_it():
+    """The fused path writes y over its own x_hat: never over a normalize result that is x itself."""
+    x, w, b, grad = _normalized_inputs((8, 5, 6), None, True)
+    x.requires_grad_()
+    before = x.detach().clone()
+    idx = GF.ghost_indices(8, 3, generator=torch.Generator().manual_seed(3))
+    y = GF.normalized_noise(x, lambda t: t, GF.GhostDraws(indices=idx), w, b, channel_dim=-1)
+    torch.testing.assert_close(x.detach(), before, rtol=0, atol=0)
+    y.backward(grad)
+    torch.testing.assert_close(x.detach(), before, rtol=0, atol=0)
+    ref = GF.apply_noise(before, *GF.ghost_noise(*GF.per_sample_moments(before, -1), idx), w, b, channel_dim=-1)
+    torch.testing.assert_close(y.detach(), ref.detach(), rtol=0, atol=0)
+
+
+def test_normalized_noise_without_gradients_takes_the_plain_path():
+    x, w, b, _ = _normalized_inputs((8, 5, 6), None, True)
+    idx = GF.ghost_indices(8, 3, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        y = GF.normalized_noise(x, _layer_norm, GF.GhostDraws(indices=idx), w, b, channel_dim=-1)
+    assert y.grad_fn is None
+    want = GF.normalized_noise(x, _layer_norm, GF.GhostDraws(indices=idx), w, b, channel_dim=-1, fused=False)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_sample_moments_in_both_cpu_reductions(memory_format, dtype):
+    """Channels innermost (channels-last; LayerNorm's last dimension) square-then-sum; otherwise the norm."""
+    x = (torch.randn(6, 5, 4, 3) * 3 + 2).to(dtype).to(memory_format=memory_format)
+    mean, var = GF.per_sample_moments(x)
+    ref = x.double().flatten(2)
+    torch.testing.assert_close(mean.double(), ref.mean(2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), ref.var(2, unbiased=False), rtol=1e-4, atol=1e-4)
+    tokens = (torch.randn(6, 7, 5) * 3 + 2).to(dtype)
+    mean, var = GF.per_sample_moments(tokens, channel_dim=-1)
+    torch.testing.assert_close(mean.double(), tokens.double().mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), tokens.double().var(1, unbiased=False), rtol=1e-4, atol=1e-4)

@@ -114,7 +114,7 @@ def test_channel_sums_and_input_grad_match_pytorch(use_kernels, shape):
         grad_y = torch.randn(shape, generator=g).to(DEVICE)  # contiguous even when x is channels-last
         lay = kernels.layout(x)
         r0, r1 = kernels.channel_sums(grad_y, x, lay)
-        e0, e1 = GF._sample_channel_sums(grad_y.double(), x.double(), 1, torch.float64)
+        e0, e1, _ = GF._sample_channel_sums(grad_y.double(), x.double(), 1, torch.float64)
         torch.testing.assert_close(r0.double(), e0, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r1.double(), e1, rtol=1e-5, atol=1e-5)
         for p, q in ((p_c, q_c), (p_bc, q_bc)):

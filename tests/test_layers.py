@@ -837,3 +837,25 @@ def test_bn_methods_under_autocast_match_full_precision(method, fused, N):
         outs.append((y.float(), xi.grad, layer.weight.grad, layer.running_var))
     for full, low in zip(*outs):
         torch.testing.assert_close(low, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", LN_METHODS)
+@pytest.mark.parametrize(
+    "factory,shape", [(lambda: nn.LayerNorm(6), (8, 5, 6)), (lambda: nn.GroupNorm(2, 4), (8, 4, 3, 3))]
+)
+def test_layernorm_groupnorm_fused_and_plain_autograd_agree(method, factory, shape):
+    """The layers' default (fused: keeps only the input for backward) against ``fused=False``."""
+    plain = with_affine(factory())
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(6)) * 2 + 1
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    results = []
+    for fused in (True, False):
+        layer = make_ghost(copy.deepcopy(plain), method=method, ghost_batch_size=3, strength=0.8, seed=11, fused=fused)
+        xr = x.clone().requires_grad_()
+        y = layer(xr)
+        assert (y.grad_fn.name() == "_NormalizedNoiseBackward") is fused
+        y.backward(grad)
+        results.append((y.detach(), xr.grad, layer.weight.grad, layer.bias.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for got, want in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
