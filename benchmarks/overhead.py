@@ -112,8 +112,10 @@ class Timings:
         return f"spread=[{q1:.3f},{q3:.3f}] ratio={self.medians[name] / self.medians[base]:.3f}"
 
 
-def build_models(base: nn.Module, ghost_batch_size: int, methods: Sequence[str] = METHODS[1:]) -> Dict[str, nn.Module]:
-    models = {"bn": base}
+def build_models(
+    base: nn.Module, ghost_batch_size: int, methods: Sequence[str] = METHODS[1:], plain: str = "bn"
+) -> Dict[str, nn.Module]:
+    models = {plain: base}
     for method in methods:
         models[method] = apply_ghost_noise(copy.deepcopy(base), ghost_batch_size, method=method, seed=0)
     return models
@@ -262,38 +264,46 @@ def _cudagraph_skips() -> int:
 
 
 def bench_layers(args: argparse.Namespace, device: torch.device) -> None:
-    shape = (args.batch or (256 if device.type == "cuda" else 128), 64, 16, 16)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    """One layer's forward + backward: BatchNorm2d (every method) and LayerNorm over tokens (GNI, analytic)."""
+    batch = args.batch or (256 if device.type == "cuda" else 128)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    base = nn.BatchNorm2d(shape[1]).to(device=device, dtype=dtype)
-    models = build_models(base, args.ghost_batch_size, args.methods)
-    x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=memory_format).requires_grad_()
-    grad = torch.randn_like(x)
-    for compiled in _modes(args):
-        if compiled:
-            torch._dynamo.reset()
-        runners = {k: (torch.compile(m) if compiled else m) for k, m in models.items()}
+    cases = [
+        ("BatchNorm2d", "bn", nn.BatchNorm2d(64), (batch, 64, 16, 16), list(args.methods)),
+        ("LayerNorm", "ln", nn.LayerNorm(256), (max(batch // 2, 1), 128, 256), [m for m in args.methods if m in ("gni", "analytic")]),
+    ]  # fmt: skip
+    for label, plain, base, shape, methods in cases:
+        if not methods:
+            continue
+        channels_last = args.channels_last and len(shape) == 4
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        models = build_models(base.to(device=device, dtype=dtype), args.ghost_batch_size, methods, plain)
+        x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=memory_format).requires_grad_()
+        grad = torch.randn_like(x)
+        for compiled in _modes(args):
+            if compiled:
+                torch._dynamo.reset()
+            runners = {k: (torch.compile(m) if compiled else m) for k, m in models.items()}
 
-        def make(k: str) -> Callable[[], None]:
-            def step() -> None:
-                runners[k](x).backward(grad)
+            def make(k: str) -> Callable[[], None]:
+                def step() -> None:
+                    runners[k](x).backward(grad)
 
-            return step
+                return step
 
-        steps = {k: make(k) for k in models}
-        for step in steps.values():
-            for _ in range(3):
-                step()
-        timings = Timings(steps, args.repeats * 2, device)
-        medians = timings.medians
-        mode = "compiled" if compiled else "eager"
-        for k in models:
-            print(
-                f"layer BatchNorm2d {tuple(shape)} {device.type} {mode} {str(dtype).replace('torch.', '')}"
-                f"{' channels_last' if args.channels_last else ''} method={k:<8} fwd+bwd={medians[k] * 1e3:8.3f}ms "
-                f"{timings.ratio(k)}",
-                flush=True,
-            )
+            steps = {k: make(k) for k in models}
+            for step in steps.values():
+                for _ in range(3):
+                    step()
+            timings = Timings(steps, args.repeats * 2, device)
+            medians = timings.medians
+            mode = "compiled" if compiled else "eager"
+            for k in models:
+                print(
+                    f"layer {label} {tuple(shape)} {device.type} {mode} {str(dtype).replace('torch.', '')}"
+                    f"{' channels_last' if channels_last else ''} method={k:<8} fwd+bwd={medians[k] * 1e3:8.3f}ms "
+                    f"{timings.ratio(k, plain)}",
+                    flush=True,
+                )
 
 
 def profile_step(label: str, step: Callable[[], None], top: int = 6) -> None:

@@ -34,7 +34,9 @@ def test_overhead_prints_every_case_with_its_ratio_memory_and_spread():
     assert lines[0].startswith("# torch ")
     layers = [line for line in lines if line.startswith("layer ")]
     models = [line for line in lines if line.startswith("model ")]
-    assert [re.search(r"method=(\w+)", line).group(1) for line in layers] == ["bn", "gni", "gbn"]
+    assert [re.search(r"method=(\w+)", line).group(1) for line in layers] == ["bn", "gni", "gbn", "ln", "gni"]
+    assert all(" BatchNorm2d " in line for line in layers[:3]) and all(" LayerNorm " in line for line in layers[3:])
+    assert layers[3].endswith("spread=[1.000,1.000] ratio=1.000")
     assert [re.search(r"method=(\w+)", line).group(1) for line in models] == ["bn", "gni", "gbn"]
     for line in layers + models:
         match = RATIO.search(line)
