@@ -1225,29 +1225,40 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
             ctx.channel_dim = channel_dim
             return _rows_affine(x, per_sample, channel_dim, ctx.lay)  # A and D are its first two rows
         mean, var = per_sample_moments(x, channel_dim)
-        batch, channels = mean.shape
         centre = mean.mean(0)
         c = mean - centre
         e2 = torch.addcmul(var, c, c)
-        avg = ghost_averaging_matrix(batch, ghost_batch_size, exclusive, mean.device, mean.dtype)
-        ghost = avg @ torch.cat([c, e2], 1)
-        gm = ghost[:, :channels]
-        gvar_raw = torch.addcmul(ghost[:, channels:], gm, gm, value=-1)
+        avg = ghost_averaging_matrix(mean.shape[0], ghost_batch_size, exclusive, mean.device, mean.dtype)
+        ghost = avg @ torch.cat([c, e2], 1)  # the ghost means of c and e2
         bm = c.mean(0)
         bvar_raw = torch.addcmul(e2.mean(0), bm, bm, value=-1)
         update_running_stats(running_mean, running_var, bm + centre, bvar_raw.clamp_min(0), count, momentum)
+        s = _as_strength(strength, mean)
+        w = weight.to(mean.dtype) if weight is not None else None
+        flags = (channel_dim, shift_noise, scale_noise, weight is not None, bias is not None, eps)
+        _, _, a, *_, shifted = _GhostStatisticsBatchNorm.effective(ghost, bm, bvar_raw, centre, s, w, flags)
+        d = -(shifted * a) if bias is None else torch.addcmul(bias.to(mean.dtype), shifted, a, value=-1)
+        # kept for the backward: three (B, C) rows (mean and the ghost moments); the rest is recomputed
+        ctx.save_for_backward(x, mean, ghost, centre, bm, bvar_raw, avg, s, w)
+        ctx.flags = flags
+        return sample_affine(x, a, d, channel_dim)
+
+    @staticmethod
+    def effective(
+        ghost: Tensor, bm: Tensor, bvar_raw: Tensor, centre: Tensor, s: Tensor, w: Optional[Tensor], flags: Tuple
+    ) -> Tuple[Tensor, ...]:
+        """``(gm, gvar_raw, A, std_eff, std_b, std_g, shifted)`` from the ghost moments ``ghost = [gm, ge2]``
+        ``(B, 2C)`` and the batch's (the same operations forward and in the backward's recomputation)."""
+        _, shift_noise, scale_noise, _, _, eps = flags
+        channels = bm.shape[0]
+        gm = ghost[:, :channels]
+        gvar_raw = torch.addcmul(ghost[:, channels:], gm, gm, value=-1)
         std_b = bvar_raw.clamp_min(0).add_(eps).sqrt_()
         std_g = gvar_raw.clamp_min(0).add_(eps).sqrt_()
-        s = _as_strength(strength, mean)
         mean_eff = torch.lerp(bm.expand_as(gm), gm, s) if shift_noise else bm.expand_as(gm)
         std_eff = std_b * (std_g / std_b).pow_(s) if scale_noise else std_b.expand_as(gm)
-        w = weight.to(mean.dtype) if weight is not None else None
         a = std_eff.reciprocal() if w is None else w / std_eff
-        shifted = mean_eff + centre
-        d = -(shifted * a) if bias is None else torch.addcmul(bias.to(mean.dtype), shifted, a, value=-1)
-        ctx.save_for_backward(x, mean, c, a, std_eff, std_b, std_g, gm, bm, gvar_raw, bvar_raw, shifted, avg, s, w)
-        ctx.flags = (channel_dim, shift_noise, scale_noise, weight is not None, bias is not None)
-        return sample_affine(x, a, d, channel_dim)
+        return gm, gvar_raw, a, std_eff, std_b, std_g, mean_eff + centre
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
@@ -1266,8 +1277,11 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
             grad_w = grads[0] if has_weight and ctx.needs_input_grad[1] else None
             grad_b = grads[1] if has_bias and ctx.needs_input_grad[2] else None
             return (grad_x, grad_w, grad_b) + (None,) * 10
-        x, mean, c, a, std_eff, std_b, std_g, gm, bm, gvar_raw, bvar_raw, shifted, avg, s, w = ctx.saved_tensors
-        channel_dim, shift_noise, scale_noise, has_weight, has_bias = ctx.flags
+        x, mean, ghost, centre, bm, bvar_raw, avg, s, w = ctx.saved_tensors
+        channel_dim, shift_noise, scale_noise, has_weight, has_bias, _ = ctx.flags
+        effective = _GhostStatisticsBatchNorm.effective(ghost, bm, bvar_raw, centre, s, w, ctx.flags)
+        gm, gvar_raw, a, std_eff, std_b, std_g, shifted = effective
+        c = mean - centre
         batch = mean.shape[0]
         r0, r1, scratch = _sample_channel_sums(grad_y, x, channel_dim, mean.dtype)
         grad_b = r0.sum(0) if has_bias and ctx.needs_input_grad[2] else None
