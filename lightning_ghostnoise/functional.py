@@ -1221,7 +1221,7 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
                 shift_noise, scale_noise,
             )
             ctx.save_for_backward(x, mv, per_sample, per_channel, s)
-            ctx.flags = (ghost_batch_size, exclusive, shift_noise, scale_noise, weight is not None, bias is not None)
+            ctx.flags = (ghost_batch_size, exclusive, shift_noise, scale_noise, weight is not None, bias is not None, eps)
             ctx.channel_dim = channel_dim
             return _rows_affine(x, per_sample, channel_dim, ctx.lay)  # A and D are its first two rows
         mean, var = per_sample_moments(x, channel_dim)
@@ -1265,13 +1265,13 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
         _refuse_double_backward()
         if ctx.lay is not None or ctx.in_graph:
             x, mv, per_sample, per_channel, s = ctx.saved_tensors
-            ghost_batch_size, exclusive, shift_noise, scale_noise, has_weight, has_bias = ctx.flags
+            ghost_batch_size, exclusive, shift_noise, scale_noise, has_weight, has_bias, eps = ctx.flags
             r = _stacked_sums(grad_y, x, ctx.channel_dim, ctx.lay)
             pq, grads = (
                 ops.ghost_statistics_input_coefficients if ctx.in_graph else kernels.ghost_statistics_input_coefficients
             )(
-                r, mv, per_sample, per_channel, s, _spatial_count(x, 1), ghost_batch_size, exclusive, shift_noise,
-                scale_noise,
+                r, mv, per_sample, per_channel, s, _spatial_count(x, 1), eps, ghost_batch_size, exclusive,
+                shift_noise, scale_noise,
             )
             grad_x = _rows_input_grad(grad_y, x, per_sample, pq, ctx.channel_dim, ctx.lay) if ctx.needs_input_grad[0] else None
             grad_w = grads[0] if has_weight and ctx.needs_input_grad[1] else None

@@ -557,14 +557,11 @@ if triton is not None:
         g = tl.program_id(1)
         mean_ptr = mv_ptr
         var_ptr = mv_ptr + B * C
-        # per sample (7, B, C): A, D, std_eff, std_g, gm, gvar, shifted; per channel (4, C): centre, bm, bvar, std_b
+        # per sample (4, B, C): A, D, gm, gvar; per channel (4, C): centre, bm, bvar, std_b
         a_ptr = ps_ptr
         d_ptr = ps_ptr + B * C
-        std_eff_ptr = ps_ptr + 2 * B * C
-        std_g_ptr = ps_ptr + 3 * B * C
-        gm_ptr = ps_ptr + 4 * B * C
-        gvar_ptr = ps_ptr + 5 * B * C
-        shifted_ptr = ps_ptr + 6 * B * C
+        gm_ptr = ps_ptr + 2 * B * C
+        gvar_ptr = ps_ptr + 3 * B * C
         centre_ptr = pc_ptr
         bm_ptr = pc_ptr + C
         bvar_ptr = pc_ptr + 2 * C
@@ -611,40 +608,43 @@ if triton is not None:
                 gm = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32) + (sum_c / size)[None, :]
                 ge = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32) + (sum_e / size)[None, :]
             gvar = ge - gm * gm
-            std_g = tl.sqrt(tl.maximum(gvar, 0.0) + eps)
-            if SHIFT_NOISE:
-                mean_eff = bm[None, :] + s * (gm - bm[None, :])
-            else:
-                mean_eff = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32) + bm[None, :]
-            if SCALE_NOISE:
-                std_eff = std_b[None, :] * tl.exp2(s * tl.log2(std_g / std_b[None, :]))
-            else:
-                std_eff = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32) + std_b[None, :]
+            std_g, std_eff, shifted = _ghost_stats_effective(gm, gvar, bm, std_b, centre, s, eps, SHIFT_NOISE, SCALE_NOISE)
             a = w[None, :] / std_eff
-            shifted = mean_eff + centre[None, :]
             tl.store(a_ptr + at, a, mask=mask)
             tl.store(d_ptr + at, bias[None, :] - shifted * a, mask=mask)
-            tl.store(std_eff_ptr + at, std_eff, mask=mask)
-            tl.store(std_g_ptr + at, std_g, mask=mask)
             tl.store(gm_ptr + at, gm, mask=mask)
             tl.store(gvar_ptr + at, gvar, mask=mask)
-            tl.store(shifted_ptr + at, shifted, mask=mask)
+
+    @triton.jit
+    def _ghost_stats_effective(gm, gvar, bm, std_b, centre, s, eps, SHIFT_NOISE: tl.constexpr, SCALE_NOISE: tl.constexpr):
+        """From the ghost mean and variance ``(BLOCK_B, BLOCK_C)`` and the channel rows ``(BLOCK_C,)``: the
+        ghost std, the effective std and the effective mean plus the centre (forward, and recomputed by the
+        backward kernels from the kept ``gm``, ``gvar`` with the same operations)."""
+        std_g = tl.sqrt(tl.maximum(gvar, 0.0) + eps)
+        if SHIFT_NOISE:
+            mean_eff = bm[None, :] + s * (gm - bm[None, :])
+        else:
+            mean_eff = tl.zeros_like(gm) + bm[None, :]
+        if SCALE_NOISE:
+            std_eff = std_b[None, :] * tl.exp2(s * tl.log2(std_g / std_b[None, :]))
+        else:
+            std_eff = tl.zeros_like(gm) + std_b[None, :]
+        return std_g, std_eff, mean_eff + centre[None, :]
 
     @triton.jit
     def _ghost_stats_terms(
-        r0_ptr, r1_ptr, a_ptr, std_g_ptr, gm_ptr, gvar_ptr, shifted_ptr, at, mask, s,
+        r0_ptr, r1_ptr, ps_ptr, B, C, at, mask, s, bm, std_b, centre, eps,
         SHIFT_NOISE: tl.constexpr, SCALE_NOISE: tl.constexpr,
     ):  # fmt: skip
         """Per-(sample, channel) gradients reaching the ghost mean and ghost variance."""
         r0 = tl.load(r0_ptr + at, mask=mask, other=0.0)
         r1 = tl.load(r1_ptr + at, mask=mask, other=0.0)
-        a = tl.load(a_ptr + at, mask=mask, other=0.0)
-        shifted = tl.load(shifted_ptr + at, mask=mask, other=0.0)
-        gm = tl.load(gm_ptr + at, mask=mask, other=0.0)
+        a = tl.load(ps_ptr + at, mask=mask, other=0.0)
+        gm = tl.load(ps_ptr + 2 * B * C + at, mask=mask, other=0.0)
+        gvar = tl.load(ps_ptr + 3 * B * C + at, mask=mask, other=0.0)
+        std_g, _, shifted = _ghost_stats_effective(gm, gvar, bm, std_b, centre, s, eps, SHIFT_NOISE, SCALE_NOISE)
         g_a = r1 - shifted * r0
         if SCALE_NOISE:
-            std_g = tl.load(std_g_ptr + at, mask=mask, other=1.0)
-            gvar = tl.load(gvar_ptr + at, mask=mask, other=0.0)
             g_std_g = -(g_a * a) * s / std_g
             g_gvar = tl.where(gvar >= 0.0, g_std_g / (2.0 * std_g), 0.0)
         else:
@@ -657,8 +657,9 @@ if triton is not None:
 
     @triton.jit
     def _ghost_stats_channel_grads(
-        r_ptr, ps_ptr, cs, cmask, B, C, SCALE_NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr
-    ):
+        r_ptr, ps_ptr, cs, cmask, B, C, s, bm, std_b, centre, eps,
+        SHIFT_NOISE: tl.constexpr, SCALE_NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
         """GBN/XBN backward, per channel over the batch: the gradients of the weight and bias, and the
         sums reaching the batch std and the batch mean."""
         acc_b = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
@@ -672,8 +673,9 @@ if triton is not None:
             r0 = tl.load(r_ptr + at, mask=mask, other=0.0)
             r1 = tl.load(r_ptr + B * C + at, mask=mask, other=0.0)
             a = tl.load(ps_ptr + at, mask=mask, other=0.0)
-            std_eff = tl.load(ps_ptr + 2 * B * C + at, mask=mask, other=1.0)
-            shifted = tl.load(ps_ptr + 6 * B * C + at, mask=mask, other=0.0)
+            gm = tl.load(ps_ptr + 2 * B * C + at, mask=mask, other=0.0)
+            gvar = tl.load(ps_ptr + 3 * B * C + at, mask=mask, other=0.0)
+            _, std_eff, shifted = _ghost_stats_effective(gm, gvar, bm, std_b, centre, s, eps, SHIFT_NOISE, SCALE_NOISE)
             g_a = r1 - shifted * r0  # D = b - shifted * A
             acc_b += r0
             acc_w += g_a / std_eff
@@ -686,13 +688,18 @@ if triton is not None:
 
     @triton.jit
     def _ghost_stats_channel_grads_kernel(
-        r_ptr, ps_ptr, cg_ptr, B, C, SCALE_NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr
-    ):
+        r_ptr, ps_ptr, pc_ptr, s_ptr, cg_ptr, B, C, eps,
+        SHIFT_NOISE: tl.constexpr, SCALE_NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
         """Large batches: :func:`_ghost_stats_channel_grads` once per channel, into ``cg`` ``(4, C)``."""
         cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
+        s = tl.load(s_ptr).to(tl.float32)
+        centre = tl.load(pc_ptr + cs, mask=cmask, other=0.0)
+        bm = tl.load(pc_ptr + C + cs, mask=cmask, other=0.0)
+        std_b = tl.load(pc_ptr + 3 * C + cs, mask=cmask, other=1.0)
         sum_w, sum_b, sum_t, sum_m = _ghost_stats_channel_grads(
-            r_ptr, ps_ptr, cs, cmask, B, C, SCALE_NOISE, BLOCK_B, BLOCK_C
+            r_ptr, ps_ptr, cs, cmask, B, C, s, bm, std_b, centre, eps, SHIFT_NOISE, SCALE_NOISE, BLOCK_B, BLOCK_C
         )
         tl.store(cg_ptr + cs, sum_w, mask=cmask)
         tl.store(cg_ptr + C + cs, sum_b, mask=cmask)
@@ -701,7 +708,7 @@ if triton is not None:
 
     @triton.jit
     def _ghost_stats_input_coefficients_kernel(
-        r_ptr, mv_ptr, ps_ptr, pc_ptr, s_ptr, pq_ptr, cg_ptr, B, C, N, G, count,
+        r_ptr, mv_ptr, ps_ptr, pc_ptr, s_ptr, pq_ptr, cg_ptr, B, C, N, G, count, eps,
         GRADS_GIVEN: tl.constexpr, EXCLUSIVE: tl.constexpr, SHIFT_NOISE: tl.constexpr, SCALE_NOISE: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
@@ -711,11 +718,6 @@ if triton is not None:
         r0_ptr = r_ptr
         r1_ptr = r_ptr + B * C
         mean_ptr = mv_ptr
-        a_ptr = ps_ptr
-        std_g_ptr = ps_ptr + 3 * B * C
-        gm_ptr = ps_ptr + 4 * B * C
-        gvar_ptr = ps_ptr + 5 * B * C
-        shifted_ptr = ps_ptr + 6 * B * C
         centre_ptr = pc_ptr
         bm_ptr = pc_ptr + C
         bvar_ptr = pc_ptr + 2 * C
@@ -731,7 +733,7 @@ if triton is not None:
             sum_m = tl.load(cg_ptr + 3 * C + cs, mask=cmask, other=0.0)
         else:
             sum_w, sum_b, sum_t, sum_m = _ghost_stats_channel_grads(
-                r_ptr, ps_ptr, cs, cmask, B, C, SCALE_NOISE, BLOCK_B, BLOCK_C
+                r_ptr, ps_ptr, cs, cmask, B, C, s, bm, std_b, centre, eps, SHIFT_NOISE, SCALE_NOISE, BLOCK_B, BLOCK_C
             )
             if g == 0:  # (4, C): grad_weight, grad_bias, and the two sums below
                 tl.store(cg_ptr + cs, sum_w, mask=cmask)
@@ -757,8 +759,7 @@ if triton is not None:
             mask = (bs < end)[:, None] & cmask[None, :]
             at = bs[:, None] * C + cs[None, :]
             t_gm, t_gv = _ghost_stats_terms(
-                r0_ptr, r1_ptr, a_ptr, std_g_ptr, gm_ptr, gvar_ptr, shifted_ptr, at, mask, s,
-                SHIFT_NOISE, SCALE_NOISE,
+                r0_ptr, r1_ptr, ps_ptr, B, C, at, mask, s, bm, std_b, centre, eps, SHIFT_NOISE, SCALE_NOISE
             )
             sum_gm += tl.sum(tl.where(mask, t_gm, 0.0), axis=0)
             sum_gv += tl.sum(tl.where(mask, t_gv, 0.0), axis=0)
@@ -769,8 +770,7 @@ if triton is not None:
             at = bs[:, None] * C + cs[None, :]
             if EXCLUSIVE:
                 t_gm, t_gv = _ghost_stats_terms(
-                    r0_ptr, r1_ptr, a_ptr, std_g_ptr, gm_ptr, gvar_ptr, shifted_ptr, at, mask, s,
-                    SHIFT_NOISE, SCALE_NOISE,
+                    r0_ptr, r1_ptr, ps_ptr, B, C, at, mask, s, bm, std_b, centre, eps, SHIFT_NOISE, SCALE_NOISE
                 )
                 others = tl.maximum(size - 1.0, 1.0)
                 back_gm = tl.where(size > 1.0, (sum_gm[None, :] - t_gm) / others, t_gm)
@@ -939,14 +939,15 @@ def ghost_statistics_coefficients(
     ``mv``, the running statistics (updated in place) and the per-(sample, channel) affine.
 
     Returns:
-        Per sample ``(7, B, C)``: ``A``, ``D``, the effective std, the ghost std, the ghost mean
-        (relative to the centre), the ghost variance (before clamping) and the effective mean; per
-        channel ``(4, C)``: the centre (batch mean of the per-sample means), the batch mean relative
-        to it, the batch variance (before clamping) and the batch std. All float32.
+        Per sample ``(4, B, C)``: ``A``, ``D``, the ghost mean (relative to the centre) and the ghost
+        variance (before clamping), all the backward keeps per sample (it recomputes the effective
+        statistics from them); per channel ``(4, C)``: the centre (batch mean of the per-sample
+        means), the batch mean relative to it, the batch variance (before clamping) and the batch
+        std. All float32.
     """
     _, batch, channels = mv.shape
     groups = max(batch // ghost_batch_size, 1)
-    per_sample = torch.empty(7, batch, channels, device=mv.device, dtype=torch.float32)
+    per_sample = torch.empty(4, batch, channels, device=mv.device, dtype=torch.float32)
     per_channel = torch.empty(4, channels, device=mv.device, dtype=torch.float32)
     has_running = running_mean is not None and running_var is not None
     cm = _split_channel_moments(mv) if batch > SPLIT_BATCH else mv
@@ -968,6 +969,7 @@ def ghost_statistics_input_coefficients(
     per_channel: Tensor,
     strength: Tensor,
     count: int,
+    eps: float,
     ghost_batch_size: int,
     exclusive: bool,
     shift_noise: bool,
@@ -975,7 +977,8 @@ def ghost_statistics_input_coefficients(
 ) -> Tuple[Tensor, Tensor]:
     """GBN's (XBN's) backward ``(B, C)`` math in one launch.
 
-    ``count`` is the number of spatial positions (values per sample and channel).
+    ``count`` is the number of spatial positions (values per sample and channel); ``eps`` the
+    forward's (the effective statistics are recomputed from the kept ghost moments).
 
     Returns:
         ``(P, Q)`` as ``(2, B, C)`` for :func:`affine_input_grad`, and ``(2, C)``: the gradients of the
@@ -988,11 +991,12 @@ def ghost_statistics_input_coefficients(
     split = batch > SPLIT_BATCH
     if split:
         _launch(_ghost_stats_channel_grads_kernel, (_cdiv(channels, _SMALL_C),),
-            r, per_sample, cg, batch, channels, SCALE_NOISE=bool(scale_noise), BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C
-        )
+            r, per_sample, per_channel, strength, cg, batch, channels, float(eps),
+            SHIFT_NOISE=bool(shift_noise), SCALE_NOISE=bool(scale_noise), BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C,
+        )  # fmt: skip
     _launch(_ghost_stats_input_coefficients_kernel, (_cdiv(channels, _SMALL_C), groups),
         r, mv, per_sample, per_channel, strength, pq, cg, batch, channels, ghost_batch_size, groups, float(count),
-        GRADS_GIVEN=split, EXCLUSIVE=bool(exclusive), SHIFT_NOISE=bool(shift_noise), SCALE_NOISE=bool(scale_noise),
+        float(eps), GRADS_GIVEN=split, EXCLUSIVE=bool(exclusive), SHIFT_NOISE=bool(shift_noise), SCALE_NOISE=bool(scale_noise),
         BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C,
     )  # fmt: skip
     return pq, cg[:2]

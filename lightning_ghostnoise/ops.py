@@ -84,7 +84,7 @@ def _gni_input_coefficients_fake(r: Tensor, *args: object) -> Tensor:
 @ghost_statistics_coefficients.register_fake
 def _ghost_statistics_coefficients_fake(mv: Tensor, *args: object) -> Tuple[Tensor, Tensor]:
     _, batch, channels = mv.shape
-    return mv.new_empty(7, batch, channels), mv.new_empty(4, channels)
+    return mv.new_empty(4, batch, channels), mv.new_empty(4, channels)
 
 
 @ghost_statistics_input_coefficients.register_fake

@@ -47,7 +47,6 @@ def main() -> int:
         (K._input_grad_kernel, big),
         (K._gni_input_coefficients_kernel, dict(HAS_W=True, **small)),
         (K._channel_moments_kernel, small),
-        (K._ghost_stats_channel_grads_kernel, dict(SCALE_NOISE=True, **small)),
     ]
     all_on, all_off = dict.fromkeys(FLAGS, True), dict.fromkeys(FLAGS, False)
     for variant in (False, True):  # analytic GNI / XBN, with the statistics from a separate launch
@@ -55,6 +54,8 @@ def main() -> int:
             cases.append((K._gni_coefficients_kernel, dict(STATS_GIVEN=variant, ANALYTIC=variant, **flags, **small)))
             cases.append((K._ghost_stats_coefficients_kernel, dict(STATS_GIVEN=variant, EXCLUSIVE=variant, **flags, **small)))
             noise = dict(SHIFT_NOISE=flags["SHIFT_NOISE"], SCALE_NOISE=flags["SCALE_NOISE"])
+            if not variant:
+                cases.append((K._ghost_stats_channel_grads_kernel, dict(**noise, **small)))
             cases.append((K._ghost_stats_input_coefficients_kernel, dict(
                 GRADS_GIVEN=flags["SHIFT_NOISE"], EXCLUSIVE=variant, **noise, **small)))  # fmt: skip
     for fn, constexprs in cases:

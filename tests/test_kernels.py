@@ -188,11 +188,15 @@ def test_layer_with_kernels_matches_pytorch_path(monkeypatch, method, N, strengt
     _check_layer_against_pytorch(monkeypatch, method, N, strength, shift, scale, affine, track, shape)
 
 
-@pytest.mark.parametrize("method,N", [("gni", 3), ("analytic", 4), ("gbn", 2), ("xbn", 3)])
-def test_large_batch_statistics_launch_matches_pytorch_path(monkeypatch, method, N):
+@pytest.mark.parametrize(
+    "method,N,shift,scale",
+    [("gni", 3, True, True), ("analytic", 4, True, True), ("gbn", 2, True, True), ("xbn", 3, True, True),
+     ("gbn", 2, False, True), ("xbn", 3, True, False)],
+)  # fmt: skip
+def test_large_batch_statistics_launch_matches_pytorch_path(monkeypatch, method, N, shift, scale):
     """Above SPLIT_BATCH the batch statistics get a launch of their own: same results."""
     monkeypatch.setattr(kernels, "SPLIT_BATCH", 4)
-    _check_layer_against_pytorch(monkeypatch, method, N, 0.8, True, True, True, True, (7, 5, 3, 4))
+    _check_layer_against_pytorch(monkeypatch, method, N, 0.8, shift, scale, True, True, (7, 5, 3, 4))
 
 
 def _check_layer_against_pytorch(monkeypatch, method, N, strength, shift, scale, affine, track, shape):
@@ -281,7 +285,7 @@ def test_kernels_compile_for_h100():
         [sys.executable, str(root / "tests" / "_compile_kernels.py")], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("compiled ") == 20
+    assert proc.stdout.count("compiled ") == 21
 
 
 class _FakeCompiled:
@@ -514,5 +518,5 @@ def test_coefficient_ops_opcheck(use_kernels):
     per_sample, per_channel = torch.ops.ghostnoise.ghost_statistics_coefficients(*gs_args)
     torch.library.opcheck(
         torch.ops.ghostnoise.ghost_statistics_input_coefficients.default,
-        (r, mv, per_sample, per_channel, s, 12, 4, True, True, True),
+        (r, mv, per_sample, per_channel, s, 12, 1e-5, 4, True, True, True),
     )
