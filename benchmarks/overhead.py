@@ -16,6 +16,7 @@ Usage:
     python benchmarks/overhead.py --device cuda --compile-only --compile-mode reduce-overhead  # CUDA graphs
     GHOSTNOISE_COMPILED_KERNELS=1 python benchmarks/overhead.py --device cuda --compile-only  # coefficient kernels in the graph
     python benchmarks/overhead.py --quick              # fewer repeats (smoke test)
+    python benchmarks/overhead.py --skip-models --plain-autograd   # layers: fused paths against plain autograd
 
 Every line ends with ``ratio=X.XXX`` (time relative to plain BN in the same run).
 """
@@ -113,11 +114,22 @@ class Timings:
 
 
 def build_models(
-    base: nn.Module, ghost_batch_size: int, methods: Sequence[str] = METHODS[1:], plain: str = "bn"
+    base: nn.Module,
+    ghost_batch_size: int,
+    methods: Sequence[str] = METHODS[1:],
+    plain: str = "bn",
+    plain_autograd: bool = False,
 ) -> Dict[str, nn.Module]:
+    """The plain model under the name ``plain`` and one ghost copy per method; with ``plain_autograd``
+    also each method with ``fused=False`` (named ``method~plain``), the A/B of the fused paths."""
     models = {plain: base}
     for method in methods:
         models[method] = apply_ghost_noise(copy.deepcopy(base), ghost_batch_size, method=method, seed=0)
+    if plain_autograd:
+        for method in methods:
+            models[method + "~plain"] = apply_ghost_noise(
+                copy.deepcopy(base), ghost_batch_size, method=method, seed=0, fused=False
+            )
     return models
 
 
@@ -276,7 +288,7 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> None:
             continue
         channels_last = args.channels_last and len(shape) == 4
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        models = build_models(base.to(device=device, dtype=dtype), args.ghost_batch_size, methods, plain)
+        models = build_models(base.to(device=device, dtype=dtype), args.ghost_batch_size, methods, plain, args.plain_autograd)
         x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=memory_format).requires_grad_()
         grad = torch.randn_like(x)
         for compiled in _modes(args):
@@ -298,10 +310,16 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> None:
             medians = timings.medians
             mode = "compiled" if compiled else "eager"
             for k in models:
+                memory = ""
+                if not compiled:
+                    memory = f"saved={saved_bytes(lambda: runners[k](x)) / 2**20:7.2f}MiB "
+                    if device.type == "cpu":
+                        step_peak = cpu_step_peak_bytes(steps[k])
+                        memory += f"step_peak={step_peak / 2**20:7.2f}MiB " if step_peak else ""
                 print(
                     f"layer {label} {tuple(shape)} {device.type} {mode} {str(dtype).replace('torch.', '')}"
                     f"{' channels_last' if channels_last else ''} method={k:<8} fwd+bwd={medians[k] * 1e3:8.3f}ms "
-                    f"{timings.ratio(k, plain)}",
+                    f"{memory}{timings.ratio(k, plain)}",
                     flush=True,
                 )
 
@@ -361,6 +379,9 @@ def main() -> None:
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument(
         "--launch-ab", action="store_true", help="eager models: also each method with Triton's own launch path"
+    )
+    parser.add_argument(
+        "--plain-autograd", action="store_true", help="layers: also each method with fused=False (A/B of the fused paths)"
     )
     parser.add_argument("--no-cudnn-benchmark", action="store_true", help="CUDA: leave cudnn.benchmark off")
     parser.add_argument("--profile", action="store_true", help="CUDA: kernel count and costliest kernels per step")

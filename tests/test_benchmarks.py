@@ -51,6 +51,24 @@ def test_overhead_prints_every_case_with_its_ratio_memory_and_spread():
         assert peak and float(peak.group(1)) > 0, line
 
 
+def test_overhead_layers_with_plain_autograd_ab():
+    lines = _run(
+        "benchmarks/overhead.py", "--quick", "--batch", "8", "--methods", "gni", "--skip-models", "--plain-autograd",
+        "--ghost-batch-size", "4",
+    )  # fmt: skip
+    layers = [line for line in lines if line.startswith("layer ")]
+    assert [re.search(r"method=(\S+)", line).group(1) for line in layers] == ["bn", "gni", "gni~plain", "ln", "gni", "gni~plain"]
+    saved = {}
+    for line in layers:
+        assert RATIO.search(line), line
+        match = re.search(r"saved=\s*([\d.]+)MiB step_peak=\s*([\d.]+)MiB", line)
+        assert match, line
+        saved[(line.split()[1], re.search(r"method=(\S+)", line).group(1))] = float(match.group(1))
+    # the fused LayerNorm path keeps only x, as LayerNorm does; plain autograd keeps x_hat too
+    assert saved[("LayerNorm", "gni")] < 1.1 * saved[("LayerNorm", "ln")]
+    assert saved[("LayerNorm", "gni~plain")] > 1.8 * saved[("LayerNorm", "ln")]
+
+
 def test_host_overhead_with_stub_launches_covers_every_method():
     lines = _run("benchmarks/host_overhead.py", "--stub-kernels")
     methods = [re.search(r"method=(\w+)", line).group(1) for line in lines if line.startswith("host layer")]
