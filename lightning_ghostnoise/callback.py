@@ -53,8 +53,9 @@ class GhostNoise(Callback):
             ``seed_everything`` was called, else drawn once and saved in the checkpoint.
         sync: draw ghost batches from the *global* batch across processes with global normalization
             statistics (SyncBatchNorm semantics); ``False`` draws per process from its local batch.
-        fused: the fused autograd path for BatchNorm methods (fast, first-order gradients only); ``False``
-            for double backward (gradient penalties).
+        fused: the fused autograd paths (BatchNorm methods: fast; LayerNorm/GroupNorm: the plain layer's
+            activation memory; first-order gradients only); ``False`` for double backward (gradient
+            penalties).
         revert_on_fit_end: put the plain layers back when fit ends.
         log_values: log the current ghost batch size and strength through the Trainer's logger.
 

@@ -92,9 +92,10 @@ class GhostNoiseMixin:
         counter_rng: draw from the counter-based generator (:mod:`lightning_ghostnoise.counter_rng`)
             instead of the layer's ``torch.Generator``; always so under ``torch.compile``, where a
             generator attribute would break the graph. Same law, another (equally reproducible) stream.
-        fused: BatchNorm methods use the fused autograd function in eager mode (as fast as BatchNorm's
-            own kernels, first-order gradients only); ``False`` uses plain autograd (double backward,
-            e.g. gradient penalties, works).
+        fused: the fused autograd functions in eager mode, first-order gradients only: BatchNorm methods
+            as fast as BatchNorm's own kernels; LayerNorm and GroupNorm keep only their input for the
+            backward, as the plain layers do (:func:`~lightning_ghostnoise.functional.normalized_noise`).
+            ``False`` uses plain autograd (double backward, e.g. gradient penalties, works).
     """
 
     _base: ClassVar[Type[nn.Module]]

@@ -177,8 +177,9 @@ def apply_ghost_noise(
         noise_eps: GNI's epsilon in the noise scale.
         seed: base seed of the layers' own generators (a layer uses ``derive_seed(seed, crc32(its name))``,
             so separate calls with different filters never give two layers the same stream).
-        fused: use the fused autograd path for BatchNorm methods (first-order gradients only; ``False``
-            for double backward).
+        fused: use the fused autograd paths (BatchNorm methods, and LayerNorm/GroupNorm, whose fused
+            path keeps only the input for the backward; first-order gradients only; ``False`` for double
+            backward).
         include_types, exclude_types, include_names, exclude_names: see :func:`find_norm_layers`.
         warn: warn about skipped layers and about a model without target layers.
         report: filled with what was replaced and skipped, if given.
