@@ -3,8 +3,9 @@
 # the kernel tests on CUDA; the CUDA-graphs correctness check (cuda_checks.py cudagraphs); the eager
 # step at 224x224, batch 64 (a GPU-bound step); the compiled ResNet-18 step with CUDA graphs
 # (mode="reduce-overhead") with GHOSTNOISE_COMPILED_KERNELS=1 and, as the A/B, without; the compiled
-# default-mode peak memory with cudnn.benchmark off. About 10 minutes on a cold machine (inductor
-# compiles each model): the last steps may not fit one call.
+# default-mode peak memory with cudnn.benchmark off (now also the step's own peak); the layer cases
+# (BatchNorm2d and LayerNorm) against plain autograd (fused=False). About 11 minutes on a cold machine
+# (inductor compiles each model): the last steps may not fit one call.
 # Earlier sessions' steps, for reference:
 #   python3 benchmarks/launch_overhead.py
 #   python3 benchmarks/host_overhead.py --device cuda [--cprofile gni]
@@ -26,3 +27,4 @@ timeout 60 python3 benchmarks/overhead.py --device cuda --repeats 10 --skip-laye
 GHOSTNOISE_COMPILED_KERNELS=1 timeout 170 python3 benchmarks/overhead.py --device cuda --compile-only --compile-mode reduce-overhead --skip-layers --methods gni,gbn --repeats 20 --profile 2>&1 | tee "$OUT/overhead_cuda_cudagraphs_compiled_kernels.txt"
 timeout 110 python3 benchmarks/overhead.py --device cuda --compile-only --compile-mode reduce-overhead --skip-layers --methods gni,gbn --repeats 20 2>&1 | tee "$OUT/overhead_cuda_cudagraphs_inductor.txt"
 GHOSTNOISE_COMPILED_KERNELS=1 timeout 110 python3 benchmarks/overhead.py --device cuda --compile-only --skip-layers --methods gni --repeats 10 --no-cudnn-benchmark 2>&1 | tee "$OUT/overhead_cuda_compiled_kernels_peak.txt"
+timeout 60 python3 benchmarks/overhead.py --device cuda --skip-models --plain-autograd --repeats 10 --methods gni,gbn 2>&1 | tee "$OUT/overhead_cuda_layers_plain_autograd.txt"
