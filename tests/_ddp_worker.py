@@ -4,7 +4,8 @@ Usage: python tests/_ddp_worker.py MODE OUT_DIR [WORLD]
   rewrite: 2-process DDP, local sampling, identical data on both ranks; records, per rank, the layer
            types seen in LightningModule.setup (before the DDP wrap) and the first ghost layer output.
   sync:    WORLD processes (1 or 2) with GhostNoise(sync=True); rank r holds rows r*B..(r+1)*B-1 of one
-           fixed global batch of 16; records the first BN output and the weights after one step.
+           fixed global batch of 16; records the first BN output and the weights after one step (the
+           model also has a LayerNorm over tokens, which GhostNoise rewrites too).
 """
 
 import os
@@ -31,6 +32,7 @@ class Net(pl.LightningModule):
         self.out_dir = out_dir
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
+        self.ln = nn.LayerNorm(4)  # over the channels of each position (tokens): GhostLayerNorm, fused path
         self.head = nn.Linear(4, 3)
         self.record = {}
         self.bn_outputs = []
@@ -39,6 +41,7 @@ class Net(pl.LightningModule):
     def setup(self, stage: str) -> None:  # after Callback.setup, before the DDP wrap
         self.record["types_at_setup"] = [type(m).__name__ for m in self.modules() if isinstance(m, nn.BatchNorm2d)]
         self.record["ghost_at_setup"] = is_ghost_layer(self.bn)
+        self.record["ln_ghost_at_setup"] = is_ghost_layer(self.ln)
 
     def forward(self, x):
         c = self.conv(x)
@@ -46,7 +49,8 @@ class Net(pl.LightningModule):
         if self.training:
             self.bn_inputs.append(c.detach().clone())
             self.bn_outputs.append(h.detach().clone())
-        return self.head(torch.relu(h).mean((2, 3)))
+        tokens = torch.relu(h).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        return self.head(self.ln(tokens).mean(1))
 
     def training_step(self, batch, batch_idx):
         x, y = batch

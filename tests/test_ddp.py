@@ -50,6 +50,9 @@ def test_sync_two_processes_match_one_process(tmp_path):
     (tmp_path / "two").mkdir()
     one = _run("sync", tmp_path / "one", world=1)
     two = _run("sync", tmp_path / "two", world=2)
+    # the LayerNorm over tokens is a ghost layer too (the fused path): its weights are compared below
+    assert all(rec["ln_ghost_at_setup"] for rec in one + two)
+    assert any(k.startswith("ln.") for k in one[0]["state"])
     full = one[0]["bn_out"]
     gathered = torch.cat([two[0]["bn_out"], two[1]["bn_out"]], 0)
     torch.testing.assert_close(gathered, full, rtol=1e-5, atol=1e-5)
