@@ -127,6 +127,11 @@ def _sample_affine(x: Tensor, a: Tensor, d: Tensor, channel_dim: int, in_place: 
     return torch.addcmul(d, x, a, out=x) if in_place else torch.addcmul(d, x, a)
 
 
+def _fits(scratch: Optional[Tensor], like: Tensor) -> bool:
+    """Whether ``scratch`` can take a result shaped like ``like`` (same shape and dtype)."""
+    return scratch is not None and scratch.shape == like.shape and scratch.dtype == like.dtype
+
+
 def _affine_input_grad(
     grad_y: Tensor, x: Tensor, a: Tensor, p: Tensor, q: Tensor, channel_dim: int, out: Optional[Tensor] = None
 ) -> Tensor:
@@ -141,7 +146,7 @@ def _affine_input_grad(
         shape[channel_dim] = -1
         return t.to(x.dtype).view(shape)
 
-    if out is None or out.shape != x.shape or out.dtype != x.dtype:
+    if not _fits(out, x):
         out = torch.empty_like(x)
     if _coefficients_inner_broadcast(x, channel_dim, grad_y):  # one broadcast operand per op (see there)
         return torch.mul(grad_y, expand(a), out=out).addcmul_(x, expand(p)).add_(expand(q))
@@ -561,8 +566,7 @@ class _NormalizedNoise(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             a = inv if weight is None else inv * weight.to(inv.dtype)
             a = broadcast_channels(a.to(x_hat.dtype), x_hat, ctx.channel_dim)
-            fits = scratch is not None and scratch.shape == x_hat.shape and scratch.dtype == x_hat.dtype
-            grad_hat = torch.mul(grad_y, a, out=scratch) if fits else grad_y * a
+            grad_hat = torch.mul(grad_y, a, out=scratch) if _fits(scratch, x_hat) else grad_y * a
             (grad_x,) = torch.autograd.grad(x_hat, leaf, grad_hat)
         # (autograd casts grad_w / grad_b to the parameters' dtype)
         return (grad_x, grad_w, grad_b) + (None,) * 6
