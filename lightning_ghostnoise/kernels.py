@@ -687,6 +687,15 @@ if triton is not None:
         return tl.sum(acc_w, axis=0), tl.sum(acc_b, axis=0), tl.sum(acc_t, axis=0), tl.sum(acc_m, axis=0)
 
     @triton.jit
+    def _ghost_stats_channel_rows(pc_ptr, cs, cmask, C):
+        """The forward's per-channel rows ``(4, C)``: centre, batch mean, batch variance, batch std."""
+        centre = tl.load(pc_ptr + cs, mask=cmask, other=0.0)
+        bm = tl.load(pc_ptr + C + cs, mask=cmask, other=0.0)
+        bvar = tl.load(pc_ptr + 2 * C + cs, mask=cmask, other=0.0)
+        std_b = tl.load(pc_ptr + 3 * C + cs, mask=cmask, other=1.0)
+        return centre, bm, bvar, std_b
+
+    @triton.jit
     def _ghost_stats_channel_grads_kernel(
         r_ptr, ps_ptr, pc_ptr, s_ptr, cg_ptr, B, C, eps,
         SHIFT_NOISE: tl.constexpr, SCALE_NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -695,9 +704,7 @@ if triton is not None:
         cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cs < C
         s = tl.load(s_ptr).to(tl.float32)
-        centre = tl.load(pc_ptr + cs, mask=cmask, other=0.0)
-        bm = tl.load(pc_ptr + C + cs, mask=cmask, other=0.0)
-        std_b = tl.load(pc_ptr + 3 * C + cs, mask=cmask, other=1.0)
+        centre, bm, _, std_b = _ghost_stats_channel_rows(pc_ptr, cs, cmask, C)
         sum_w, sum_b, sum_t, sum_m = _ghost_stats_channel_grads(
             r_ptr, ps_ptr, cs, cmask, B, C, s, bm, std_b, centre, eps, SHIFT_NOISE, SCALE_NOISE, BLOCK_B, BLOCK_C
         )
@@ -718,15 +725,8 @@ if triton is not None:
         r0_ptr = r_ptr
         r1_ptr = r_ptr + B * C
         mean_ptr = mv_ptr
-        centre_ptr = pc_ptr
-        bm_ptr = pc_ptr + C
-        bvar_ptr = pc_ptr + 2 * C
-        std_b_ptr = pc_ptr + 3 * C
         s = tl.load(s_ptr).to(tl.float32)
-        bm = tl.load(bm_ptr + cs, mask=cmask, other=0.0)
-        bvar = tl.load(bvar_ptr + cs, mask=cmask, other=0.0)
-        std_b = tl.load(std_b_ptr + cs, mask=cmask, other=1.0)
-        centre = tl.load(centre_ptr + cs, mask=cmask, other=0.0)
+        centre, bm, bvar, std_b = _ghost_stats_channel_rows(pc_ptr, cs, cmask, C)
         # channel sums over the whole batch: the batch statistics' share of the gradient
         if GRADS_GIVEN:
             sum_t = tl.load(cg_ptr + 2 * C + cs, mask=cmask, other=0.0)
