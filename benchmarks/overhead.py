@@ -17,8 +17,10 @@ Usage:
     GHOSTNOISE_COMPILED_KERNELS=1 python benchmarks/overhead.py --device cuda --compile-only  # coefficient kernels in the graph
     python benchmarks/overhead.py --quick              # fewer repeats (smoke test)
     python benchmarks/overhead.py --skip-models --plain-autograd   # layers: fused paths against plain autograd
+    python benchmarks/overhead.py --model transformer  # a LayerNorm net (TinyTransformer): GNI, analytic vs plain LN
+    python benchmarks/overhead.py --skip-models --ln-shape 128,196,384   # a larger LayerNorm layer
 
-Every line ends with ``ratio=X.XXX`` (time relative to plain BN in the same run).
+Every line ends with ``ratio=X.XXX`` (time relative to the plain model or layer, BN or LN, in the same run).
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ import copy
 import random
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from lightning_ghostnoise import apply_ghost_noise
-from lightning_ghostnoise.models import resnet18_cifar, small_resnet
+from lightning_ghostnoise.models import TinyTransformer, resnet18_cifar, small_resnet
 
 METHODS = ("bn", "gni", "gbn", "xbn", "analytic")
 
@@ -144,15 +146,26 @@ def graph_breaks(model: nn.Module, x: torch.Tensor) -> Optional[int]:
         return None
 
 
+def _model_case(args: argparse.Namespace, device: torch.device) -> Tuple[nn.Module, Tuple[int, ...], str, str, List[str]]:
+    """``(model, input shape, label, plain name, methods)`` of the ``--model`` case on ``device``."""
+    cuda = device.type == "cuda"
+    size = args.image_size or (32 if cuda else 28)
+    channels = 3 if cuda else 1
+    shape = (args.batch or (256 if cuda else 128), channels, size, size)
+    if args.model == "transformer":
+        # a ViT of LayerNorms over tokens: only GNI and analytic GNI apply
+        dim, depth, heads = (384, 6, 6) if cuda else (128, 4, 4)
+        base: nn.Module = TinyTransformer(10, channels, size, 4, dim=dim, depth=depth, heads=heads)
+        label = f"TinyTransformer d{dim}x{depth} {channels}x{size}x{size}/4"
+        return base, shape, label, "ln", [m for m in args.methods if m in ("gni", "analytic")]
+    if cuda:
+        return resnet18_cifar(num_classes=10, in_channels=3), shape, f"ResNet-18 3x{size}x{size}", "bn", list(args.methods)
+    base = small_resnet(depth=8, width=16, in_channels=1, num_classes=10)
+    return base, shape, f"small ResNet-8 1x{size}x{size}", "bn", list(args.methods)
+
+
 def bench_models(args: argparse.Namespace, device: torch.device) -> None:
-    if device.type == "cuda":
-        base = resnet18_cifar(num_classes=10, in_channels=3)
-        size = args.image_size or 32
-        shape, label = (args.batch or 256, 3, size, size), f"ResNet-18 3x{size}x{size}"
-    else:
-        base = small_resnet(depth=8, width=16, in_channels=1, num_classes=10)
-        size = args.image_size or 28
-        shape, label = (args.batch or 128, 1, size, size), f"small ResNet-8 1x{size}x{size}"
+    base, shape, label, plain, methods = _model_case(args, device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     base = base.to(device=device, memory_format=memory_format)
     torch.manual_seed(0)
@@ -162,7 +175,7 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
         torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     )
     for compiled in _modes(args):
-        models = build_models(base, args.ghost_batch_size, args.methods)
+        models = build_models(base, args.ghost_batch_size, methods, plain)
         breaks: Dict[str, Optional[int]] = {}
         if compiled:
             for k in list(models):
@@ -189,7 +202,7 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
 
         steps = {k: make_step(k) for k in models}
         if args.launch_ab and not compiled:
-            for k in [k for k in models if k != "bn"]:
+            for k in [k for k in models if k != plain]:
                 steps[k + "~tl"] = _with_triton_launch(steps[k])
         skips: Dict[str, int] = {}
         for k, step in steps.items():  # warm-up (and compilation)
@@ -231,22 +244,22 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
                 f"step={medians[k] * 1e3:8.2f}ms",
             ]
             if act:
-                parts.append(f"saved={act[k] / 2**20:7.1f}MiB saved_ratio={act[k] / act['bn']:.3f}")
+                parts.append(f"saved={act[k] / 2**20:7.1f}MiB saved_ratio={act[k] / act[plain]:.3f}")
             for name, value in peaks[k].items():  # step_peak: above the memory held before the step
-                if peaks["bn"].get(name):
-                    parts.append(f"{name}={value / 2**20:7.1f}MiB {name}_ratio={value / peaks['bn'][name]:.3f}")
+                if peaks[plain].get(name):
+                    parts.append(f"{name}={value / 2**20:7.1f}MiB {name}_ratio={value / peaks[plain][name]:.3f}")
             if compiled:
                 parts.append(f"graph_breaks={breaks.get(k)}")
             if cudagraphs:
                 parts.append(f"cudagraph_skips={skips[k]}")
-            parts.append(timings.ratio(k))
+            parts.append(timings.ratio(k, plain))
             print(" ".join(parts), flush=True)
         for k in [k for k in steps if k.endswith("~tl")]:
             base_k = k[:-3]
             print(
                 f"model {label} batch {shape[0]} {device.type} {mode} method={base_k:<8} with Triton's own launch "
                 f"step={medians[k] * 1e3:8.2f}ms cached_launch_speedup={medians[k] / medians[base_k]:.3f} "
-                f"ratio={medians[k] / medians['bn']:.3f}",
+                f"ratio={medians[k] / medians[plain]:.3f}",
                 flush=True,
             )
 
@@ -279,9 +292,10 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> None:
     """One layer's forward + backward: BatchNorm2d (every method) and LayerNorm over tokens (GNI, analytic)."""
     batch = args.batch or (256 if device.type == "cuda" else 128)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    ln_shape = tuple(args.ln_shape) if args.ln_shape else (max(batch // 2, 1), 128, 256)
     cases = [
         ("BatchNorm2d", "bn", nn.BatchNorm2d(64), (batch, 64, 16, 16), list(args.methods)),
-        ("LayerNorm", "ln", nn.LayerNorm(256), (max(batch // 2, 1), 128, 256), [m for m in args.methods if m in ("gni", "analytic")]),
+        ("LayerNorm", "ln", nn.LayerNorm(ln_shape[-1]), ln_shape, [m for m in args.methods if m in ("gni", "analytic")]),
     ]  # fmt: skip
     for label, plain, base, shape, methods in cases:
         if not methods:
@@ -368,6 +382,15 @@ def main() -> None:
         "--image-size", type=int, default=None, help="models: input height and width (default 32 on CUDA, 28 on CPU)"
     )
     parser.add_argument("--ghost-batch-size", type=int, default=16)
+    parser.add_argument(
+        "--model", choices=("resnet", "transformer"), default="resnet",
+        help="models: resnet (BatchNorm; CPU ResNet-8, CUDA ResNet-18) or transformer (LayerNorm; TinyTransformer, "
+        "patch 4; CPU dim 128 x 4 blocks, CUDA dim 384 x 6)",
+    )
+    parser.add_argument(
+        "--ln-shape", type=lambda v: [int(p) for p in v.split(",")], default=None,
+        help="layers: the LayerNorm case's input B,T,D (default: batch/2,128,256)",
+    )
     parser.add_argument(
         "--methods", type=lambda v: [m for m in v.split(",") if m], default=list(METHODS[1:]),
         help="comma-separated methods to compare with plain BN (default: gni,gbn,xbn,analytic)",

@@ -69,6 +69,22 @@ def test_overhead_layers_with_plain_autograd_ab():
     assert saved[("LayerNorm", "gni~plain")] > 1.8 * saved[("LayerNorm", "ln")]
 
 
+def test_overhead_transformer_model_and_ln_shape():
+    """``--model transformer``: a LayerNorm net against plain LN, only the methods that apply to it;
+    ``--ln-shape``: the LayerNorm layer case's input."""
+    lines = _run(
+        "benchmarks/overhead.py", "--quick", "--batch", "8", "--methods", "gni,gbn,analytic", "--model",
+        "transformer", "--ln-shape", "4,3,8", "--ghost-batch-size", "4",
+    )  # fmt: skip
+    layers = [line for line in lines if line.startswith("layer LayerNorm")]
+    assert [re.search(r"method=(\w+)", line).group(1) for line in layers] == ["ln", "gni", "analytic"]
+    assert all("(4, 3, 8)" in line for line in layers)
+    models = [line for line in lines if line.startswith("model ")]
+    assert [re.search(r"method=(\w+)", line).group(1) for line in models] == ["ln", "gni", "analytic"]
+    assert all(line.startswith("model TinyTransformer ") and RATIO.search(line) for line in models)
+    assert models[0].endswith("spread=[1.000,1.000] ratio=1.000")
+
+
 def test_host_overhead_with_stub_launches_covers_every_method():
     lines = _run("benchmarks/host_overhead.py", "--stub-kernels")
     methods = [re.search(r"method=(\w+)", line).group(1) for line in lines if line.startswith("host layer")]

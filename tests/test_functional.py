@@ -755,18 +755,26 @@ def _group_norm(t: torch.Tensor) -> torch.Tensor:
 
 
 NORMALIZED_CASES = {
+    # a plain callable: the fused path recomputes normalize(x) in the backward
     "layer_norm": (_layer_norm, (8, 5, 6), -1, None),
     "group_norm": (_group_norm, (8, 4, 3, 5), 1, None),
     "group_norm_channels_last": (_group_norm, (8, 4, 3, 5), 1, torch.channels_last),
+    # a NativeNorm: the fused path keeps (mean, rstd) and calls the native backward
+    "native_layer_norm": (GF.NativeLayerNorm((6,)), (8, 5, 6), -1, None),
+    "native_layer_norm_2d": (GF.NativeLayerNorm((6,)), (8, 6), -1, None),
+    "native_layer_norm_4d": (GF.NativeLayerNorm((6,)), (8, 3, 5, 6), -1, None),
+    "native_group_norm": (GF.NativeGroupNorm(2), (8, 4, 3, 5), 1, None),
+    "native_group_norm_channels_last": (GF.NativeGroupNorm(2), (8, 4, 3, 5), 1, torch.channels_last),
+    "native_group_norm_1d": (GF.NativeGroupNorm(2), (8, 4, 7), 1, None),
 }
 
 
-def _normalized_inputs(shape, memory_format, affine: bool, dtype=torch.float32):
+def _normalized_inputs(shape, memory_format, affine: bool, dtype=torch.float32, channel_dim=-1):
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(shape, generator=gen) * 2 + 1).to(dtype)
     if memory_format is not None:
         x = x.to(memory_format=memory_format)
-    channels = shape[-1] if len(shape) == 3 else shape[1]
+    channels = shape[channel_dim]
     w = (torch.rand(channels, generator=gen) + 0.5) if affine else None
     b = torch.randn(channels, generator=gen) if affine else None
     grad = torch.randn(shape, generator=gen).to(dtype)
@@ -791,7 +799,7 @@ def _run_normalized(fused, x, w, b, grad, normalize, channel_dim, draws, **kwarg
 @pytest.mark.parametrize("analytic", [False, True])
 def test_normalized_noise_fused_matches_plain_autograd(case, affine, kwargs, analytic):
     normalize, shape, channel_dim, memory_format = NORMALIZED_CASES[case]
-    x, w, b, grad = _normalized_inputs(shape, memory_format, affine)
+    x, w, b, grad = _normalized_inputs(shape, memory_format, affine, channel_dim=channel_dim)
     channels = shape[channel_dim]
     gen = torch.Generator().manual_seed(5)
     if analytic:
@@ -819,7 +827,8 @@ def test_normalized_noise_fused_matches_plain_autograd(case, affine, kwargs, ana
 
 
 def test_normalized_noise_fused_keeps_only_the_input_for_backward():
-    """The fused path saves one full-size tensor (x), as LayerNorm does; plain autograd saves two."""
+    """The fused path saves one full-size tensor (x), as LayerNorm does; plain autograd saves two.
+    (With a NativeNorm too: ``test_native_norm_path_saves_what_the_plain_layer_saves``.)"""
     x, w, b, _ = _normalized_inputs((8, 5, 6), None, True)
     x.requires_grad_()
     w.requires_grad_()
@@ -869,6 +878,215 @@ def test_normalized_noise_fused_recomputes_under_the_forward_autocast():
     # plain autograd sums the (B, C) gradients in bfloat16, the fused path in float32
     for got, want in zip(results[None][1:], results[False][1:]):
         torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+
+
+class _CountingLayerNorm(GF.NativeLayerNorm):
+    """A NativeLayerNorm that counts its calls (to see which path ran)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls = {"call": 0, "forward": 0, "backward": 0}
+
+    def __call__(self, x):
+        self.calls["call"] += 1
+        return super().__call__(x)
+
+    def forward(self, x):
+        self.calls["forward"] += 1
+        return super().forward(x)
+
+    def backward(self, *args):
+        self.calls["backward"] += 1
+        return super().backward(*args)
+
+
+@pytest.mark.parametrize(
+    "norm,plain,shape,memory_format",
+    [
+        (GF.NativeLayerNorm((6,)), lambda t: F.layer_norm(t, (6,), None, None, 1e-5), (8, 5, 6), None),
+        (GF.NativeLayerNorm((256,), 1e-3), lambda t: F.layer_norm(t, (256,), None, None, 1e-3), (4, 3, 7, 256), None),
+        (GF.NativeLayerNorm((33,)), lambda t: F.layer_norm(t, (33,), None, None, 1e-5), (16, 33), None),
+        (GF.NativeGroupNorm(2), lambda t: F.group_norm(t, 2, None, None, 1e-5), (8, 4, 3, 5), None),
+        (GF.NativeGroupNorm(4, 1e-3), lambda t: F.group_norm(t, 4, None, None, 1e-3), (8, 4, 3, 5), torch.channels_last),
+        (GF.NativeGroupNorm(1), lambda t: F.group_norm(t, 1, None, None, 1e-5), (8, 6, 2, 3, 4), torch.channels_last_3d),
+    ],
+)
+@pytest.mark.parametrize("affine", [True, False])
+def test_native_norms_match_the_functional_norms(norm, plain, shape, memory_format, affine):
+    """NativeNorm: its call and its forward give the bits of the plain functional norm (the float32
+    LayerNorm passes an identity affine, which must not change them); its backward gives
+    ``autograd`` of ``plain(x) * w``, in float32 and float64."""
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        gen = torch.Generator().manual_seed(1)
+        x = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype)
+        if memory_format is not None:
+            x = x.to(memory_format=memory_format)
+        channels = shape[-1] if isinstance(norm, GF.NativeLayerNorm) else shape[1]
+        w = (torch.rand(channels, generator=gen) + 0.5).to(dtype) if affine else None
+        grad = torch.randn(shape, generator=gen).to(dtype)
+        want = plain(x)
+        assert torch.equal(norm(x), want)
+        x_hat, mean, rstd = norm.forward(x)
+        assert torch.equal(x_hat, want)
+        assert mean.numel() == rstd.numel() < x.numel() // 2
+        xr = x.clone().requires_grad_()
+        wr = w.clone().requires_grad_() if affine else None
+        out = plain(xr)
+        out = out * (wr.view(-1, *([1] * (x.dim() - 2))) if isinstance(norm, GF.NativeGroupNorm) else wr) if affine else out
+        expected = torch.autograd.grad(out, [xr] + ([wr] if affine else []), grad)
+        grad_x, grad_w = norm.backward(grad, x, mean, rstd, w, True, affine)
+        torch.testing.assert_close(grad_x, expected[0], rtol=tol, atol=tol)
+        if affine:
+            torch.testing.assert_close(grad_w, expected[1], rtol=tol, atol=tol)
+        else:
+            assert grad_w is None
+
+
+def test_native_norm_path_saves_what_the_plain_layer_saves_and_does_not_recompute():
+    """With a NativeNorm the fused path keeps x and the native (mean, rstd), as nn.LayerNorm does,
+    and its backward calls the native backward once (no second normalization)."""
+    x, w, b, grad = _normalized_inputs((8, 5, 6), None, True)
+    x.requires_grad_()
+    idx = GF.ghost_indices(8, 3, generator=torch.Generator().manual_seed(0))
+
+    def saved_by(run):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = run()
+        return out, saved
+
+    norm = _CountingLayerNorm((6,))
+    y, saved = saved_by(lambda: GF.normalized_noise(x, norm, GF.GhostDraws(indices=idx), w, b, channel_dim=-1))
+    _, plain_saved = saved_by(lambda: F.layer_norm(x, (6,), w, b))
+    full = [t for t in saved if t.numel() == x.numel()]
+    assert len(full) == 1 and full[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    small = sorted(t.numel() for t in saved if t.numel() != x.numel())
+    assert [t.numel() for t in plain_saved if t.numel() == 40] == [40, 40]  # LayerNorm's mean and rstd
+    assert small.count(40) == 2
+    y.backward(grad)
+    assert norm.calls == {"call": 0, "forward": 1, "backward": 1}
+
+
+@pytest.mark.parametrize("native_cls", ["layer", "group"])
+def test_native_norm_under_autocast_takes_the_recompute_path(native_cls):
+    """Under autocast the native statistics are not used (autocast may cast the norm's input): the
+    fused path recomputes ``normalize`` under the forward's autocast state, as for any callable."""
+    if native_cls == "layer":
+        norm, shape, channel_dim = _CountingLayerNorm((6,)), (8, 5, 6), -1
+    else:
+        norm, shape, channel_dim = GF.NativeGroupNorm(2), (8, 4, 3, 5), 1
+    x, w, b, grad = _normalized_inputs(shape, None, True, channel_dim=channel_dim)
+    idx = GF.ghost_indices(8, 3, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for fused in (False, None):
+        xr = x.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = GF.normalized_noise(xr @ torch.eye(shape[-1]), norm, GF.GhostDraws(indices=idx), w, b,
+                                    channel_dim=channel_dim, fused=fused)  # fmt: skip
+        assert y.dtype == torch.bfloat16
+        y.backward(grad.to(y.dtype))
+        results[fused] = (y.detach(), xr.grad)
+    if native_cls == "layer":
+        assert norm.calls == {"call": 3, "forward": 0, "backward": 0}
+    torch.testing.assert_close(results[None][0], results[False][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[None][1].float(), results[False][1].float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("norm_cls,shape,channel_dim", [(_CountingLayerNorm, (32, 16, 64), -1),
+                                                        (GF.NativeGroupNorm, (8, 4, 3, 5), 1)])  # fmt: skip
+def test_native_norm_with_bfloat16_input_takes_the_recompute_path(norm_cls, shape, channel_dim):
+    """A bfloat16 activation with float32 parameters (no autocast) takes the recomputing path: the
+    native CPU LayerNorm backward sums a bfloat16 weight gradient in low precision. The fused
+    result is as close to a float64 reference as plain autograd's."""
+    norm = norm_cls((shape[-1],)) if norm_cls is _CountingLayerNorm else norm_cls(2)
+    x, w, b, grad = _normalized_inputs(shape, None, True, dtype=torch.bfloat16, channel_dim=channel_dim)
+    gen = torch.Generator().manual_seed(5)
+    draws = GF.GhostDraws(indices=GF.ghost_indices(shape[0], 3, generator=gen))
+    fused = _run_normalized(None, x, w, b, grad, norm, channel_dim, draws)
+    if norm_cls is _CountingLayerNorm:
+        assert norm.calls == {"call": 2, "forward": 0, "backward": 0}
+    plain = _run_normalized(False, x, w, b, grad, norm, channel_dim, draws)
+    ref = _run_normalized(False, x.double(), w.double(), b.double(), grad.double(), norm, channel_dim, draws)
+    assert fused[0].dtype == torch.bfloat16 and fused[2].dtype == torch.float32
+    torch.testing.assert_close(fused[0], plain[0], rtol=0, atol=0)
+    for got, base, want in zip(fused[1:], plain[1:], ref[1:]):
+        err, base_err = (got.double() - want).abs().max(), (base.double() - want).abs().max()
+        assert err <= 2 * base_err + 1e-3 * want.abs().max()
+
+
+@pytest.mark.parametrize("norm,shape,channel_dim,transpose", [(GF.NativeLayerNorm((5,)), (8, 6, 5), -1, (0, 1)),
+                                                              (GF.NativeGroupNorm(2), (8, 4, 6, 5), 1, (2, 3))])  # fmt: skip
+def test_native_norm_path_with_a_non_contiguous_input(norm, shape, channel_dim, transpose):
+    """A strided (non-dense) input: made dense for the native kernels, same results as plain autograd."""
+    x, w, b, grad = _normalized_inputs(shape, None, True, channel_dim=channel_dim)
+    x = x.transpose(*transpose).contiguous().transpose(*transpose)  # same values, other strides
+    assert not x.is_contiguous()
+    draws = GF.GhostDraws(indices=GF.ghost_indices(shape[0], 3, generator=torch.Generator().manual_seed(6)))
+    fused = _run_normalized(None, x, w, b, grad, norm, channel_dim, draws)
+    plain = _run_normalized(False, x, w, b, grad, norm, channel_dim, draws)
+    torch.testing.assert_close(fused[0], plain[0], rtol=0, atol=0)
+    for got, want in zip(fused[1:], plain[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Make every CPU temporary above 1 KiB go through chunks of 4 KiB (see ``GF._batch_chunks``)."""
+    monkeypatch.setattr(GF, "_TEMPORARY_LIMIT", 1024)
+    monkeypatch.setattr(GF, "_CHUNK_BYTES", 4096)
+
+
+@pytest.mark.parametrize(
+    "shape,channel_dim,memory_format,dtype",
+    [((13, 9, 24), -1, None, torch.float32), ((13, 9, 24), -1, None, torch.bfloat16),
+     ((11, 6, 5, 7), 1, torch.channels_last, torch.float32), ((7, 3, 2, 40), -1, None, torch.float64)],
+)  # fmt: skip
+def test_per_sample_moments_in_chunks_match_one_piece(shape, channel_dim, memory_format, dtype, monkeypatch):
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 2 + 1).to(dtype)
+    if memory_format is not None:
+        x = x.to(memory_format=memory_format)
+    whole = GF.per_sample_moments(x, channel_dim)
+    monkeypatch.setattr(GF, "_TEMPORARY_LIMIT", 1024)
+    monkeypatch.setattr(GF, "_CHUNK_BYTES", 4096)
+    if dtype != torch.float64:  # (float64 takes var_mean, no temporary)
+        assert 1 < GF._batch_chunks(x, 4) < shape[0] and shape[0] % GF._batch_chunks(x, 4)
+    chunked = GF.per_sample_moments(x, channel_dim)
+    for got, want in zip(chunked, whole):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "norm,shape,channel_dim,memory_format",
+    [(GF.NativeLayerNorm((24,)), (13, 9, 24), -1, None), (GF.NativeLayerNorm((24,)), (13, 3, 3, 24), -1, None),
+     (GF.NativeGroupNorm(2), (11, 6, 5, 7), 1, torch.channels_last), (GF.NativeGroupNorm(3), (11, 6, 35), 1, None)],
+)  # fmt: skip
+@pytest.mark.parametrize("affine,need", [(True, "all"), (False, "all"), (True, "params_only"), (True, "input_only")])
+def test_native_backward_in_chunks_matches_one_piece(norm, shape, channel_dim, memory_format, affine, need, small_chunks):
+    """The native backward of ``grad_y * inv`` in chunks of the batch (large CPU temporaries) against
+    the same in one piece and against plain autograd. (``params_only`` on channels-last GroupNorm: the
+    input gradient is computed anyway, where torch 2.13's CPU kernel would crash without it.)"""
+    x, w, b, grad = _normalized_inputs(shape, memory_format, affine, channel_dim=channel_dim)
+    draws = GF.GhostDraws(indices=GF.ghost_indices(shape[0], 3, generator=torch.Generator().manual_seed(7)))
+
+    def run(fused, limit):
+        GF._TEMPORARY_LIMIT = limit
+        xr = x.detach().clone().requires_grad_(need != "params_only")
+        wr = w.detach().clone().requires_grad_(need != "input_only") if affine else None
+        br = b.detach().clone().requires_grad_(need != "input_only") if affine else None
+        y = GF.normalized_noise(xr, norm, draws, wr, br, channel_dim=channel_dim, fused=fused, strength=0.9)
+        y.backward(grad)
+        return [t.grad if t is not None else None for t in (xr, wr, br)]
+
+    assert 1 < GF._batch_chunks(x, 4) < shape[0]
+    chunked = run(None, 1024)
+    whole = run(None, 1 << 40)
+    plain = run(False, 1 << 40)
+    for got, one, want in zip(chunked, whole, plain):
+        if want is None:
+            assert got is None and one is None
+        else:
+            torch.testing.assert_close(got, one, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_normalized_noise_fused_refuses_double_backward_plain_supports_it():
