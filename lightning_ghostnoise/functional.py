@@ -520,6 +520,10 @@ class NativeNorm:
         """``(grad_x, grad_w)`` of ``normalize(x) * weight`` for the output gradient ``grad``."""
         raise NotImplementedError
 
+    def memory_format(self, x: Tensor) -> torch.memory_format:
+        """The layout the native kernels work in for ``x`` (others are copied to it first)."""
+        return torch.contiguous_format
+
 
 class NativeLayerNorm(NativeNorm):
     """``F.layer_norm(x, normalized_shape, eps=eps)`` without affine, as a :class:`NativeNorm`.
@@ -577,14 +581,15 @@ class NativeGroupNorm(NativeNorm):
     def _sizes(self, x: Tensor) -> Tuple[int, int, int]:
         return x.shape[0], x.shape[1], x.numel() // max(x.shape[0] * x.shape[1], 1)
 
-    @staticmethod
-    def _dense(t: Tensor, like: Optional[Tensor] = None) -> Tensor:
+    def memory_format(self, x: Tensor) -> torch.memory_format:
+        fmt = _CHANNELS_LAST.get(x.dim())
+        if fmt is None or x.is_contiguous() or not x.is_contiguous(memory_format=fmt):
+            return torch.contiguous_format
+        return fmt
+
+    def _dense(self, t: Tensor, like: Optional[Tensor] = None) -> Tensor:
         """Dense in ``like``'s memory format, as the native kernels want (``F.group_norm`` does the same)."""
-        like = t if like is None else like
-        fmt = _CHANNELS_LAST.get(like.dim())
-        if fmt is None or like.is_contiguous() or not like.is_contiguous(memory_format=fmt):
-            fmt = torch.contiguous_format
-        return t.contiguous(memory_format=fmt)
+        return t.contiguous(memory_format=self.memory_format(t if like is None else like))
 
     def __call__(self, x: Tensor) -> Tensor:
         return torch.nn.functional.group_norm(x, self.num_groups, None, None, self.eps)
@@ -761,7 +766,8 @@ class _NormalizedNoise(torch.autograd.Function):
         batch = x.shape[0]
         n = _batch_chunks(x, grad_y.element_size())
         inv = broadcast_channels(inv.to(grad_y.dtype), grad_y, ctx.channel_dim)
-        buf = torch.empty_like(x[:n], dtype=grad_y.dtype)  # (x's memory format, as the native kernels want)
+        # (in the layout the native kernels work in: LayerNorm's copies any other, e.g. a transposed x)
+        buf = torch.empty_like(x[:n], dtype=grad_y.dtype, memory_format=ctx.normalize.memory_format(x))
         if n >= batch:
             return ctx.normalize.backward(torch.mul(grad_y, inv, out=buf), x, mean, rstd, w, need_x, need_w)
         grad_x = torch.empty_like(x) if need_x else None
