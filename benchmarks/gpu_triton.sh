@@ -7,8 +7,9 @@
 #   3. the layer cases (BatchNorm2d and LayerNorm) against plain autograd (fused=False);
 #   4. the compiled step with CUDA graphs (mode="reduce-overhead") with GHOSTNOISE_COMPILED_KERNELS=1
 #      (the opt-in coefficient kernels in compiled graphs) and, as the A/B, without.
-# PART=2 (about 4 minutes): the CUDA-graphs correctness check (cuda_checks.py cudagraphs); the
-# compiled default-mode peak memory with cudnn.benchmark off (with the step's own peak).
+# PART=2 (about 4.5 minutes): the CUDA-graphs correctness check (cuda_checks.py cudagraphs); the
+# compiled default-mode peak memory with cudnn.benchmark off (with the step's own peak); the eager
+# step of a LayerNorm net (TinyTransformer d384x6, bf16 autocast: GNI's recomputing LayerNorm path).
 # Earlier sessions' steps, for reference:
 #   python3 benchmarks/launch_overhead.py
 #   python3 benchmarks/host_overhead.py --device cuda [--cprofile gni]
@@ -35,4 +36,5 @@ if [ "$PART" = 1 ]; then
 else
   timeout 120 python3 benchmarks/cuda_checks.py cudagraphs 2>&1 | tee "$OUT/cuda_checks_cudagraphs.txt"
   GHOSTNOISE_COMPILED_KERNELS=1 timeout 110 python3 benchmarks/overhead.py --device cuda --compile-only --skip-layers --methods gni --repeats 10 --no-cudnn-benchmark 2>&1 | tee "$OUT/overhead_cuda_compiled_kernels_peak.txt"
+  timeout 45 python3 benchmarks/overhead.py --device cuda --model transformer --skip-layers --methods gni,analytic --repeats 10 2>&1 | tee "$OUT/overhead_cuda_transformer_eager.txt"
 fi

@@ -42,6 +42,7 @@ __all__ = [
     "exclusive_batch_norm",
     "batch_moments",
     "GhostDraws",
+    "MomentFreeNoise",
     "NativeGroupNorm",
     "NativeLayerNorm",
     "NativeNorm",
@@ -357,6 +358,8 @@ class GhostDraws:
                 "GhostDraws takes either indices (GNI) or normal, gamma and ghost_batch_size (analytic GNI)."
             )
         self.indices, self.eps = indices, eps
+        #: GNI reads the moments; analytic GNI's noise does not (see :class:`MomentFreeNoise`)
+        self.uses_moments = indices is not None
         self.normal, self.gamma, self.ghost_batch_size = normal, gamma, ghost_batch_size
 
     def __call__(self, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
@@ -364,6 +367,36 @@ class GhostDraws:
             return ghost_noise(mean, var, self.indices, self.eps)
         assert self.normal is not None and self.gamma is not None and self.ghost_batch_size is not None
         return analytic_noise_from_draws(self.normal, self.gamma, self.ghost_batch_size)
+
+
+class MomentFreeNoise:
+    """A ``noise_fn`` that reads only the shape and device of the moments it is given, e.g. analytic
+    GNI, whose noise does not depend on the data: :func:`normalized_noise` then skips computing the
+    per-sample moments (three full-size passes) and passes zeros of their shape.
+
+    Example:
+        >>> normal, gamma = analytic_draws(4, 3, 2, generator=torch.Generator().manual_seed(0))
+        >>> noise = MomentFreeNoise(lambda m, v: analytic_noise_from_draws(normal, gamma, 2))
+        >>> noise.uses_moments, noise(torch.zeros(4, 3), torch.zeros(4, 3))[0].shape
+        (False, torch.Size([4, 3]))
+    """
+
+    uses_moments = False
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]) -> None:
+        self.fn = fn
+
+    def __call__(self, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.fn(mean, var)
+
+
+def _noise_moments(noise_fn: Callable[..., Any], x_hat: Tensor, channel_dim: int) -> Tuple[Tensor, Tensor]:
+    """The per-sample moments of ``x_hat`` for ``noise_fn``; zeros of their shape if it does not read them."""
+    if getattr(noise_fn, "uses_moments", True):
+        return per_sample_moments(x_hat, channel_dim)
+    acc = torch.float64 if x_hat.dtype == torch.float64 else torch.float32
+    zeros = torch.zeros(x_hat.shape[0], x_hat.shape[channel_dim], device=x_hat.device, dtype=acc)
+    return zeros, zeros
 
 
 def analytic_draws(
@@ -624,19 +657,23 @@ def normalized_noise(
     """GNI after a per-sample normalization: ``apply_noise(x_hat, *noise_fn(moments of x_hat), ...)``
     with ``x_hat = normalize(x)`` (e.g. LayerNorm or GroupNorm without their affine).
 
-    The fused path (``fused=None`` while gradients are recorded, eager mode) keeps only ``x`` for the
-    backward, as the plain norm layer does, and recomputes ``normalize(x)`` there: plain autograd
-    would keep ``x`` for the normalization and ``x_hat`` for the noise affine, twice the activation
-    memory, and allocate two more full-size temporaries in the backward. The noise is drawn once, in
-    the forward, either way. ``fused=False`` (and ``torch.compile``, whose fusion does the same job)
-    uses plain autograd, which also supports double backward.
+    The fused path (``fused=None`` while gradients are recorded, eager mode) keeps what the plain
+    norm layer keeps for the backward: plain autograd would keep ``x`` for the normalization and
+    ``x_hat`` for the noise affine, twice the activation memory, and allocate more full-size
+    temporaries in the backward. With a :class:`NativeNorm` (:class:`NativeLayerNorm`,
+    :class:`NativeGroupNorm`; float32/float64 input, autocast off) it keeps ``x`` and the native
+    ``(mean, rstd)`` and calls the native backward once. With any other ``normalize`` it keeps only
+    ``x`` and recomputes ``normalize(x)`` in the backward, under the forward's autocast state. The
+    noise is drawn once, in the forward, either way. ``fused=False`` (and ``torch.compile``, whose
+    fusion does the same job) uses plain autograd, which also supports double backward.
 
     Args:
         x: the input of the normalization.
-        normalize: ``x -> x_hat``, a per-sample normalization without affine, e.g.
-            ``lambda t: F.layer_norm(t, (D,))``. The fused path calls it again in the backward and
-            writes over its output there, so its own backward must not keep that output (true of
-            ``F.layer_norm``, ``F.group_norm`` and ``F.instance_norm``; otherwise autograd raises).
+        normalize: ``x -> x_hat``, a per-sample normalization without affine: a :class:`NativeNorm`
+            (fastest), or a callable such as ``lambda t: F.layer_norm(t, (D,))``. The fused path
+            calls a callable again in the backward and writes over its output there, so its own
+            backward must not keep that output (true of ``F.layer_norm``, ``F.group_norm`` and
+            ``F.instance_norm``; otherwise autograd raises).
         noise_fn: ``(m_hat, v_hat) -> (shift, scale)`` from the per-sample moments of ``x_hat``.
         weight, bias, strength, shift_noise, scale_noise: as in :func:`apply_noise`.
         channel_dim: the channel dimension (``-1`` for LayerNorm's ``(B, *, D)``).
@@ -646,8 +683,7 @@ def normalized_noise(
     Example:
         >>> x = torch.randn(8, 5, 6)
         >>> idx = ghost_indices(8, 4, generator=torch.Generator().manual_seed(0))
-        >>> norm = lambda t: torch.nn.functional.layer_norm(t, (6,))
-        >>> normalized_noise(x, norm, GhostDraws(indices=idx), channel_dim=-1).shape
+        >>> normalized_noise(x, NativeLayerNorm((6,)), GhostDraws(indices=idx), channel_dim=-1).shape
         torch.Size([8, 5, 6])
     """
     if _use_fused(fused, closed_form=False):
@@ -655,7 +691,7 @@ def normalized_noise(
             x, weight, bias, normalize, noise_fn, strength, channel_dim, shift_noise, scale_noise
         )  # fmt: skip
     x_hat = normalize(x)
-    shift, scale = noise_fn(*per_sample_moments(x_hat.detach(), channel_dim))
+    shift, scale = noise_fn(*_noise_moments(noise_fn, x_hat.detach(), channel_dim))
     return apply_noise(x_hat, shift, scale, weight, bias, strength, channel_dim, shift_noise, scale_noise)
 
 
@@ -676,7 +712,7 @@ def _autocast_state(device: str) -> Optional[torch.dtype]:
 
 
 class _NormalizedNoise(torch.autograd.Function):
-    """``y = normalize(x) * A + D`` (see :func:`normalized_noise`), keeping only ``x`` for the backward.
+    """``y = normalize(x) * A + D`` (see :func:`normalized_noise`), keeping what the plain layer keeps.
 
     With ``inv``, ``d`` the noise (no gradient) and the layer's ``w``, ``b``: ``A = inv * w``,
     ``D = d * w + b``. Backward: with ``r0 = sum_s grad_y`` per (sample, channel),
@@ -713,7 +749,7 @@ class _NormalizedNoise(torch.autograd.Function):
             stats: Tuple[Tensor, ...] = (mean, rstd)
         else:
             x_hat, stats = normalize(x), ()
-        shift, scale = noise_fn(*per_sample_moments(x_hat, channel_dim))
+        shift, scale = noise_fn(*_noise_moments(noise_fn, x_hat, channel_dim))
         inv, d = _noise_affine(shift, scale, strength, shift_noise, scale_noise)
         ctx.save_for_backward(x, inv, d, weight, *stats)
         ctx.normalize, ctx.channel_dim, ctx.has_bias = normalize, channel_dim, bias is not None

@@ -345,11 +345,14 @@ class GhostNoiseMixin:
     def _inject(
         self, x: Tensor, normalize: Callable[[Tensor], Tensor], weight: Optional[Tensor], bias: Optional[Tensor], channel_dim: int
     ) -> Tensor:
-        """GNI after a per-sample normalization (LayerNorm, GroupNorm): ``normalize``, noise, then the affine."""
+        """GNI after a per-sample normalization (LayerNorm, GroupNorm): ``normalize``, noise, then the affine.
+
+        Analytic GNI's noise does not depend on the data: its per-sample moments are not computed."""
+        noise_fn = GF.MomentFreeNoise(self._draw_noise) if self.method == "analytic" else self._draw_noise
         return GF.normalized_noise(
             x,
             normalize,
-            self._draw_noise,
+            noise_fn,
             weight,
             bias,
             strength=getattr(self, _STRENGTH_BUFFER),

@@ -1141,3 +1141,37 @@ def test_per_sample_moments_in_both_cpu_reductions(memory_format, dtype):
     mean, var = GF.per_sample_moments(tokens, channel_dim=-1)
     torch.testing.assert_close(mean.double(), tokens.double().mean(1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(var.double(), tokens.double().var(1, unbiased=False), rtol=1e-4, atol=1e-4)
+
+
+def test_docstring_examples_of_the_math_layers_and_surgery_run():
+    """The short examples in the docstrings of functional, layers and surgery are doctests."""
+    import doctest
+
+    from lightning_ghostnoise import layers, surgery
+
+    for module in (GF, layers, surgery):
+        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE, extraglobs={"torch": torch})
+        assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("norm,shape,channel_dim", [(GF.NativeLayerNorm((6,)), (8, 5, 6), -1),
+                                                    (GF.NativeGroupNorm(2), (8, 4, 3, 5), 1)])  # fmt: skip
+def test_moment_free_noise_skips_the_moments_and_gives_the_same_result(norm, shape, channel_dim, fused, monkeypatch):
+    """Analytic GNI's noise does not read the moments: wrapped in MomentFreeNoise, normalized_noise
+    does not compute them, and the result (forward and gradients) is the same."""
+    x, w, b, grad = _normalized_inputs(shape, None, True, channel_dim=channel_dim)
+    normal, gamma = GF.analytic_draws(shape[0], shape[channel_dim], 4, generator=torch.Generator().manual_seed(8))
+    draws = GF.GhostDraws(normal=normal, gamma=gamma, ghost_batch_size=4)
+    assert draws.uses_moments is False and GF.GhostDraws(indices=torch.zeros(8, 2, dtype=torch.long)).uses_moments
+    reads = GF.MomentFreeNoise(lambda m, v: draws(m, v))
+    want = _run_normalized(fused, x, w, b, grad, norm, channel_dim, lambda m, v: draws(m, v))  # computes moments
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("per_sample_moments called for a moment-free noise")
+
+    monkeypatch.setattr(GF, "per_sample_moments", refuse)
+    for noise_fn in (reads, draws):
+        got = _run_normalized(fused, x, w, b, grad, norm, channel_dim, noise_fn)
+        for g, t in zip(got, want):
+            torch.testing.assert_close(g, t, rtol=0, atol=0)
