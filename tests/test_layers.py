@@ -860,3 +860,39 @@ def test_layernorm_groupnorm_fused_and_plain_autograd_agree(method, factory, sha
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
     for got, want in zip(results[0][1:], results[1][1:]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", LN_METHODS)
+@pytest.mark.parametrize(
+    "factory,shape,frozen",
+    [
+        (lambda: nn.LayerNorm(6, bias=False), (8, 5, 6), False),  # weight only
+        (lambda: nn.LayerNorm(6, elementwise_affine=False), (8, 5, 6), False),  # no affine
+        (lambda: nn.GroupNorm(2, 4), (8, 4, 3, 3), True),  # frozen affine: only the input's gradient
+    ],
+)
+def test_layernorm_groupnorm_partial_affine_fused_and_plain_agree(method, factory, shape, frozen):
+    """The native fused path with a weight but no bias, no affine at all, and a frozen affine."""
+    plain = factory()
+    if plain.weight is not None:
+        with torch.no_grad():
+            plain.weight.uniform_(0.5, 1.5)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 2 + 1
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    results = []
+    for fused in (True, False):
+        layer = make_ghost(copy.deepcopy(plain), method=method, ghost_batch_size=3, strength=0.8, seed=5, fused=fused)
+        if frozen:
+            layer.requires_grad_(False)
+        xr = x.clone().requires_grad_()
+        y = layer(xr)
+        y.backward(grad)
+        params = [p.grad for p in (layer.weight, layer.bias) if p is not None]
+        results.append((y.detach(), xr.grad, *params))
+    assert len(results[0]) == len(results[1])
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for got, want in zip(results[0][1:], results[1][1:]):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
