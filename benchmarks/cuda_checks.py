@@ -97,6 +97,34 @@ def _fused_matches() -> None:
             torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4, msg=name)
 
 
+@check("LayerNorm/GroupNorm on CUDA: the native-statistics path (float32) and the recomputing path (bf16 autocast) agree with plain autograd")
+def _normalized_native() -> None:
+    torch.manual_seed(0)
+    cases = [
+        (GF.NativeLayerNorm((32,)), (16, 10, 32), -1, None),
+        (GF.NativeGroupNorm(4), (16, 8, 5, 5), 1, None),
+        (GF.NativeGroupNorm(4), (16, 8, 5, 5), 1, torch.channels_last),
+    ]
+    for norm, shape, channel_dim, fmt in cases:
+        x = torch.randn(shape, device=dev) * 2 + 1
+        x = x.to(memory_format=fmt) if fmt is not None else x
+        channels = shape[channel_dim]
+        w = torch.rand(channels, device=dev) + 0.5
+        b = torch.randn(channels, device=dev)
+        idx = GF.ghost_indices(shape[0], 4, generator=torch.Generator(dev).manual_seed(1), device=dev)
+        g = torch.randn(shape, device=dev)
+        for autocast in (False, True):
+            outs = []
+            for fused in (None, False):
+                xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    y = GF.normalized_noise(xr, norm, GF.GhostDraws(indices=idx), wr, br, channel_dim=channel_dim, fused=fused)
+                outs.append((y.float(), *(t.float() for t in torch.autograd.grad(y, (xr, wr, br), g.to(y.dtype)))))
+            tol = 5e-2 if autocast else 1e-4
+            for a, c in zip(*outs):
+                torch.testing.assert_close(a, c, rtol=tol, atol=tol, msg=f"{type(norm).__name__} autocast={autocast}")
+
+
 @check("counter-based generator (torch.compile's source) gives the same draws on CUDA as on CPU")
 def _counter_rng_device_independent() -> None:
     from lightning_ghostnoise import counter_rng

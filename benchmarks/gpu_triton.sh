@@ -7,7 +7,7 @@
 #   3. the layer cases (BatchNorm2d and LayerNorm) against plain autograd (fused=False);
 #   4. the compiled step with CUDA graphs (mode="reduce-overhead") with GHOSTNOISE_COMPILED_KERNELS=1
 #      (the opt-in coefficient kernels in compiled graphs) and, as the A/B, without.
-# PART=2 (about 4.5 minutes): the CUDA-graphs correctness check (cuda_checks.py cudagraphs); the
+# PART=2 (about 4.5 minutes): the CUDA-graphs and LayerNorm/GroupNorm correctness checks (cuda_checks.py); the
 # compiled default-mode peak memory with cudnn.benchmark off (with the step's own peak); the eager
 # step of a LayerNorm net (TinyTransformer d384x6, bf16 autocast: GNI's recomputing LayerNorm path).
 # Earlier sessions' steps, for reference:
@@ -34,7 +34,7 @@ if [ "$PART" = 1 ]; then
   GHOSTNOISE_COMPILED_KERNELS=1 timeout 170 python3 benchmarks/overhead.py --device cuda --compile-only --compile-mode reduce-overhead --skip-layers --methods gni,gbn --repeats 20 --profile 2>&1 | tee "$OUT/overhead_cuda_cudagraphs_compiled_kernels.txt"
   timeout 110 python3 benchmarks/overhead.py --device cuda --compile-only --compile-mode reduce-overhead --skip-layers --methods gni,gbn --repeats 20 2>&1 | tee "$OUT/overhead_cuda_cudagraphs_inductor.txt"
 else
-  timeout 120 python3 benchmarks/cuda_checks.py cudagraphs 2>&1 | tee "$OUT/cuda_checks_cudagraphs.txt"
+  timeout 120 python3 benchmarks/cuda_checks.py "cudagraphs,LayerNorm" 2>&1 | tee "$OUT/cuda_checks_cudagraphs.txt"
   GHOSTNOISE_COMPILED_KERNELS=1 timeout 110 python3 benchmarks/overhead.py --device cuda --compile-only --skip-layers --methods gni --repeats 10 --no-cudnn-benchmark 2>&1 | tee "$OUT/overhead_cuda_compiled_kernels_peak.txt"
   timeout 45 python3 benchmarks/overhead.py --device cuda --model transformer --skip-layers --methods gni,analytic --repeats 10 2>&1 | tee "$OUT/overhead_cuda_transformer_eager.txt"
 fi
