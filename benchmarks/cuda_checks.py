@@ -3,7 +3,7 @@
 Prints one ``PASS``/``FAIL`` line per check and exits non-zero if any failed.
 
     PYTHONPATH=. python benchmarks/cuda_checks.py            # all checks
-    PYTHONPATH=. python benchmarks/cuda_checks.py "sync,bf16"  # those whose name contains "sync" or "bf16"
+    PYTHONPATH=. python benchmarks/cuda_checks.py "sync,bf16"  # those whose name contains "sync" or "bf16" (case-sensitive)
 """
 
 from __future__ import annotations

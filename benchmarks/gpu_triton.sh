@@ -34,7 +34,7 @@ if [ "$PART" = 1 ]; then
   GHOSTNOISE_COMPILED_KERNELS=1 timeout 170 python3 benchmarks/overhead.py --device cuda --compile-only --compile-mode reduce-overhead --skip-layers --methods gni,gbn --repeats 20 --profile 2>&1 | tee "$OUT/overhead_cuda_cudagraphs_compiled_kernels.txt"
   timeout 110 python3 benchmarks/overhead.py --device cuda --compile-only --compile-mode reduce-overhead --skip-layers --methods gni,gbn --repeats 20 2>&1 | tee "$OUT/overhead_cuda_cudagraphs_inductor.txt"
 else
-  timeout 120 python3 benchmarks/cuda_checks.py "cudagraphs,LayerNorm" 2>&1 | tee "$OUT/cuda_checks_cudagraphs.txt"
+  timeout 120 python3 benchmarks/cuda_checks.py "CUDA graphs,LayerNorm/GroupNorm" 2>&1 | tee "$OUT/cuda_checks_cudagraphs.txt"
   GHOSTNOISE_COMPILED_KERNELS=1 timeout 110 python3 benchmarks/overhead.py --device cuda --compile-only --skip-layers --methods gni --repeats 10 --no-cudnn-benchmark 2>&1 | tee "$OUT/overhead_cuda_compiled_kernels_peak.txt"
   timeout 45 python3 benchmarks/overhead.py --device cuda --model transformer --skip-layers --methods gni,analytic --repeats 10 2>&1 | tee "$OUT/overhead_cuda_transformer_eager.txt"
 fi
