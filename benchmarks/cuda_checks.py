@@ -249,6 +249,9 @@ if __name__ == "__main__":
     # run the checks whose name contains one of these comma-separated texts
     only = sys.argv[1].split(",") if len(sys.argv) > 1 else [""]
     CHECKS[:] = [(name, fn) for name, fn in CHECKS if any(text in name for text in only)]
+    if not CHECKS:
+        print(f"no check's name contains any of {only} (case-sensitive): nothing ran", flush=True)
+        sys.exit(2)
     results = run_checks()
     print(f"cuda checks: {sum(results)} passed, {len(results) - sum(results)} failed")
     sys.exit(0 if all(results) else 1)
