@@ -85,6 +85,31 @@ def test_overhead_transformer_model_and_ln_shape():
     assert models[0].endswith("spread=[1.000,1.000] ratio=1.000")
 
 
+def test_ab_revisions_compares_against_a_git_revision_in_one_process():
+    lines = _run(
+        "benchmarks/ab_revisions.py", "HEAD", "--cases", "layernorm:8,3,4", "groupnorm:2:8,4,2,2", "resnet8",
+        "--methods", "gni,analytic", "--rounds", "2",
+    )  # fmt: skip
+    assert lines[0].startswith("# torch ") and "rev=HEAD" in lines[0]
+    ab = [line for line in lines if line.startswith("ab ")]
+    assert len(ab) == 6
+    assert [re.search(r"method=(\w+)", line).group(1) for line in ab] == ["gni", "analytic"] * 3
+    for line in ab:
+        match = re.search(r"plain=([\d.]+)ms rev=([\d.]+)ms \(([\d.]+)x\) current=([\d.]+)ms \(([\d.]+)x\) current/rev=(\d+\.\d{3})$", line)
+        assert match, line
+        assert all(float(v) > 0 for v in match.groups()), line
+
+
+def test_ab_revisions_refuses_an_unknown_case_and_revision():
+    for args in (["HEAD", "--cases", "instancenorm:1,2"], ["no-such-revision-xyz", "--cases", "resnet8"]):
+        done = subprocess.run(
+            [sys.executable, "benchmarks/ab_revisions.py", *args], cwd=ROOT, capture_output=True, text=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120,
+        )  # fmt: skip
+        assert done.returncode != 0
+        assert "unknown case" in done.stderr or "git archive" in done.stderr, done.stderr[-500:]
+
+
 def test_host_overhead_with_stub_launches_covers_every_method():
     lines = _run("benchmarks/host_overhead.py", "--stub-kernels")
     methods = [re.search(r"method=(\w+)", line).group(1) for line in lines if line.startswith("host layer")]

@@ -1,0 +1,176 @@
+"""A/B of this tree's ghost layers against another git revision's, in one process.
+
+On a noisy machine, separate processes drift by 10-20 % between runs: more than many changes are
+worth. This script puts both versions side by side in the same process: it exports the package at
+``REV`` (``git archive``) into a temporary folder as ``lightning_ghostnoise_rev`` and times, per case
+and method, the plain model or layer, ``REV``'s ghost version and this tree's, in shuffled rounds
+(the median of each).
+
+Usage:
+    python benchmarks/ab_revisions.py 0098210                                  # default cases, gni
+    python benchmarks/ab_revisions.py HEAD~3 --methods gni,analytic --cases layernorm:64,128,256
+    python benchmarks/ab_revisions.py HEAD --cases resnet8 transformer --rounds 20
+
+Cases: ``layernorm:B,T,D``, ``groupnorm:G:B,C,H,W``, ``batchnorm:B,C,H,W`` (one layer, forward and
+backward), ``resnet8`` (small ResNet-8, 1x28x28, batch 128) and ``transformer`` (TinyTransformer
+d128x4, patch 4 on 1x28x28, batch 128): one SGD step. CPU only.
+
+Every line ends with ``current/rev=X.XXX`` (this tree's time over ``REV``'s, same process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import io
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "lightning_ghostnoise"
+RENAMED = PACKAGE + "_rev"
+
+
+def export_revision(rev: str, into: Path) -> ModuleType:
+    """The package at git revision ``rev``, importable as ``lightning_ghostnoise_rev``."""
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", rev, PACKAGE], cwd=ROOT, capture_output=True, check=False
+    )
+    if archive.returncode != 0:
+        raise SystemExit(f"git archive {rev} {PACKAGE} failed: {archive.stderr.decode().strip()}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        try:
+            tar.extractall(into, filter="data")
+        except TypeError:  # Python without extraction filters (< 3.11.4): git's own archive, trusted
+            tar.extractall(into)
+    (into / PACKAGE).rename(into / RENAMED)
+    word = re.compile(rf"\b{PACKAGE}\b")
+    for path in (into / RENAMED).rglob("*.py"):
+        path.write_text(word.sub(RENAMED, path.read_text()))
+    sys.path.insert(0, str(into))
+    return importlib.import_module(RENAMED)
+
+
+def _layer_case(spec: str) -> Tuple[str, nn.Module, Tuple[int, ...]]:
+    kind, _, rest = spec.partition(":")
+    if kind == "layernorm":
+        shape = tuple(int(v) for v in rest.split(","))
+        return f"LayerNorm {shape}", nn.LayerNorm(shape[-1]), shape
+    if kind == "groupnorm":
+        groups, _, dims = rest.partition(":")
+        shape = tuple(int(v) for v in dims.split(","))
+        return f"GroupNorm({groups}) {shape}", nn.GroupNorm(int(groups), shape[1]), shape
+    if kind == "batchnorm":
+        shape = tuple(int(v) for v in rest.split(","))
+        return f"BatchNorm2d {shape}", nn.BatchNorm2d(shape[1]), shape
+    raise SystemExit(f"unknown case {spec!r}: use layernorm:B,T,D, groupnorm:G:B,C,H,W, batchnorm:B,C,H,W, resnet8, transformer")
+
+
+def _steps(spec: str, method: str, rev: ModuleType) -> Tuple[str, Dict[str, Callable[[], None]]]:
+    from lightning_ghostnoise import apply_ghost_noise
+    from lightning_ghostnoise.models import TinyTransformer, small_resnet
+
+    torch.manual_seed(0)
+    if spec in ("resnet8", "transformer"):
+        base: nn.Module
+        if spec == "resnet8":
+            base, label = small_resnet(depth=8, width=16, in_channels=1, num_classes=10), "small ResNet-8 batch 128"
+        else:
+            base, label = TinyTransformer(10, 1, 28, 4, dim=128, depth=4, heads=4), "TinyTransformer d128x4 batch 128"
+        x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+        models = {
+            "plain": base,
+            "rev": rev.apply_ghost_noise(copy.deepcopy(base), 16, method=method, seed=0),
+            "current": apply_ghost_noise(copy.deepcopy(base), 16, method=method, seed=0),
+        }
+        optims = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
+
+        def model_step(k: str) -> Callable[[], None]:
+            def step() -> None:
+                optims[k].zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(models[k](x), y).backward()
+                optims[k].step()
+
+            return step
+
+        return label, {k: model_step(k) for k in models}
+    label, layer, shape = _layer_case(spec)
+    layers = {
+        "plain": layer,
+        "rev": rev.apply_ghost_noise(copy.deepcopy(layer), 16, method=method, seed=0),
+        "current": apply_ghost_noise(copy.deepcopy(layer), 16, method=method, seed=0),
+    }
+    inp = torch.randn(shape).requires_grad_()
+    grad = torch.randn(shape)
+
+    def layer_step(k: str) -> Callable[[], None]:
+        def step() -> None:
+            layers[k](inp).backward(grad)
+
+        return step
+
+    return label, {k: layer_step(k) for k in layers}
+
+
+def measure(steps: Dict[str, Callable[[], None]], rounds: int, seed: int = 0) -> Dict[str, float]:
+    """Median seconds per step, rounds in a shuffled order (seeded), after 3 warm-up steps each."""
+    for step in steps.values():
+        for _ in range(3):
+            step()
+    times: Dict[str, List[float]] = {k: [] for k in steps}
+    order = random.Random(seed)
+    for _ in range(rounds):
+        keys = list(steps)
+        order.shuffle(keys)
+        for k in keys:
+            start = time.perf_counter()
+            steps[k]()
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rev", help="the git revision to compare with (e.g. HEAD~1, a commit)")
+    parser.add_argument("--cases", nargs="+", default=["layernorm:64,128,256", "groupnorm:8:128,64,16,16"],
+                        help="cases, separated by spaces (see the docstring)")  # fmt: skip
+    parser.add_argument("--methods", default="gni", help="comma-separated ghost methods")
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for spec in args.cases:  # fail before the export and the first timing
+        if spec not in ("resnet8", "transformer"):
+            _layer_case(spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        rev = export_revision(args.rev, Path(tmp))
+        print(f"# torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, rounds={args.rounds}, rev={args.rev}", flush=True)
+        for spec in args.cases:
+            for method in [m for m in args.methods.split(",") if m]:
+                label, steps = _steps(spec, method, rev)
+                med = measure(steps, args.rounds)
+                print(
+                    f"ab {label} method={method} plain={med['plain'] * 1e3:.3f}ms "
+                    f"rev={med['rev'] * 1e3:.3f}ms ({med['rev'] / med['plain']:.3f}x) "
+                    f"current={med['current'] * 1e3:.3f}ms ({med['current'] / med['plain']:.3f}x) "
+                    f"current/rev={med['current'] / med['rev']:.3f}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
