@@ -13,7 +13,8 @@ Usage:
 
 Cases: ``layernorm:B,T,D``, ``groupnorm:G:B,C,H,W``, ``batchnorm:B,C,H,W`` (one layer, forward and
 backward), ``resnet8`` (small ResNet-8, 1x28x28, batch 128) and ``transformer`` (TinyTransformer
-d128x4, patch 4 on 1x28x28, batch 128): one SGD step. CPU only.
+d128x4, patch 4 on 1x28x28, batch 128): one SGD step. CPU only; ``--bf16`` runs the forward under
+bfloat16 autocast.
 
 Every line ends with ``current/rev=X.XXX`` (this tree's time over ``REV``'s, same process).
 """
@@ -79,11 +80,12 @@ def _layer_case(spec: str) -> Tuple[str, nn.Module, Tuple[int, ...]]:
     raise SystemExit(f"unknown case {spec!r}: use layernorm:B,T,D, groupnorm:G:B,C,H,W, batchnorm:B,C,H,W, resnet8, transformer")
 
 
-def _steps(spec: str, method: str, rev: ModuleType) -> Tuple[str, Dict[str, Callable[[], None]]]:
+def _steps(spec: str, method: str, rev: ModuleType, bf16: bool = False) -> Tuple[str, Dict[str, Callable[[], None]]]:
     from lightning_ghostnoise import apply_ghost_noise
     from lightning_ghostnoise.models import TinyTransformer, small_resnet
 
     torch.manual_seed(0)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     if spec in ("resnet8", "transformer"):
         base: nn.Module
         if spec == "resnet8":
@@ -101,7 +103,9 @@ def _steps(spec: str, method: str, rev: ModuleType) -> Tuple[str, Dict[str, Call
         def model_step(k: str) -> Callable[[], None]:
             def step() -> None:
                 optims[k].zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(models[k](x), y).backward()
+                with autocast:
+                    loss = nn.functional.cross_entropy(models[k](x), y)
+                loss.backward()
                 optims[k].step()
 
             return step
@@ -118,7 +122,9 @@ def _steps(spec: str, method: str, rev: ModuleType) -> Tuple[str, Dict[str, Call
 
     def layer_step(k: str) -> Callable[[], None]:
         def step() -> None:
-            layers[k](inp).backward(grad)
+            with autocast:
+                out = layers[k](inp)
+            out.backward(grad.to(out.dtype))
 
         return step
 
@@ -149,6 +155,7 @@ def main() -> None:
                         help="cases, separated by spaces (see the docstring)")  # fmt: skip
     parser.add_argument("--methods", default="gni", help="comma-separated ghost methods")
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU) around the forward")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -161,10 +168,10 @@ def main() -> None:
         print(f"# torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, rounds={args.rounds}, rev={args.rev}", flush=True)
         for spec in args.cases:
             for method in [m for m in args.methods.split(",") if m]:
-                label, steps = _steps(spec, method, rev)
+                label, steps = _steps(spec, method, rev, args.bf16)
                 med = measure(steps, args.rounds)
                 print(
-                    f"ab {label} method={method} plain={med['plain'] * 1e3:.3f}ms "
+                    f"ab {label}{' bf16' if args.bf16 else ''} method={method} plain={med['plain'] * 1e3:.3f}ms "
                     f"rev={med['rev'] * 1e3:.3f}ms ({med['rev'] / med['plain']:.3f}x) "
                     f"current={med['current'] * 1e3:.3f}ms ({med['current'] / med['plain']:.3f}x) "
                     f"current/rev={med['current'] / med['rev']:.3f}",

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -557,6 +557,27 @@ class NativeNorm:
         """The layout the native kernels work in for ``x`` (others are copied to it first)."""
         return torch.contiguous_format
 
+    def input_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the normalization computes ``x`` in under the current autocast state.
+
+        Autocast may cast a norm's input (CUDA runs ``layer_norm`` in float32); its policy is read
+        off once per (norm type, device, input dtype, autocast dtype) by normalizing one sample.
+        """
+        device = x.device.type
+        state = _autocast_state(device)
+        if state is None:
+            return x.dtype
+        key = (type(self), device, x.dtype, state)
+        dtype = _AUTOCAST_PROBES.get(key)
+        if dtype is None:
+            with torch.no_grad():
+                dtype = _AUTOCAST_PROBES[key] = self(x[:1]).dtype
+        return dtype
+
+
+#: :meth:`NativeNorm.input_dtype`'s readings of the autocast policy.
+_AUTOCAST_PROBES: Dict[Tuple[type, str, torch.dtype, torch.dtype], torch.dtype] = {}
+
 
 class NativeLayerNorm(NativeNorm):
     """``F.layer_norm(x, normalized_shape, eps=eps)`` without affine, as a :class:`NativeNorm`.
@@ -661,8 +682,9 @@ def normalized_noise(
     norm layer keeps for the backward: plain autograd would keep ``x`` for the normalization and
     ``x_hat`` for the noise affine, twice the activation memory, and allocate more full-size
     temporaries in the backward. With a :class:`NativeNorm` (:class:`NativeLayerNorm`,
-    :class:`NativeGroupNorm`; float32/float64 input, autocast off) it keeps ``x`` and the native
-    ``(mean, rstd)`` and calls the native backward once. With any other ``normalize`` it keeps only
+    :class:`NativeGroupNorm`) that computes in float32/float64 (after autocast's cast of its input,
+    if any: :meth:`NativeNorm.input_dtype`) it keeps the norm's input and the native ``(mean, rstd)``
+    and calls the native backward once. With any other ``normalize`` it keeps only
     ``x`` and recomputes ``normalize(x)`` in the backward, under the forward's autocast state. The
     noise is drawn once, in the forward, either way. ``fused=False`` (and ``torch.compile``, whose
     fusion does the same job) uses plain autograd, which also supports double backward.
@@ -719,7 +741,8 @@ class _NormalizedNoise(torch.autograd.Function):
     ``grad_b = sum_b r0`` and ``grad_w = sum_b sum_s grad_y * inv * x_hat + sum_b r0 * d``;
     ``grad_y * A`` goes back through ``normalize``.
 
-    - A :class:`NativeNorm` (autocast off): the forward keeps the native kernel's ``(mean, rstd)``;
+    - A :class:`NativeNorm` computing in float32/float64 (autocast's cast of the input, if any,
+      is made here, as the plain layer's autocast would): the forward keeps the native kernel's ``(mean, rstd)``;
       the backward makes one full-size pass for ``grad_y * inv`` and calls the native backward with
       the weight ``w``, which gives ``grad_x`` and the first term of ``grad_w`` in one kernel.
     - Any other ``normalize``: the backward recomputes ``x_hat`` under the forward's autocast state
@@ -740,22 +763,29 @@ class _NormalizedNoise(torch.autograd.Function):
         scale_noise: bool,
     ) -> Tensor:
         ctx.autocast = _autocast_state(x.device.type)
-        # the native statistics in float32/float64 without autocast (which may cast the norm's input):
-        # PyTorch's CPU LayerNorm backward sums a bfloat16 input's weight gradient in low precision
-        # (abs. error 2.1 against the recomputing path's 0.15 on a gradient of 62, (32, 16, 64))
-        ctx.native = isinstance(normalize, NativeNorm) and ctx.autocast is None and x.dtype in _NATIVE_DTYPES
+        ctx.input_dtype = x.dtype
+        # the native statistics where the norm computes in float32/float64 (after autocast's cast,
+        # if any): PyTorch's CPU LayerNorm backward sums a bfloat16 input's weight gradient in low
+        # precision (abs. error 2.1 against the recomputing path's 0.15 on a gradient of 62, (32, 16, 64))
+        x_in = x
+        if isinstance(normalize, NativeNorm) and ctx.autocast is not None:
+            x_in = x.to(normalize.input_dtype(x))  # autocast's own cast (none on CPU for these norms)
+        ctx.native = isinstance(normalize, NativeNorm) and x_in.dtype in _NATIVE_DTYPES
         if ctx.native:
-            x_hat, mean, rstd = normalize.forward(x)  # type: ignore[attr-defined]
+            with _autocast_off(x_in):  # (the input is already in the dtype autocast gives the norm)
+                x_hat, mean, rstd = normalize.forward(x_in)  # type: ignore[attr-defined]
             stats: Tuple[Tensor, ...] = (mean, rstd)
         else:
-            x_hat, stats = normalize(x), ()
+            x_in, stats = x, ()
+            x_hat = normalize(x)
         shift, scale = noise_fn(*_noise_moments(noise_fn, x_hat, channel_dim))
         inv, d = _noise_affine(shift, scale, strength, shift_noise, scale_noise)
-        ctx.save_for_backward(x, inv, d, weight, *stats)
+        # the native path keeps the norm's input (x, or autocast's float32 copy, as the plain layer does)
+        ctx.save_for_backward(x_in, inv, d, weight, *stats)
         ctx.normalize, ctx.channel_dim, ctx.has_bias = normalize, channel_dim, bias is not None
         ctx.shift_noise, ctx.scale_noise = shift_noise, scale_noise
         # x_hat is this function's own temporary (unless normalize returned x's memory): y takes its memory
-        own = not _shares_memory(x_hat, x)
+        own = not _shares_memory(x_hat, x) and not _shares_memory(x_hat, x_in)
         return _sample_affine(x_hat, *_with_affine(inv, d, weight, bias), channel_dim, in_place=own)
 
     @staticmethod
@@ -788,6 +818,8 @@ class _NormalizedNoise(torch.autograd.Function):
                 grad_x, grad_w = _NormalizedNoise._scaled_native_backward(ctx, grad_y, x, mean, rstd, inv, w)
             if need_w and ctx.shift_noise:
                 grad_w = (r0 * d).sum(0).add_(grad_w)
+        if grad_x is not None and grad_x.dtype != ctx.input_dtype:  # through autocast's cast
+            grad_x = grad_x.to(ctx.input_dtype)
         if need_b:
             grad_b = r0.sum(0)
         return grad_x, grad_w, grad_b

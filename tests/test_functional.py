@@ -967,29 +967,80 @@ def test_native_norm_path_saves_what_the_plain_layer_saves_and_does_not_recomput
     assert norm.calls == {"call": 0, "forward": 1, "backward": 1}
 
 
+class _CastingLayerNorm(_CountingLayerNorm):
+    """Normalizes in float32 whatever the input, as CUDA's autocast does for ``layer_norm``."""
+
+    def __call__(self, x):
+        self.calls["call"] += 1
+        return F.layer_norm(x.float(), self.normalized_shape, None, None, self.eps)
+
+
+def _autocast_runs(norm, x, w, b, grad, channel_dim, idx):
+    results = {}
+    for fused in (False, None):
+        xr = x.detach().clone().requires_grad_()
+        wr, br = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = GF.normalized_noise(xr, norm, GF.GhostDraws(indices=idx), wr, br, channel_dim=channel_dim, fused=fused)
+        y.backward(grad.to(y.dtype))
+        results[fused] = (y.detach(), xr.grad, wr.grad, br.grad)
+    return results
+
+
 @pytest.mark.parametrize("native_cls", ["layer", "group"])
-def test_native_norm_under_autocast_takes_the_recompute_path(native_cls):
-    """Under autocast the native statistics are not used (autocast may cast the norm's input): the
-    fused path recomputes ``normalize`` under the forward's autocast state, as for any callable."""
+def test_native_norm_under_autocast_with_a_low_precision_input_recomputes(native_cls):
+    """Under CPU autocast a bfloat16 input stays bfloat16 for these norms: the recomputing path (the
+    native bfloat16 weight gradient is imprecise), as for any callable."""
     if native_cls == "layer":
         norm, shape, channel_dim = _CountingLayerNorm((6,)), (8, 5, 6), -1
     else:
         norm, shape, channel_dim = GF.NativeGroupNorm(2), (8, 4, 3, 5), 1
-    x, w, b, grad = _normalized_inputs(shape, None, True, channel_dim=channel_dim)
+    x, w, b, grad = _normalized_inputs(shape, None, True, dtype=torch.bfloat16, channel_dim=channel_dim)
     idx = GF.ghost_indices(8, 3, generator=torch.Generator().manual_seed(1))
-    results = {}
-    for fused in (False, None):
-        xr = x.detach().clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = GF.normalized_noise(xr @ torch.eye(shape[-1]), norm, GF.GhostDraws(indices=idx), w, b,
-                                    channel_dim=channel_dim, fused=fused)  # fmt: skip
-        assert y.dtype == torch.bfloat16
-        y.backward(grad.to(y.dtype))
-        results[fused] = (y.detach(), xr.grad)
+    results = _autocast_runs(norm, x, w, b, grad, channel_dim, idx)
+    assert results[None][0].dtype == torch.bfloat16
     if native_cls == "layer":
-        assert norm.calls == {"call": 3, "forward": 0, "backward": 0}
+        assert norm.calls["forward"] == 0 and norm.calls["backward"] == 0 and norm.calls["call"] >= 3
     torch.testing.assert_close(results[None][0], results[False][0], rtol=0, atol=0)
-    torch.testing.assert_close(results[None][1].float(), results[False][1].float(), rtol=0.05, atol=0.05)
+    for got, want in zip(results[None][1:], results[False][1:]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+
+
+def test_native_norm_under_autocast_with_a_float32_input_takes_the_native_path():
+    """Under CPU autocast a float32 input (a transformer's residual stream) stays float32 for
+    LayerNorm: the native statistics, the same forward bits as plain autograd under autocast."""
+    norm = _CountingLayerNorm((6,))
+    x, w, b, grad = _normalized_inputs((8, 5, 6), None, True)
+    idx = GF.ghost_indices(8, 3, generator=torch.Generator().manual_seed(2))
+    results = _autocast_runs(norm, x, w, b, grad, -1, idx)
+    assert norm.calls["forward"] == 1 and norm.calls["backward"] == 1
+    torch.testing.assert_close(results[None][0], results[False][0], rtol=0, atol=0)
+    for got, want in zip(results[None][1:], results[False][1:]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_native_norm_follows_an_autocast_cast_of_its_input():
+    """A norm that autocast runs in float32 (CUDA's policy for layer_norm, emulated here): the native
+    path normalizes autocast's float32 copy, keeps that copy as the plain layer would, and returns a
+    bfloat16 input gradient; forward bits equal plain autograd's, gradients agree."""
+    norm = _CastingLayerNorm((6,))
+    x, w, b, grad = _normalized_inputs((8, 5, 6), None, True, dtype=torch.bfloat16)
+    idx = GF.ghost_indices(8, 3, generator=torch.Generator().manual_seed(3))
+    assert norm.input_dtype(x) == torch.bfloat16  # no autocast: no cast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm.input_dtype(x) == torch.float32
+    results = _autocast_runs(norm, x, w, b, grad, -1, idx)
+    assert norm.calls["forward"] == 1 and norm.calls["backward"] == 1
+    fused, plain = results[None], results[False]
+    assert fused[0].dtype == torch.float32 and fused[1].dtype == torch.bfloat16
+    torch.testing.assert_close(fused[0], plain[0], rtol=0, atol=0)
+    for got, want in zip(fused[1:], plain[1:]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            GF.normalized_noise(x.clone().requires_grad_(), norm, GF.GhostDraws(indices=idx), w, b, channel_dim=-1)
+    assert [t.dtype for t in saved if t.shape == x.shape] == [torch.float32]  # autocast's copy, not x as well
 
 
 @pytest.mark.parametrize("norm_cls,shape,channel_dim", [(_CountingLayerNorm, (32, 16, 64), -1),
