@@ -41,6 +41,8 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import train_step  # noqa: E402  (the same training step as overhead.py's)
 PACKAGE = "lightning_ghostnoise"
 RENAMED = PACKAGE + "_rev"
 
@@ -99,18 +101,7 @@ def _steps(spec: str, method: str, rev: ModuleType, bf16: bool = False) -> Tuple
             "current": apply_ghost_noise(copy.deepcopy(base), 16, method=method, seed=0),
         }
         optims = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
-
-        def model_step(k: str) -> Callable[[], None]:
-            def step() -> None:
-                optims[k].zero_grad(set_to_none=True)
-                with autocast:
-                    loss = nn.functional.cross_entropy(models[k](x), y)
-                loss.backward()
-                optims[k].step()
-
-            return step
-
-        return label, {k: model_step(k) for k in models}
+        return label, {k: train_step(models[k], optims[k], x, y, autocast) for k in models}
     label, layer, shape = _layer_case(spec)
     layers = {
         "plain": layer,

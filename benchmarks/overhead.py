@@ -135,6 +135,29 @@ def build_models(
     return models
 
 
+def train_step(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    optim: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    autocast: Any,
+    cudagraphs: bool = False,
+) -> Callable[[], None]:
+    """One training step of ``model`` as a closure: forward under ``autocast``, cross-entropy,
+    backward, optimizer step (with ``cudagraphs``, a new CUDA-graph step is marked first)."""
+
+    def step() -> None:
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        optim.zero_grad(set_to_none=True)
+        with autocast:
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optim.step()
+
+    return step
+
+
 def graph_breaks(model: nn.Module, x: torch.Tensor) -> Optional[int]:
     try:
         import torch._dynamo as dynamo
@@ -188,19 +211,7 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
 
         cudagraphs = compiled and args.compile_mode == "reduce-overhead"
 
-        def make_step(k: str) -> Callable[[], None]:
-            def step() -> None:
-                if cudagraphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                optims[k].zero_grad(set_to_none=True)
-                with autocast:
-                    loss = nn.functional.cross_entropy(runners[k](x), y)
-                loss.backward()
-                optims[k].step()
-
-            return step
-
-        steps = {k: make_step(k) for k in models}
+        steps = {k: train_step(runners[k], optims[k], x, y, autocast, cudagraphs) for k in models}
         if args.launch_ab and not compiled:
             for k in [k for k in models if k != plain]:
                 steps[k + "~tl"] = _with_triton_launch(steps[k])
