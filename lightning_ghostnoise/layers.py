@@ -308,7 +308,7 @@ class GhostNoiseMixin:
             # a torch.Generator attribute breaks the compiled graph: draw from a counter-based
             # generator keyed by the same seed (and the number of draws since the last reseed)
             state = getattr(self, _STATE_BUFFER)
-            key = counter_rng.mix_key(state[0], state[1])
+            key = _saved_not_recomputed(counter_rng.mix_key(state[0], state[1]))
             state[1:].add_(1)
             return None, key
         return self._generator_for(device), None
@@ -371,6 +371,21 @@ class GhostNoiseMixin:
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self.ghost_extra_repr()  # type: ignore[misc]
+
+
+def _saved_not_recomputed(key: Tensor) -> Tensor:
+    """``key`` unchanged, as an op that ``torch.compile``'s partitioner saves for the backward.
+
+    The draws derive from the key, and the key from the state buffer that this forward advances in
+    place. Inductor's min-cut partitioner may recompute cheap values in the backward instead of
+    saving them; recomputing the draws from the state reads it after the increment, so the backward
+    would see other draws than the forward: silently wrong gradients under inductor (seen for
+    analytic GNI with torch 2.13), a version-counter error under ``aot_eager_decomp_partition``.
+    PyTorch has an open fix (pytorch/pytorch#197039, not recomputing reads of mutated inputs). Until
+    then: the partitioner never recomputes an op outside its allowlist, and a product over one
+    element is such an op, so the 8-byte key is saved and the draws are recomputed from it.
+    """
+    return key.reshape(1).prod(0)
 
 
 def _check_floating(x: Tensor) -> None:
