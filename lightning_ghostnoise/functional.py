@@ -289,6 +289,7 @@ def ghost_noise(
     var: Tensor,
     indices: Tensor,
     eps: float = NOISE_EPS,
+    batch: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> Tuple[Tensor, Tensor]:
     """GNI's per-(sample, channel) shift and scale from the per-sample moments of normalized features.
 
@@ -301,30 +302,47 @@ def ghost_noise(
         var: per-sample biased variances ``(P, C)``.
         indices: ``(B, N)`` indices into the pool (see :func:`ghost_indices`).
         eps: the noise epsilon (the paper's 1e-3).
+        batch: the pool's mean and biased variance per channel ``(C,)``, when the caller knows them
+            (BatchNorm: in closed form from its batch statistics); by default computed from ``mean``
+            and ``var``.
 
     Returns:
         ``(shift, scale)``, each ``(B, C)`` float32.
+
+    Example:
+        >>> idx = ghost_indices(8, 4, generator=torch.Generator().manual_seed(0))
+        >>> shift, scale = ghost_noise(torch.randn(8, 3), torch.rand(8, 3), idx)
+        >>> shift.shape, bool((scale > 0).all())
+        (torch.Size([8, 3]), True)
     """
     with torch.no_grad(), _autocast_off(mean):
-        mean = mean.float()
-        channels = mean.shape[1]
-        moments = torch.cat([mean, torch.addcmul(var.float(), mean, mean)], 1)  # (P, 2C): first and second moments
-        pool, n = moments.shape[0], indices.shape[1]
-        if n <= pool and (moments.device.type != "cpu" or torch.compiler.is_compiling()):
-            # gather the N rows and average: fuses under torch.compile, few kernels in eager on CUDA
-            ghost = moments[indices].mean(1)
+        mean, var = mean.float(), var.float()
+        pool, n = mean.shape[0], indices.shape[1]
+        if torch.compiler.is_compiling() and n <= pool:
+            # two gathers reduced over the N members with the noise math as their epilogue: inductor
+            # makes it one kernel (one gather of stacked moments, as in eager below, is materialized)
+            ghost_m1 = mean[indices].mean(1)  # (B, N, C) gathers, each reduced at once
+            ghost_m2 = torch.addcmul(var, mean, mean)[indices].mean(1)
+            ghost_var = torch.addcmul(ghost_m2, ghost_m1, ghost_m1, value=-1).clamp_min_(0)
         else:
-            # count repeats instead of materializing (B, N, 2C): N > P, and eager CPU, where the
-            # gather took 1.6-12x as long (37 us against 25 at B=128, C=16, N=16; 16.4 ms against
-            # 1.3 at B=256, C=512, N=32)
-            ghost = _ghost_counts(indices, pool) @ moments / n
-        ghost_m1, ghost_m2 = ghost[:, :channels], ghost[:, channels:]
-        ghost_var = torch.addcmul(ghost_m2, ghost_m1, ghost_m1, value=-1).clamp_min_(0)
-        batch = moments.mean(0)
-        batch_m1 = batch[:channels]
-        batch_var = torch.addcmul(batch[channels:], batch_m1, batch_m1, value=-1).clamp_min_(0)
+            channels = mean.shape[1]
+            moments = torch.cat([mean, torch.addcmul(var, mean, mean)], 1)  # (P, 2C): first and second moments
+            if n <= pool and moments.device.type != "cpu":
+                ghost = moments[indices].mean(1)  # gather the N rows and average: few kernels on CUDA
+            else:
+                # count repeats instead of materializing (B, N, 2C): N > P, and CPU, where the gather
+                # took 1.6-12x as long (37 us against 25 at B=128, C=16, N=16; 16.4 ms against 1.3
+                # at B=256, C=512, N=32)
+                ghost = _ghost_counts(indices, pool) @ moments / n
+            ghost_m1, ghost_m2 = ghost[:, :channels], ghost[:, channels:]
+            ghost_var = torch.addcmul(ghost_m2, ghost_m1, ghost_m1, value=-1).clamp_min_(0)
+        if batch is None:
+            batch_m1 = mean.mean(0)
+            batch_var = torch.addcmul(var, mean, mean).mean(0).addcmul_(batch_m1, batch_m1, value=-1).clamp_min_(0)
+        else:
+            batch_m1, batch_var = batch[0].float(), batch[1].float()
         shift = ghost_m1 - batch_m1
-        scale = ghost_var.add_(eps).div_(batch_var.add_(eps)).sqrt_()
+        scale = ((ghost_var + eps) / (batch_var + eps)).sqrt()
     return shift, scale
 
 
@@ -363,8 +381,13 @@ class GhostDraws:
         self.normal, self.gamma, self.ghost_batch_size = normal, gamma, ghost_batch_size
 
     def __call__(self, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.noise(mean, var)
+
+    def noise(self, mean: Tensor, var: Tensor, batch: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        """The ``(shift, scale)`` noise; ``batch``: the pool's moments per channel, if known (see
+        :func:`ghost_noise`)."""
         if self.indices is not None:
-            return ghost_noise(mean, var, self.indices, self.eps)
+            return ghost_noise(mean, var, self.indices, self.eps, batch=batch)
         assert self.normal is not None and self.gamma is not None and self.ghost_batch_size is not None
         return analytic_noise_from_draws(self.normal, self.gamma, self.ghost_batch_size)
 
@@ -428,7 +451,13 @@ def analytic_draws(
         normal = counter_rng.normal(key, shape, salt=0)  # uniform streams 1 and 2
         k = n - 1
         gamma = torch.zeros_like(normal)
-        if k // 2:
+        if torch.compiler.is_compiling() and k // 2 <= _UNROLLED_GAMMA_TERMS:
+            # the same numbers row by row, summed as they come: inductor fuses the sum into one
+            # kernel instead of writing (k // 2, B, C) uniforms and reading them back
+            size = math.prod(shape)
+            for j in range(k // 2):
+                gamma = gamma - torch.log(counter_rng.uniform(key, shape, salt=5, offset=j * size))
+        elif k // 2:
             gamma = -torch.log(counter_rng.uniform(key, (k // 2,) + shape, salt=5)).sum(0)
         if k % 2:
             gamma = gamma + counter_rng.normal(key, shape, salt=1).square() / 2  # uniform streams 3 and 4
@@ -441,6 +470,11 @@ def analytic_draws(
     # a cached 0-dim shape parameter, broadcast: the same draws as a full tensor, no fill launch per call
     alpha = _gamma_shape(n, torch.device(device)).expand(shape)
     return normal, torch._standard_gamma(alpha, generator=generator)
+
+
+#: Under ``torch.compile``, analytic GNI's counter draws for ``Gamma((N - 1) / 2)`` sum up to this many
+#: rows of exponentials one by one (fused), beyond it as one stacked draw (a smaller graph).
+_UNROLLED_GAMMA_TERMS = 16
 
 
 @functools.lru_cache(maxsize=64)
@@ -1203,25 +1237,47 @@ def ghost_averaging_matrix(
     return torch.where(size > 1, others / (size - 1).clamp_min(1), eye)
 
 
+def _ghost_matrix(batch: int, ghost_batch_size: int, exclusive: bool, like: Tensor) -> Optional[Tensor]:
+    """The ghost averaging matrix for :func:`_ghost_average`, or ``None`` where a reshape does its work:
+    under ``torch.compile`` with equal ghost batches (inductor fuses the reshape; a matrix product is
+    an extern kernel, and the matrix one more). In eager mode the product is faster (fewer small ops)."""
+    n = ghost_batch_size
+    if torch.compiler.is_compiling() and batch % n == 0 and not (exclusive and n == 1):
+        return None
+    return ghost_averaging_matrix(batch, n, exclusive, like.device, like.dtype)
+
+
+def _ghost_average(
+    first: Tensor, second: Tensor, avg: Optional[Tensor], ghost_batch_size: int, exclusive: bool
+) -> Tuple[Tensor, Tensor]:
+    """``(avg @ first, avg @ second)`` for ``(B, C)`` values: per sample the means over its ghost batch
+    (``exclusive``: over the others in it). ``avg`` is symmetric, so these are also its transpose's
+    products (the backward's). ``avg=None``: equal ghost batches, as a reshape (see
+    :func:`_ghost_matrix`), each row separately: inductor reduces both in one kernel."""
+    channels = first.shape[1]
+    if avg is not None:
+        with _autocast_off(avg):
+            both = avg @ torch.cat([first, second], 1)  # one product
+        return both[:, :channels], both[:, channels:]
+    batch, n = first.shape[0], ghost_batch_size
+
+    def average(values: Tensor) -> Tensor:
+        groups = values.reshape(batch // n, n, channels)
+        sums = groups.sum(1, keepdim=True)
+        if exclusive:
+            return ((sums - groups) / (n - 1)).reshape(batch, channels)
+        return (sums / n).expand(batch // n, n, channels).reshape(batch, channels)
+
+    return average(first), average(second)
+
+
 def _group_statistics(mean: Tensor, var: Tensor, ghost_batch_size: int, exclusive: bool) -> Tuple[Tensor, Tensor]:
     """Per-sample ghost mean and biased variance: of its ghost batch, or (``exclusive``) of the others in it."""
     batch, channels = mean.shape
     centre = mean.detach().mean(0)  # shift for a numerically stable variance
     c = mean - centre
-    moments = torch.cat([c, var + c * c], 1)  # (B, 2C)
-    n = ghost_batch_size
-    if torch.compiler.is_compiling() and batch % n == 0 and not (exclusive and n == 1):
-        # equal ghost batches: a reshape, no B x B matrix, which inductor fuses (in eager mode the
-        # matrix product below is faster: fewer small kernels)
-        sums = moments.view(batch // n, n, 2 * channels).sum(1, keepdim=True)
-        if exclusive:
-            ghost = ((sums - moments.view(batch // n, n, 2 * channels)) / (n - 1)).reshape(batch, 2 * channels)
-        else:
-            ghost = (sums / n).expand(batch // n, n, 2 * channels).reshape(batch, 2 * channels)
-    else:
-        avg = ghost_averaging_matrix(batch, n, exclusive, mean.device, mean.dtype)
-        ghost = avg @ moments
-    g_mean, g_second = ghost[:, :channels], ghost[:, channels:]
+    avg = _ghost_matrix(batch, ghost_batch_size, exclusive, mean)
+    g_mean, g_second = _ghost_average(c, var + c * c, avg, ghost_batch_size, exclusive)
     return g_mean + centre, (g_second - g_mean * g_mean).clamp_min(0)
 
 
@@ -1434,8 +1490,15 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
         c = mean - mu
         batch_var = torch.addcmul(var, c, c).mean(0)
         update_running_stats(running_mean, running_var, mu, batch_var, count, momentum)
-        rstd = batch_var.add_(eps).rsqrt_()  # batch_var is not used after this
-        shift, scale = noise_fn(c.mul_(rstd), var.mul_(rstd.square()))
+        rstd = (batch_var + eps).rsqrt()
+        if draws:
+            # the normalized features' batch moments in closed form, as the CUDA kernel has them
+            # (mean c * rstd, variance batch_var * rstd**2 - that**2): no reduction over the batch
+            norm_m1 = c.mean(0).mul_(rstd)
+            norm_var = (batch_var * rstd.square()).addcmul_(norm_m1, norm_m1, value=-1).clamp_min_(0)
+            shift, scale = noise_fn.noise(c * rstd, var * rstd.square(), batch=(norm_m1, norm_var))
+        else:
+            shift, scale = noise_fn(c.mul_(rstd), var.mul_(rstd.square()))
         s = _as_strength(strength, shift)
         inv = scale.pow(-s) if scale_noise else torch.ones_like(scale)
         off = (shift * inv).mul_(s) if shift_noise else torch.zeros_like(shift)
@@ -1537,37 +1600,36 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
         centre = mean.mean(0)
         c = mean - centre
         e2 = torch.addcmul(var, c, c)
-        avg = ghost_averaging_matrix(mean.shape[0], ghost_batch_size, exclusive, mean.device, mean.dtype)
-        ghost = avg @ torch.cat([c, e2], 1)  # the ghost means of c and e2
+        avg = _ghost_matrix(mean.shape[0], ghost_batch_size, exclusive, mean)
+        gm, ge2 = _ghost_average(c, e2, avg, ghost_batch_size, exclusive)  # the ghost means of c and e2
         bm = c.mean(0)
         bvar_raw = torch.addcmul(e2.mean(0), bm, bm, value=-1)
         update_running_stats(running_mean, running_var, bm + centre, bvar_raw.clamp_min(0), count, momentum)
         s = _as_strength(strength, mean)
         w = weight.to(mean.dtype) if weight is not None else None
         flags = (channel_dim, shift_noise, scale_noise, weight is not None, bias is not None, eps)
-        _, _, a, *_, shifted = _GhostStatisticsBatchNorm.effective(ghost, bm, bvar_raw, centre, s, w, flags)
+        _, a, *_, shifted = _GhostStatisticsBatchNorm.effective(gm, ge2, bm, bvar_raw, centre, s, w, flags)
         d = -(shifted * a) if bias is None else torch.addcmul(bias.to(mean.dtype), shifted, a, value=-1)
         # kept for the backward: three (B, C) rows (mean and the ghost moments); the rest is recomputed
-        ctx.save_for_backward(x, mean, ghost, centre, bm, bvar_raw, avg, s, w)
+        ctx.save_for_backward(x, mean, gm, ge2, centre, bm, bvar_raw, avg, s, w)
         ctx.flags = flags
+        ctx.ghost_batch_size, ctx.exclusive = ghost_batch_size, exclusive
         return sample_affine(x, a, d, channel_dim)
 
     @staticmethod
     def effective(
-        ghost: Tensor, bm: Tensor, bvar_raw: Tensor, centre: Tensor, s: Tensor, w: Optional[Tensor], flags: Tuple
+        gm: Tensor, ge2: Tensor, bm: Tensor, bvar_raw: Tensor, centre: Tensor, s: Tensor, w: Optional[Tensor], flags: Tuple
     ) -> Tuple[Tensor, ...]:
-        """``(gm, gvar_raw, A, std_eff, std_b, std_g, shifted)`` from the ghost moments ``ghost = [gm, ge2]``
-        ``(B, 2C)`` and the batch's (the same operations forward and in the backward's recomputation)."""
+        """``(gvar_raw, A, std_eff, std_b, std_g, shifted)`` from the ghost moments ``gm``, ``ge2`` ``(B, C)``
+        and the batch's (the same operations forward and in the backward's recomputation)."""
         _, shift_noise, scale_noise, _, _, eps = flags
-        channels = bm.shape[0]
-        gm = ghost[:, :channels]
-        gvar_raw = torch.addcmul(ghost[:, channels:], gm, gm, value=-1)
+        gvar_raw = torch.addcmul(ge2, gm, gm, value=-1)
         std_b = bvar_raw.clamp_min(0).add_(eps).sqrt_()
         std_g = gvar_raw.clamp_min(0).add_(eps).sqrt_()
         mean_eff = torch.lerp(bm.expand_as(gm), gm, s) if shift_noise else bm.expand_as(gm)
         std_eff = std_b * (std_g / std_b).pow_(s) if scale_noise else std_b.expand_as(gm)
         a = std_eff.reciprocal() if w is None else w / std_eff
-        return gm, gvar_raw, a, std_eff, std_b, std_g, mean_eff + centre
+        return gvar_raw, a, std_eff, std_b, std_g, mean_eff + centre
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
@@ -1586,10 +1648,10 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
             grad_w = grads[0] if has_weight and ctx.needs_input_grad[1] else None
             grad_b = grads[1] if has_bias and ctx.needs_input_grad[2] else None
             return (grad_x, grad_w, grad_b) + (None,) * 10
-        x, mean, ghost, centre, bm, bvar_raw, avg, s, w = ctx.saved_tensors
+        x, mean, gm, ge2, centre, bm, bvar_raw, avg, s, w = ctx.saved_tensors
         channel_dim, shift_noise, scale_noise, has_weight, has_bias, _ = ctx.flags
-        effective = _GhostStatisticsBatchNorm.effective(ghost, bm, bvar_raw, centre, s, w, ctx.flags)
-        gm, gvar_raw, a, std_eff, std_b, std_g, shifted = effective
+        effective = _GhostStatisticsBatchNorm.effective(gm, ge2, bm, bvar_raw, centre, s, w, ctx.flags)
+        gvar_raw, a, std_eff, std_b, std_g, shifted = effective
         c = mean - centre
         batch = mean.shape[0]
         r0, r1, scratch = _sample_channel_sums(grad_y, x, channel_dim, mean.dtype)
@@ -1623,11 +1685,9 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
             g_gm.addcmul_(gm, g_gvar, value=-2)
             g_bm.addcmul_(bm, g_bvar, value=-2)
             # gm = M @ c, ge2 = M @ e2; bm = mean(c), be2 = mean(e2)
-            with _autocast_off(avg):
-                back = avg.t() @ torch.cat([g_gm, g_gvar], 1)
-            channels = mean.shape[1]
-            g_c = back[:, :channels].add_(g_bm / batch)
-            g_e2 = back[:, channels:].add_(g_bvar / batch)
+            back_c, back_e2 = _ghost_average(g_gm, g_gvar, avg, ctx.ghost_batch_size, ctx.exclusive)  # avg.t() @ ...
+            g_c = back_c.add_(g_bm / batch)
+            g_e2 = back_e2.add_(g_bvar / batch)
             # e2 = v + c**2; c = m - centre (centre detached)
             g_m = g_c.addcmul_(c, g_e2, value=2)
             count = _spatial_count(x, channel_dim)

@@ -115,3 +115,21 @@ def test_host_overhead_with_stub_launches_covers_every_method():
     methods = [re.search(r"method=(\w+)", line).group(1) for line in lines if line.startswith("host layer")]
     assert methods == ["bn", "gni", "analytic", "gbn", "xbn"]
     assert all(re.search(r"ratio=\d+\.\d{2}$", line) for line in lines if line.startswith("host layer"))
+
+
+def test_compiled_kernels_counts_the_launches_of_every_method():
+    """The GPU-free count of inductor's launches per compiled step. The bounds pin this tree's counts
+    (BatchNorm: 5 per layer, forward and backward; the ghost methods' extras below) with torch 2.13:
+    a change that adds kernels to a compiled ghost layer fails here (see docs/performance.md)."""
+    lines = _run("benchmarks/compiled_kernels.py", "--shape", "16,8,4,4", "--ghost-batch-size", "4")
+    assert lines[0].startswith("# torch ") and "sm_90" in lines[0]
+    counts = {}
+    for line in lines[1:]:
+        found = re.match(r"compiled layer method=(\w+) +launches per step= *(\d+) \((.*)\) ratio=(\d+\.\d{3})$", line)
+        assert found, line
+        counts[found.group(1)] = int(found.group(2))
+        assert "triton=" in found.group(3)
+        assert abs(float(found.group(4)) - counts[found.group(1)] / counts["bn"]) < 1e-3
+    assert list(counts) == ["bn", "gni", "analytic", "gbn", "xbn"]
+    extra = {method: counts[method] - counts["bn"] for method in counts}
+    assert 0 < extra["gni"] <= 6 and 0 < extra["analytic"] <= 7 and 0 < extra["gbn"] <= 8 and 0 < extra["xbn"] <= 10, extra

@@ -1,0 +1,179 @@
+"""Kernels that ``torch.compile`` launches per training step, for each method against plain BN, without a GPU.
+
+In a compiled step on a GPU every kernel launch costs host time (about 16 us each on the H100
+machine, where the compiled ResNet-18 step was bound by the host) and a small kernel costs device
+time even under CUDA graphs. The ghost layers' cost under ``torch.compile`` is therefore, to first
+order, the number of extra kernels inductor generates for them. This script counts them on a
+machine without a GPU: inductor generates its Triton code (the code it generates for CUDA) for CPU
+tensors, with
+
+* a stand-in Triton driver that reports an sm_90 target, so that code generation runs;
+* the generated kernels' launches replaced by no-ops (``TRITON_INTERPRET=1`` makes inductor load
+  them as Python; nothing is compiled or run, so the values computed are meaningless);
+* inductor's CPU-only heuristics switched to their GPU values (the opcount and reads thresholds for
+  realizing buffers, loop reordering), so that it fuses as it does for CUDA.
+
+It then counts, in the ``call`` functions of the generated forward and backward graphs, the
+launches of one step: Triton kernels, extern kernels (convolutions, matrix products) and ATen
+fallbacks. A proxy, not a GPU measurement: the device properties inductor reads (e.g. for split
+reductions) are the CPU's. Every line ends with the ratio of launches to plain BN.
+
+    python benchmarks/compiled_kernels.py                          # one BatchNorm2d(64) layer, (128, 64, 16, 16)
+    python benchmarks/compiled_kernels.py --model resnet18 --batch 64   # ResNet-18 step (slow: minutes)
+    GHOSTNOISE_COMPILED_KERNELS=1 python benchmarks/compiled_kernels.py  # the coefficient kernels as custom ops
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: inductor loads its kernels as Python
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ghostnoise_kernel_count_"))
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import copy  # noqa: E402
+import re  # noqa: E402
+from typing import Callable, Counter, Dict, List  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lightning_ghostnoise import apply_ghost_noise  # noqa: E402
+from lightning_ghostnoise.models import resnet18_cifar  # noqa: E402
+
+METHODS = ("bn", "gni", "analytic", "gbn", "xbn")
+_NOT_LAUNCHES = ("empty_strided", "reinterpret_tensor", "as_strided", "alloc_from_pool", "del ")
+
+
+class _FakeDriver:
+    """Just enough of a Triton driver for inductor to generate CUDA-style code on a CPU-only machine."""
+
+    def get_current_target(self) -> object:
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: object = None) -> int:
+        return 0
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def __getattr__(self, name: str) -> object:
+        raise AttributeError(f"the stand-in Triton driver has no {name!r}")
+
+
+def setup() -> List[str]:
+    """Configure inductor as described in the module docstring; returns the list the graph sources go to."""
+    import torch._inductor.codecache as codecache
+    import torch._inductor.config as config
+    import torch._inductor.ir as ir
+    import torch._inductor.runtime.triton_heuristics as heuristics
+    import torch._inductor.scheduler as scheduler
+    from triton.runtime.driver import driver
+
+    driver.set_active(_FakeDriver())
+    config.cpu_backend = "triton"
+    config.fx_graph_cache = False
+    ir.is_cpu = lambda node: False  # realize thresholds: the GPU's
+    scheduler.BaseSchedulerNode.is_cpu = lambda self: False  # loop reordering as on a GPU
+    heuristics.CachingAutotuner.run = lambda self, *args, **kwargs: None  # no launch
+    sources: List[str] = []
+    load = codecache.PyCodeCache.load_by_key_path.__func__
+
+    def load_and_keep(cls: type, key: str, path: str, *args: object, **kwargs: object) -> object:
+        with open(path) as f:
+            text = f.read()
+        if "def call(" in text:
+            sources.append(text)
+        return load(cls, key, path, *args, **kwargs)
+
+    codecache.PyCodeCache.load_by_key_path = classmethod(load_and_keep)
+    return sources
+
+
+def count_launches(sources: List[str]) -> Counter[str]:
+    """Launches in the ``call`` functions of generated graph modules: ``triton``, ``extern:<name>``,
+    ``aten:<name>`` (ATen fallbacks) and ``op:<name>`` (other custom ops)."""
+    launches: Counter[str] = collections.Counter()
+    for text in sources:
+        body = text.split("def call(", 1)[1]
+        body = re.split(r"\n(?:def |class |runner = |async_compile\.wait)", body, maxsplit=1)[0]
+        for line in body.splitlines():
+            code = line.strip()
+            if not code or code.startswith("#") or any(skip in code for skip in _NOT_LAUNCHES):
+                continue
+            if re.search(r"\w\.run\(", code):
+                launches["triton"] += 1
+            elif (m := re.search(r"extern_kernels\.(\w+)\(", code)) is not None:
+                launches[f"extern:{m.group(1)}"] += 1
+            elif (m := re.search(r"(?:torch\.ops\.)?aten\.(\w+)\.\w+\(", code)) is not None:
+                launches[f"aten:{m.group(1)}"] += 1
+            elif (m := re.search(r"torch\.ops\.(\w+\.\w+)", code)) is not None:
+                launches[f"op:{m.group(1)}"] += 1
+    return launches
+
+
+def layer_step(method: str, args: argparse.Namespace) -> Callable[[], None]:
+    shape = tuple(int(v) for v in args.shape.split(","))
+    bn = nn.BatchNorm2d(shape[1])
+    layer = bn if method == "bn" else apply_ghost_noise(bn, args.ghost_batch_size, method=method)
+    compiled = torch.compile(layer)
+    x = torch.randn(*shape).requires_grad_()
+    grad = torch.randn_like(x)
+    return lambda: compiled(x).backward(grad)
+
+
+def resnet_step(method: str, args: argparse.Namespace) -> Callable[[], None]:
+    torch.manual_seed(0)
+    model = resnet18_cifar().to(memory_format=torch.channels_last)
+    if method != "bn":
+        model = apply_ghost_noise(model, args.ghost_batch_size, method=method)
+    compiled = torch.compile(model)
+    x = torch.randn(args.batch, 3, 32, 32).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch,))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(compiled(x), y)
+        loss.backward()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("layer", "resnet18"), default="layer")
+    parser.add_argument("--shape", default="128,64,16,16", help="the layer's input (B, C, H, W)")
+    parser.add_argument("--batch", type=int, default=64, help="resnet18: batch size (bf16 autocast, channels_last)")
+    parser.add_argument("--ghost-batch-size", type=int, default=16)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    args = parser.parse_args()
+    sources = setup()
+    make = layer_step if args.model == "layer" else resnet_step
+    what = f"BatchNorm2d layer {args.shape}" if args.model == "layer" else f"ResNet-18 batch {args.batch}"
+    flag = os.environ.get("GHOSTNOISE_COMPILED_KERNELS", "0")
+    print(
+        f"# torch {torch.__version__}, inductor's Triton code for an sm_90 target generated on CPU (no GPU), "
+        f"{what}, ghost_batch_size={args.ghost_batch_size}, GHOSTNOISE_COMPILED_KERNELS={flag}"
+    )
+    totals: Dict[str, int] = {}
+    for method in args.methods.split(","):
+        torch._dynamo.reset()
+        sources.clear()
+        step = make(method, args)
+        step()  # compiles the forward and the backward graph
+        launches = count_launches(sources)
+        totals[method] = sum(launches.values())
+        detail = ", ".join(f"{k}={v}" for k, v in sorted(launches.items()))
+        ratio = f" ratio={totals[method] / totals['bn']:.3f}" if "bn" in totals else ""
+        print(f"compiled {args.model} method={method:<8} launches per step={totals[method]:4d} ({detail}){ratio}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
