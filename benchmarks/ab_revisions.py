@@ -10,11 +10,12 @@ Usage:
     python benchmarks/ab_revisions.py 0098210                                  # default cases, gni
     python benchmarks/ab_revisions.py HEAD~3 --methods gni,analytic --cases layernorm:64,128,256
     python benchmarks/ab_revisions.py HEAD --cases resnet8 transformer --rounds 20
+    python benchmarks/ab_revisions.py HEAD~1 --cases resnet8 --methods gni,gbn --compile
 
 Cases: ``layernorm:B,T,D``, ``groupnorm:G:B,C,H,W``, ``batchnorm:B,C,H,W`` (one layer, forward and
 backward), ``resnet8`` (small ResNet-8, 1x28x28, batch 128) and ``transformer`` (TinyTransformer
 d128x4, patch 4 on 1x28x28, batch 128): one SGD step. CPU only; ``--bf16`` runs the forward under
-bfloat16 autocast.
+bfloat16 autocast, ``--compile`` runs every model or layer through ``torch.compile`` (inductor).
 
 Every line ends with ``current/rev=X.XXX`` (this tree's time over ``REV``'s, same process).
 """
@@ -82,7 +83,9 @@ def _layer_case(spec: str) -> Tuple[str, nn.Module, Tuple[int, ...]]:
     raise SystemExit(f"unknown case {spec!r}: use layernorm:B,T,D, groupnorm:G:B,C,H,W, batchnorm:B,C,H,W, resnet8, transformer")
 
 
-def _steps(spec: str, method: str, rev: ModuleType, bf16: bool = False) -> Tuple[str, Dict[str, Callable[[], None]]]:
+def _steps(
+    spec: str, method: str, rev: ModuleType, bf16: bool = False, compile: bool = False
+) -> Tuple[str, Dict[str, Callable[[], None]]]:
     from lightning_ghostnoise import apply_ghost_noise
     from lightning_ghostnoise.models import TinyTransformer, small_resnet
 
@@ -101,13 +104,16 @@ def _steps(spec: str, method: str, rev: ModuleType, bf16: bool = False) -> Tuple
             "current": apply_ghost_noise(copy.deepcopy(base), 16, method=method, seed=0),
         }
         optims = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
-        return label, {k: train_step(models[k], optims[k], x, y, autocast) for k in models}
+        run = {k: torch.compile(m) if compile else m for k, m in models.items()}
+        return label, {k: train_step(run[k], optims[k], x, y, autocast) for k in models}
     label, layer, shape = _layer_case(spec)
     layers = {
         "plain": layer,
         "rev": rev.apply_ghost_noise(copy.deepcopy(layer), 16, method=method, seed=0),
         "current": apply_ghost_noise(copy.deepcopy(layer), 16, method=method, seed=0),
     }
+    if compile:
+        layers = {k: torch.compile(m) for k, m in layers.items()}
     inp = torch.randn(shape).requires_grad_()
     grad = torch.randn(shape)
 
@@ -147,10 +153,13 @@ def main() -> None:
     parser.add_argument("--methods", default="gni", help="comma-separated ghost methods")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU) around the forward")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model or layer")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile:  # plain, REV's and this tree's layers are other types in one frame: no eager fallback
+        torch._dynamo.config.recompile_limit = 64
     for spec in args.cases:  # fail before the export and the first timing
         if spec not in ("resnet8", "transformer"):
             _layer_case(spec)
@@ -159,7 +168,11 @@ def main() -> None:
         print(f"# torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, rounds={args.rounds}, rev={args.rev}", flush=True)
         for spec in args.cases:
             for method in [m for m in args.methods.split(",") if m]:
-                label, steps = _steps(spec, method, rev, args.bf16)
+                if args.compile:  # a fresh cache per case: three variants of each module compile at once
+                    torch._dynamo.reset()
+                label, steps = _steps(spec, method, rev, args.bf16, args.compile)
+                if args.compile:
+                    label += " compiled"
                 med = measure(steps, args.rounds)
                 print(
                     f"ab {label}{' bf16' if args.bf16 else ''} method={method} plain={med['plain'] * 1e3:.3f}ms "

@@ -6,7 +6,9 @@
 #   2. the eager ResNet-18 step at 224x224, batch 64 (a GPU-bound step), with saved and peak memory;
 #   3. the layer cases (BatchNorm2d and LayerNorm) against plain autograd (fused=False);
 #   4. the compiled step with CUDA graphs (mode="reduce-overhead") with GHOSTNOISE_COMPILED_KERNELS=1
-#      (the opt-in coefficient kernels in compiled graphs) and, as the A/B, without.
+#      (the opt-in coefficient kernels in compiled graphs) and, as the A/B, without; both with --profile:
+#      GPU kernels per step, to set against benchmarks/compiled_kernels.py's GPU-free count (session 8
+#      cut inductor's kernels per ghost layer: gni 15 -> 11 per layer, forward and backward, BN 5).
 # PART=2 (about 4.5 minutes): the CUDA-graphs and LayerNorm/GroupNorm correctness checks (cuda_checks.py); the
 # compiled default-mode peak memory with cudnn.benchmark off (with the step's own peak); the eager
 # step of a LayerNorm net (TinyTransformer d384x6, bf16 autocast: GNI's recomputing LayerNorm path).
@@ -32,7 +34,7 @@ if [ "$PART" = 1 ]; then
   timeout 60 python3 benchmarks/overhead.py --device cuda --repeats 10 --skip-layers --image-size 224 --batch 64 2>&1 | tee "$OUT/overhead_cuda_eager_224.txt"
   timeout 60 python3 benchmarks/overhead.py --device cuda --skip-models --plain-autograd --repeats 10 --methods gni,gbn 2>&1 | tee "$OUT/overhead_cuda_layers_plain_autograd.txt"
   GHOSTNOISE_COMPILED_KERNELS=1 timeout 170 python3 benchmarks/overhead.py --device cuda --compile-only --compile-mode reduce-overhead --skip-layers --methods gni,gbn --repeats 20 --profile 2>&1 | tee "$OUT/overhead_cuda_cudagraphs_compiled_kernels.txt"
-  timeout 110 python3 benchmarks/overhead.py --device cuda --compile-only --compile-mode reduce-overhead --skip-layers --methods gni,gbn --repeats 20 2>&1 | tee "$OUT/overhead_cuda_cudagraphs_inductor.txt"
+  timeout 130 python3 benchmarks/overhead.py --device cuda --compile-only --compile-mode reduce-overhead --skip-layers --methods gni,gbn --repeats 20 --profile 2>&1 | tee "$OUT/overhead_cuda_cudagraphs_inductor.txt"
 else
   timeout 120 python3 benchmarks/cuda_checks.py "CUDA graphs,LayerNorm/GroupNorm" 2>&1 | tee "$OUT/cuda_checks_cudagraphs.txt"
   GHOSTNOISE_COMPILED_KERNELS=1 timeout 110 python3 benchmarks/overhead.py --device cuda --compile-only --skip-layers --methods gni --repeats 10 --no-cudnn-benchmark 2>&1 | tee "$OUT/overhead_cuda_compiled_kernels_peak.txt"

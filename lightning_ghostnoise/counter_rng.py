@@ -56,9 +56,9 @@ def mix_key(seed: Tensor, counter: Union[Tensor, int] = 0) -> Tensor:
     return hash32(h ^ (torch.as_tensor(counter, device=seed.device, dtype=torch.int64) & _M32))
 
 
-def _bits(key: Tensor, shape: Sequence[int], salt: int, device: Optional[torch.device], offset: int = 0) -> Tensor:
+def _bits(key: Tensor, shape: Sequence[int], salt: int, device: Optional[torch.device]) -> Tensor:
     n = math.prod(shape)
-    idx = torch.arange(offset, offset + n, device=device if device is not None else key.device, dtype=torch.int64)
+    idx = torch.arange(n, device=device if device is not None else key.device, dtype=torch.int64)
     h = hash32(hash32(idx ^ (salt & _M32)) ^ key.to(torch.int64))
     return hash32(h + 0x9E3779B9).reshape(tuple(shape))
 
@@ -72,16 +72,9 @@ def uniform_ints(
     return (_bits(key, shape, salt, device) * high) >> 32
 
 
-def uniform(
-    key: Tensor, shape: Sequence[int], salt: int = 0, device: Optional[torch.device] = None, offset: int = 0
-) -> Tensor:
-    """Float32 numbers uniform in the open interval ``(0, 1)`` (24 random bits each).
-
-    ``offset``: the index of the first element in the stream of ``(key, salt)``. The block of ``n``
-    numbers at ``offset = j * n`` is ``uniform(key, (m, n))[j]``: a stacked draw can be made block by
-    block (e.g. as terms of a sum that ``torch.compile`` fuses, without the stacked tensor).
-    """
-    return ((_bits(key, shape, salt, device, offset) >> 8).to(torch.float32) + 0.5) * (1.0 / 2**24)
+def uniform(key: Tensor, shape: Sequence[int], salt: int = 0, device: Optional[torch.device] = None) -> Tensor:
+    """Float32 numbers uniform in the open interval ``(0, 1)`` (24 random bits each)."""
+    return ((_bits(key, shape, salt, device) >> 8).to(torch.float32) + 0.5) * (1.0 / 2**24)
 
 
 def normal(key: Tensor, shape: Sequence[int], salt: int = 0, device: Optional[torch.device] = None) -> Tensor:

@@ -451,13 +451,7 @@ def analytic_draws(
         normal = counter_rng.normal(key, shape, salt=0)  # uniform streams 1 and 2
         k = n - 1
         gamma = torch.zeros_like(normal)
-        if torch.compiler.is_compiling() and k // 2 <= _UNROLLED_GAMMA_TERMS:
-            # the same numbers row by row, summed as they come: inductor fuses the sum into one
-            # kernel instead of writing (k // 2, B, C) uniforms and reading them back
-            size = math.prod(shape)
-            for j in range(k // 2):
-                gamma = gamma - torch.log(counter_rng.uniform(key, shape, salt=5, offset=j * size))
-        elif k // 2:
+        if k // 2:
             gamma = -torch.log(counter_rng.uniform(key, (k // 2,) + shape, salt=5)).sum(0)
         if k % 2:
             gamma = gamma + counter_rng.normal(key, shape, salt=1).square() / 2  # uniform streams 3 and 4
@@ -470,11 +464,6 @@ def analytic_draws(
     # a cached 0-dim shape parameter, broadcast: the same draws as a full tensor, no fill launch per call
     alpha = _gamma_shape(n, torch.device(device)).expand(shape)
     return normal, torch._standard_gamma(alpha, generator=generator)
-
-
-#: Under ``torch.compile``, analytic GNI's counter draws for ``Gamma((N - 1) / 2)`` sum up to this many
-#: rows of exponentials one by one (fused), beyond it as one stacked draw (a smaller graph).
-_UNROLLED_GAMMA_TERMS = 16
 
 
 @functools.lru_cache(maxsize=64)
@@ -1239,10 +1228,12 @@ def ghost_averaging_matrix(
 
 def _ghost_matrix(batch: int, ghost_batch_size: int, exclusive: bool, like: Tensor) -> Optional[Tensor]:
     """The ghost averaging matrix for :func:`_ghost_average`, or ``None`` where a reshape does its work:
-    under ``torch.compile`` with equal ghost batches (inductor fuses the reshape; a matrix product is
-    an extern kernel, and the matrix one more). In eager mode the product is faster (fewer small ops)."""
+    GBN under ``torch.compile`` with equal ghost batches (inductor fuses the reshape; a matrix product
+    is an extern kernel, and the matrix one more). In eager mode the product is faster (fewer small
+    ops). XBN keeps it: its leave-one-out average through a reshape compiled to slower CPU code
+    (1.2-1.3x per layer, ``ab_revisions.py --compile``), and no GPU has timed it yet."""
     n = ghost_batch_size
-    if torch.compiler.is_compiling() and batch % n == 0 and not (exclusive and n == 1):
+    if torch.compiler.is_compiling() and batch % n == 0 and not exclusive:
         return None
     return ghost_averaging_matrix(batch, n, exclusive, like.device, like.dtype)
 
@@ -1252,21 +1243,20 @@ def _ghost_average(
 ) -> Tuple[Tensor, Tensor]:
     """``(avg @ first, avg @ second)`` for ``(B, C)`` values: per sample the means over its ghost batch
     (``exclusive``: over the others in it). ``avg`` is symmetric, so these are also its transpose's
-    products (the backward's). ``avg=None``: equal ghost batches, as a reshape (see
-    :func:`_ghost_matrix`), each row separately: inductor reduces both in one kernel."""
+    products (the backward's). ``avg=None`` (GBN, equal ghost batches, see :func:`_ghost_matrix`): as
+    a reshape, each row separately, which inductor reduces in one kernel."""
     channels = first.shape[1]
     if avg is not None:
         with _autocast_off(avg):
             both = avg @ torch.cat([first, second], 1)  # one product
         return both[:, :channels], both[:, channels:]
+    if exclusive:
+        raise ValueError("XBN's leave-one-out average takes the matrix (see _ghost_matrix).")
     batch, n = first.shape[0], ghost_batch_size
 
     def average(values: Tensor) -> Tensor:
-        groups = values.reshape(batch // n, n, channels)
-        sums = groups.sum(1, keepdim=True)
-        if exclusive:
-            return ((sums - groups) / (n - 1)).reshape(batch, channels)
-        return (sums / n).expand(batch // n, n, channels).reshape(batch, channels)
+        means = values.reshape(batch // n, n, channels).mean(1, keepdim=True)
+        return means.expand(batch // n, n, channels).reshape(batch, channels)
 
     return average(first), average(second)
 

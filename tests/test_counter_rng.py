@@ -41,14 +41,6 @@ def test_draws_are_pure_functions_of_the_key():
     assert not torch.equal(CR.uniform(k1, (50,), salt=0), CR.uniform(k1, (50,), salt=1))
 
 
-def test_offset_draws_the_rows_of_a_stacked_draw():
-    key = CR.mix_key(torch.tensor(9), 4)
-    stacked = CR.uniform(key, (5, 3, 4), salt=2)
-    for j in range(5):
-        assert torch.equal(CR.uniform(key, (3, 4), salt=2, offset=j * 12), stacked[j])
-    assert not torch.equal(CR.uniform(key, (3, 4), salt=2, offset=1), stacked[0])
-
-
 def test_global_rng_untouched():
     torch.manual_seed(3)
     a = torch.rand(4)
