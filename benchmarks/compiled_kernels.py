@@ -16,10 +16,11 @@ tensors, with
 It then counts, in the ``call`` functions of the generated forward and backward graphs, the
 launches of one step: Triton kernels, extern kernels (convolutions, matrix products) and ATen
 fallbacks. A proxy, not a GPU measurement: the device properties inductor reads (e.g. for split
-reductions) are the CPU's. Every line ends with the ratio of launches to plain BN.
+reductions) are the CPU's. Every line ends with the ratio of launches to plain BN (LN).
 
     python benchmarks/compiled_kernels.py                          # one BatchNorm2d(64) layer, (128, 64, 16, 16)
     python benchmarks/compiled_kernels.py --model resnet18 --batch 64   # ResNet-18 step (slow: minutes)
+    python benchmarks/compiled_kernels.py --model layernorm              # one LayerNorm(256) on (64, 128, 256)
     GHOSTNOISE_COMPILED_KERNELS=1 python benchmarks/compiled_kernels.py  # the coefficient kernels as custom ops
 """
 
@@ -128,6 +129,16 @@ def layer_step(method: str, args: argparse.Namespace) -> Callable[[], None]:
     return lambda: compiled(x).backward(grad)
 
 
+def layernorm_step(method: str, args: argparse.Namespace) -> Callable[[], None]:
+    shape = tuple(int(v) for v in args.ln_shape.split(","))
+    ln = nn.LayerNorm(shape[-1])
+    layer = ln if method == "ln" else apply_ghost_noise(ln, args.ghost_batch_size, method=method)
+    compiled = torch.compile(layer)
+    x = torch.randn(*shape).requires_grad_()
+    grad = torch.randn_like(x)
+    return lambda: compiled(x).backward(grad)
+
+
 def resnet_step(method: str, args: argparse.Namespace) -> Callable[[], None]:
     torch.manual_seed(0)
     model = resnet18_cifar().to(memory_format=torch.channels_last)
@@ -147,27 +158,34 @@ def resnet_step(method: str, args: argparse.Namespace) -> Callable[[], None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("layer", "resnet18"), default="layer")
+    parser.add_argument("--model", choices=("layer", "layernorm", "resnet18"), default="layer")
     parser.add_argument("--shape", default="128,64,16,16", help="the layer's input (B, C, H, W)")
+    parser.add_argument("--ln-shape", default="64,128,256", help="layernorm: the input (B, T, D)")
     parser.add_argument("--batch", type=int, default=64, help="resnet18: batch size (bf16 autocast, channels_last)")
     parser.add_argument("--ghost-batch-size", type=int, default=16)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=None, help="default: every method (layernorm: ln,gni,analytic)")
     args = parser.parse_args()
+    plain = "ln" if args.model == "layernorm" else "bn"
+    methods = args.methods or ("ln,gni,analytic" if args.model == "layernorm" else ",".join(METHODS))
     sources = setup()
     if os.environ.get("GHOSTNOISE_COMPILED_KERNELS", "0") == "1":
         from lightning_ghostnoise import kernels
 
         kernels.ALLOW_CPU = True  # the custom ops take CPU tensors ...
         kernels._launch = lambda *args, **kwargs: None  # ... and, like inductor's kernels, launch nothing
-    make = layer_step if args.model == "layer" else resnet_step
-    what = f"BatchNorm2d layer {args.shape}" if args.model == "layer" else f"ResNet-18 batch {args.batch}"
+    make = {"layer": layer_step, "layernorm": layernorm_step, "resnet18": resnet_step}[args.model]
+    what = {
+        "layer": f"BatchNorm2d layer {args.shape}",
+        "layernorm": f"LayerNorm layer {args.ln_shape}",
+        "resnet18": f"ResNet-18 batch {args.batch}",
+    }[args.model]
     flag = os.environ.get("GHOSTNOISE_COMPILED_KERNELS", "0")
     print(
         f"# torch {torch.__version__}, inductor's Triton code for an sm_90 target generated on CPU (no GPU), "
         f"{what}, ghost_batch_size={args.ghost_batch_size}, GHOSTNOISE_COMPILED_KERNELS={flag}"
     )
     totals: Dict[str, int] = {}
-    for method in args.methods.split(","):
+    for method in methods.split(","):
         torch._dynamo.reset()
         sources.clear()
         step = make(method, args)
@@ -175,7 +193,7 @@ def main() -> None:
         launches = count_launches(sources)
         totals[method] = sum(launches.values())
         detail = ", ".join(f"{k}={v}" for k, v in sorted(launches.items()))
-        ratio = f" ratio={totals[method] / totals['bn']:.3f}" if "bn" in totals else ""
+        ratio = f" ratio={totals[method] / totals[plain]:.3f}" if plain in totals else ""
         print(f"compiled {args.model} method={method:<8} launches per step={totals[method]:4d} ({detail}){ratio}", flush=True)
 
 

@@ -149,3 +149,11 @@ def test_compiled_kernels_counts_the_coefficient_ops_with_compiled_kernels(monke
     assert "GHOSTNOISE_COMPILED_KERNELS=1" in lines[0]
     assert "op:ghostnoise.ghost_statistics_coefficients=1" in lines[2]
     assert "op:ghostnoise.ghost_statistics_input_coefficients=1" in lines[2]
+
+
+def test_compiled_kernels_layernorm():
+    lines = _run("benchmarks/compiled_kernels.py", "--model", "layernorm", "--ln-shape", "8,4,16", "--ghost-batch-size", "4")
+    assert "LayerNorm layer 8,4,16" in lines[0]
+    methods = [re.search(r"method=(\w+)", line).group(1) for line in lines[1:]]
+    assert methods == ["ln", "gni", "analytic"]
+    assert lines[1].endswith("ratio=1.000")
