@@ -40,7 +40,7 @@ import argparse  # noqa: E402
 import collections  # noqa: E402
 import copy  # noqa: E402
 import re  # noqa: E402
-from typing import Callable, Counter, Dict, List  # noqa: E402
+from typing import Callable, Counter, Dict, List, Tuple  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -123,24 +123,23 @@ def count_launches(sources: List[str]) -> Counter[str]:
     return launches
 
 
-def layer_step(method: str, args: argparse.Namespace) -> Callable[[], None]:
-    shape = tuple(int(v) for v in args.shape.split(","))
-    bn = nn.BatchNorm2d(shape[1])
-    layer = bn if method == "bn" else apply_ghost_noise(bn, args.ghost_batch_size, method=method)
+def _single_layer_step(plain: nn.Module, method: str, shape: Tuple[int, ...], ghost_batch_size: int) -> Callable[[], None]:
+    """Forward and backward of ``plain`` (``method`` "bn"/"ln") or its ghost version, compiled."""
+    layer = plain if method in ("bn", "ln") else apply_ghost_noise(plain, ghost_batch_size, method=method)
     compiled = torch.compile(layer)
     x = torch.randn(*shape).requires_grad_()
     grad = torch.randn_like(x)
     return lambda: compiled(x).backward(grad)
+
+
+def layer_step(method: str, args: argparse.Namespace) -> Callable[[], None]:
+    shape = tuple(int(v) for v in args.shape.split(","))
+    return _single_layer_step(nn.BatchNorm2d(shape[1]), method, shape, args.ghost_batch_size)
 
 
 def layernorm_step(method: str, args: argparse.Namespace) -> Callable[[], None]:
     shape = tuple(int(v) for v in args.ln_shape.split(","))
-    ln = nn.LayerNorm(shape[-1])
-    layer = ln if method == "ln" else apply_ghost_noise(ln, args.ghost_batch_size, method=method)
-    compiled = torch.compile(layer)
-    x = torch.randn(*shape).requires_grad_()
-    grad = torch.randn_like(x)
-    return lambda: compiled(x).backward(grad)
+    return _single_layer_step(nn.LayerNorm(shape[-1]), method, shape, args.ghost_batch_size)
 
 
 def resnet_step(method: str, args: argparse.Namespace) -> Callable[[], None]:
