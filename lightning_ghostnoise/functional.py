@@ -144,7 +144,7 @@ def _affine_input_grad(
 ) -> Tensor:
     """``grad_y * a + x * p + q``: the input gradient of ``y = x * A + D`` when ``A`` and ``D`` depend on
     ``x`` through its moments. ``a`` is ``(B, C)``; ``p`` and ``q`` are ``(B, C)`` or per channel ``(C,)``.
-    ``out``: a scratch tensor to write it into (used when it has ``x``'s shape and dtype)."""
+    ``out``: a scratch tensor to write it into (used when it has ``x``'s shape and dtype, in eager mode)."""
 
     def expand(t: Tensor) -> Tensor:
         if t.dim() == 2:
@@ -153,8 +153,8 @@ def _affine_input_grad(
         shape[channel_dim] = -1
         return t.to(x.dtype).view(shape)
 
-    if not _fits(out, x):
-        out = torch.empty_like(x)
+    if not _fits(out, x) or torch.compiler.is_compiling():
+        out = None  # a new tensor (dynamo breaks the graph at an `out=` tensor that is not contiguous)
     if _coefficients_inner_broadcast(x, channel_dim, grad_y):  # one broadcast operand per op (see there)
         return torch.mul(grad_y, expand(a), out=out).addcmul_(x, expand(p)).add_(expand(q))
     return torch.addcmul(expand(q), x, expand(p), out=out).addcmul_(grad_y, expand(a))
@@ -212,7 +212,7 @@ _CHUNK_BYTES = 4 << 20
 
 def _batch_chunks(x: Tensor, itemsize: int) -> int:
     """Samples per chunk of ``x`` when a full-size temporary of ``itemsize`` bytes per element is too
-    large to allocate at once on CPU, else ``x.shape[0]`` (one chunk).
+    large to allocate at once on CPU (in eager mode), else ``x.shape[0]`` (one chunk).
 
     Fresh allocations above glibc's largest mmap threshold (32 MiB) are mapped afresh every time, and
     their page faults cost more than the arithmetic: square-then-sum over ``(128, 196, 384)`` took
@@ -220,6 +220,8 @@ def _batch_chunks(x: Tensor, itemsize: int) -> int:
     against 1.05).
     """
     if x.device.type != "cpu" or x.numel() * itemsize <= _TEMPORARY_LIMIT or x.shape[0] <= 1:
+        return x.shape[0]
+    if torch.compiler.is_compiling():  # inductor plans its own buffers; a loop would be unrolled into the graph
         return x.shape[0]
     return max(1, _CHUNK_BYTES // max(x[0].numel() * itemsize, 1))
 

@@ -1163,6 +1163,18 @@ def test_per_sample_moments_in_chunks_match_one_piece(shape, channel_dim, memory
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_no_chunks_under_torch_compile(small_chunks):
+    """Chunks are for eager CPU temporaries: under ``torch.compile`` their loop would be unrolled into
+    the graph (inductor plans its own buffers), so a traced layer takes the batch in one piece."""
+    x = torch.randn(13, 9, 24)
+    assert GF._batch_chunks(x, 4) < 13
+    traced = torch.compile(lambda t: t * GF._batch_chunks(t, 4), backend="eager", fullgraph=True)
+    try:
+        assert torch.equal(traced(x), x * 13)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize(
     "norm,shape,channel_dim,memory_format",
     [(GF.NativeLayerNorm((24,)), (13, 9, 24), -1, None), (GF.NativeLayerNorm((24,)), (13, 3, 3, 24), -1, None),

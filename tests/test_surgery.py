@@ -492,6 +492,27 @@ def test_torch_compile_eager_backend(method, backend):
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+@pytest.mark.parametrize("custom_ops", [False, True], ids=["traced", "custom_ops"])
+@pytest.mark.parametrize("method", METHODS)
+def test_torch_compile_no_graph_break_channels_last_autocast(method, custom_ops, monkeypatch):
+    """Channels last under bfloat16 autocast, with the input gradient traced: the layout in which an
+    ``out=`` into a non-contiguous buffer broke the graph at every layer on the custom-op path."""
+    from lightning_ghostnoise import kernels
+
+    if custom_ops:  # GHOSTNOISE_COMPILED_KERNELS=1 (the kernels in Triton's interpreter without a GPU)
+        monkeypatch.setenv("GHOSTNOISE_COMPILED_KERNELS", "1")
+        monkeypatch.setattr(kernels, "ALLOW_CPU", True)
+    model = apply_ghost_noise(_small_model(), ghost_batch_size=3, method=method).to(memory_format=torch.channels_last)
+    x = make_input(4, B=6).to(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            explanation = torch._dynamo.explain(model)(x)
+    finally:
+        torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 def _partition_model(kind: str) -> nn.Module:
     if kind == "bn":  # no conv bias before the norm: its true gradient is 0, only rounding is left
         return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1))
