@@ -16,16 +16,19 @@ tensors, with
 It then counts, in the ``call`` functions of the generated forward and backward graphs, the
 launches of one step: Triton kernels, extern kernels (convolutions, matrix products) and ATen
 fallbacks. A proxy, not a GPU measurement: the device properties inductor reads (e.g. for split
-reductions) are the CPU's. Every line ends with the ratio of launches to plain BN (LN).
+reductions) are the CPU's. Every line gives the graph breaks dynamo counted (each splits the step
+into more graphs, and their counts are no longer comparable) and ends with the ratio of launches to
+plain BN (LN).
 
     python benchmarks/compiled_kernels.py                          # one BatchNorm2d(64) layer, (128, 64, 16, 16)
+    python benchmarks/compiled_kernels.py --channels-last          # the same, channels-last input
     python benchmarks/compiled_kernels.py --model resnet18 --batch 64   # ResNet-18 step (slow: minutes)
     python benchmarks/compiled_kernels.py --model layernorm              # one LayerNorm(256) on (64, 128, 256)
     GHOSTNOISE_COMPILED_KERNELS=1 python benchmarks/compiled_kernels.py  # the coefficient kernels as custom ops
 
-Not valid yet: ``--model resnet18`` with ``GHOSTNOISE_COMPILED_KERNELS=1``. There the step compiled
-into 34 graph modules (``torch._dynamo.explain`` finds one graph and no break) and the count came out
-below plain BN's; the layer counts with the custom ops are consistent.
+``--model resnet18`` is channels last: that is how the custom-op path's graph break at every layer
+(an ``out=`` into a non-contiguous buffer, fixed in session 9) showed up here, as 34 graphs and a
+count below plain BN's, where the contiguous single-layer case had none.
 """
 
 from __future__ import annotations
@@ -123,18 +126,23 @@ def count_launches(sources: List[str]) -> Counter[str]:
     return launches
 
 
-def _single_layer_step(plain: nn.Module, method: str, shape: Tuple[int, ...], ghost_batch_size: int) -> Callable[[], None]:
+def _single_layer_step(
+    plain: nn.Module, method: str, shape: Tuple[int, ...], ghost_batch_size: int, channels_last: bool = False
+) -> Callable[[], None]:
     """Forward and backward of ``plain`` (``method`` "bn"/"ln") or its ghost version, compiled."""
     layer = plain if method in ("bn", "ln") else apply_ghost_noise(plain, ghost_batch_size, method=method)
     compiled = torch.compile(layer)
-    x = torch.randn(*shape).requires_grad_()
+    x = torch.randn(*shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
     grad = torch.randn_like(x)
     return lambda: compiled(x).backward(grad)
 
 
 def layer_step(method: str, args: argparse.Namespace) -> Callable[[], None]:
     shape = tuple(int(v) for v in args.shape.split(","))
-    return _single_layer_step(nn.BatchNorm2d(shape[1]), method, shape, args.ghost_batch_size)
+    return _single_layer_step(nn.BatchNorm2d(shape[1]), method, shape, args.ghost_batch_size, args.channels_last)
 
 
 def layernorm_step(method: str, args: argparse.Namespace) -> Callable[[], None]:
@@ -163,6 +171,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("layer", "layernorm", "resnet18"), default="layer")
     parser.add_argument("--shape", default="128,64,16,16", help="the layer's input (B, C, H, W)")
+    parser.add_argument("--channels-last", action="store_true", help="layer: a channels-last input")
     parser.add_argument("--ln-shape", default="64,128,256", help="layernorm: the input (B, T, D)")
     parser.add_argument("--batch", type=int, default=64, help="resnet18: batch size (bf16 autocast, channels_last)")
     parser.add_argument("--ghost-batch-size", type=int, default=16)
@@ -178,7 +187,7 @@ def main() -> None:
         kernels._launch = lambda *args, **kwargs: None  # ... and, like inductor's kernels, launch nothing
     make = {"layer": layer_step, "layernorm": layernorm_step, "resnet18": resnet_step}[args.model]
     what = {
-        "layer": f"BatchNorm2d layer {args.shape}",
+        "layer": f"BatchNorm2d layer {args.shape}{' channels_last' if args.channels_last else ''}",
         "layernorm": f"LayerNorm layer {args.ln_shape}",
         "resnet18": f"ResNet-18 batch {args.batch}",
     }[args.model]
@@ -188,16 +197,23 @@ def main() -> None:
         f"{what}, ghost_batch_size={args.ghost_batch_size}, GHOSTNOISE_COMPILED_KERNELS={flag}"
     )
     totals: Dict[str, int] = {}
+    counters = torch._dynamo.utils.counters
     for method in methods.split(","):
         torch._dynamo.reset()
+        counters.clear()
         sources.clear()
         step = make(method, args)
         step()  # compiles the forward and the backward graph
+        breaks = sum(counters["graph_break"].values())
         launches = count_launches(sources)
         totals[method] = sum(launches.values())
         detail = ", ".join(f"{k}={v}" for k, v in sorted(launches.items()))
         ratio = f" ratio={totals[method] / totals[plain]:.3f}" if plain in totals else ""
-        print(f"compiled {args.model} method={method:<8} launches per step={totals[method]:4d} ({detail}){ratio}", flush=True)
+        print(
+            f"compiled {args.model} method={method:<8} graph_breaks={breaks} "
+            f"launches per step={totals[method]:4d} ({detail}){ratio}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
