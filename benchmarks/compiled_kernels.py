@@ -13,8 +13,9 @@ tensors, with
 * inductor's CPU-only heuristics switched to their GPU values (the opcount and reads thresholds for
   realizing buffers, loop reordering), so that it fuses as it does for CUDA.
 
-It then counts, in the ``call`` functions of the generated forward and backward graphs, the
-launches of one step: Triton kernels, extern kernels (convolutions, matrix products) and ATen
+It also sums the tensors that AOTAutograd's partitioner keeps from the forward for the backward
+(``saved``, MiB: the activation memory of the compiled step). It then counts, in the ``call``
+functions of the generated forward and backward graphs, the launches of one step: Triton kernels, extern kernels (convolutions, matrix products) and ATen
 fallbacks. A proxy, not a GPU measurement: the device properties inductor reads (e.g. for split
 reductions) are the CPU's. Every line gives the graph breaks dynamo counted (each splits the step
 into more graphs, and their counts are no longer comparable) and ends with the ratio of launches to
@@ -105,6 +106,26 @@ def setup() -> List[str]:
     return sources
 
 
+def record_saved() -> List[int]:
+    """Wrap inductor's partitioner; returns the list that gets the bytes each backward graph takes from the forward."""
+    import torch._inductor.compile_fx as compile_fx
+
+    saved: List[int] = []
+    partition = compile_fx.min_cut_rematerialization_partition
+
+    def partition_and_record(*args: object, **kwargs: object) -> object:
+        forward, backward = partition(*args, **kwargs)
+        values = [node.meta.get("val") for node in backward.graph.find_nodes(op="placeholder")]
+        names = [node.name for node in backward.graph.find_nodes(op="placeholder")]
+        saved.append(
+            sum(v.numel() * v.element_size() for v, name in zip(values, names) if isinstance(v, torch.Tensor) and not name.startswith("tangents"))
+        )
+        return forward, backward
+
+    compile_fx.min_cut_rematerialization_partition = partition_and_record
+    return saved
+
+
 def count_launches(sources: List[str]) -> Counter[str]:
     """Launches in the ``call`` functions of generated graph modules: ``triton``, ``extern:<name>``,
     ``aten:<name>`` (ATen fallbacks) and ``op:<name>`` (other custom ops)."""
@@ -180,6 +201,7 @@ def main() -> None:
     plain = "ln" if args.model == "layernorm" else "bn"
     methods = args.methods or ("ln,gni,analytic" if args.model == "layernorm" else ",".join(METHODS))
     sources = setup()
+    saved = record_saved()
     if os.environ.get("GHOSTNOISE_COMPILED_KERNELS", "0") == "1":
         from lightning_ghostnoise import kernels
 
@@ -202,6 +224,7 @@ def main() -> None:
         torch._dynamo.reset()
         counters.clear()
         sources.clear()
+        saved.clear()
         step = make(method, args)
         step()  # compiles the forward and the backward graph
         breaks = sum(counters["graph_break"].values())
@@ -210,7 +233,7 @@ def main() -> None:
         detail = ", ".join(f"{k}={v}" for k, v in sorted(launches.items()))
         ratio = f" ratio={totals[method] / totals[plain]:.3f}" if plain in totals else ""
         print(
-            f"compiled {args.model} method={method:<8} graph_breaks={breaks} "
+            f"compiled {args.model} method={method:<8} graph_breaks={breaks} saved={sum(saved) / 2**20:.4f}MiB "
             f"launches per step={totals[method]:4d} ({detail}){ratio}",
             flush=True,
         )

@@ -9,6 +9,9 @@
 #      (the opt-in coefficient kernels in compiled graphs) and, as the A/B, without; both with --profile:
 #      GPU kernels per step, to set against benchmarks/compiled_kernels.py's GPU-free count (session 8
 #      cut inductor's kernels per ghost layer: gni 15 -> 11 per layer, forward and backward, BN 5).
+#      Session 9 fixed a graph break at every ghost layer on the GHOSTNOISE_COMPILED_KERNELS=1 path with
+#      channels-last inputs (this model): no earlier GPU run had timed that path, so none was affected.
+#      The proxy now counts that path's ResNet-18 step at batch 64: gni 267, gbn 216 launches, BN 198.
 # PART=2 (about 4.5 minutes): the CUDA-graphs and LayerNorm/GroupNorm correctness checks (cuda_checks.py); the
 # compiled default-mode peak memory with cudnn.benchmark off (with the step's own peak); the eager
 # step of a LayerNorm net (TinyTransformer d384x6, bf16 autocast: GNI's recomputing LayerNorm path).

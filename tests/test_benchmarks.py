@@ -130,13 +130,16 @@ def test_compiled_kernels_counts_the_launches_of_every_method():
     7's code had gni 10 and gbn 12 extra)."""
     lines = _run("benchmarks/compiled_kernels.py", "--shape", "16,8,4,4", "--ghost-batch-size", "4")
     assert lines[0].startswith("# torch ") and "sm_90" in lines[0]
-    counts = {}
+    counts, saved = {}, {}
     for line in lines[1:]:
-        found = re.match(r"compiled layer method=(\w+) +graph_breaks=0 launches per step= *(\d+) \((.*)\) ratio=(\d+\.\d{3})$", line)
+        found = re.match(r"compiled layer method=(\w+) +graph_breaks=0 saved=(\d+\.\d{4})MiB launches per step= *(\d+) \((.*)\) ratio=(\d+\.\d{3})$", line)
         assert found, line
-        counts[found.group(1)] = int(found.group(2))
-        assert "triton=" in found.group(3)
-        assert abs(float(found.group(4)) - counts[found.group(1)] / counts["bn"]) < 1e-3
+        method = found.group(1)
+        counts[method], saved[method] = int(found.group(3)), float(found.group(2))
+        assert "triton=" in found.group(4)
+        assert abs(float(found.group(5)) - counts[method] / counts["bn"]) < 1e-3
+        # the input (8 KiB here) and, for the ghost methods, a few (B, C) rows (0.5 KiB each) or XBN's (B, B) matrix
+        assert 0.0078 <= saved["bn"] <= saved[method] <= saved["bn"] + 0.006, saved
     assert list(counts) == ["bn", "gni", "analytic", "gbn", "xbn"]
     extra = {method: counts[method] - counts["bn"] for method in counts}
     assert 0 < extra["gni"] <= 6 and 0 < extra["analytic"] <= 8 and 0 < extra["gbn"] <= 8 and 0 < extra["xbn"] <= 12, extra
@@ -160,3 +163,15 @@ def test_compiled_kernels_layernorm():
     methods = [re.search(r"method=(\w+)", line).group(1) for line in lines[1:]]
     assert methods == ["ln", "gni", "analytic"]
     assert lines[1].endswith("ratio=1.000")
+
+
+def test_malloc_ab_runs_each_setting_in_its_own_process():
+    """Each case's child process reports the glibc variables it saw; the script checks them."""
+    lines = _run("benchmarks/malloc_ab.py", "--methods", "bn,gni", "--rounds", "1", "--steps", "2", "--batch", "8")
+    assert lines[0].startswith("# small ResNet-8") and "MALLOC_TRIM_THRESHOLD_=" in lines[0]
+    assert lines[1].startswith("round 1 bn:default=")
+    assert len(lines) == 4
+    for method, line in zip(("bn", "gni"), lines[2:]):
+        found = re.match(rf"method={method} +default=(\d+\.\d)ms no-trim=(\d+\.\d)ms no-trim/default=(\d+\.\d{{3}})$", line)
+        assert found, line
+        assert abs(float(found.group(2)) / float(found.group(1)) - float(found.group(3))) < 0.01
