@@ -19,6 +19,7 @@ Usage:
     python benchmarks/overhead.py --skip-models --plain-autograd   # layers: fused paths against plain autograd
     python benchmarks/overhead.py --model transformer  # a LayerNorm net (TinyTransformer): GNI, analytic vs plain LN
     python benchmarks/overhead.py --skip-models --ln-shape 128,196,384   # a larger LayerNorm layer
+    python benchmarks/overhead.py --skip-models --bn-shape 128,16,28,28 128,64,7,7  # other BatchNorm2d layers
 
 Every line ends with ``ratio=X.XXX`` (time relative to the plain model or layer, BN or LN, in the same run).
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
 import random
 import statistics
 import time
@@ -304,10 +306,13 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> None:
     batch = args.batch or (256 if device.type == "cuda" else 128)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     ln_shape = tuple(args.ln_shape) if args.ln_shape else (max(batch // 2, 1), 128, 256)
-    cases = [
-        ("BatchNorm2d", "bn", nn.BatchNorm2d(64), (batch, 64, 16, 16), list(args.methods)),
-        ("LayerNorm", "ln", nn.LayerNorm(ln_shape[-1]), ln_shape, [m for m in args.methods if m in ("gni", "analytic")]),
-    ]  # fmt: skip
+    bn_shapes = [tuple(shape) for shape in args.bn_shape] if args.bn_shape else [(batch, 64, 16, 16)]
+    cases = [("BatchNorm2d", "bn", nn.BatchNorm2d(shape[1]), shape, list(args.methods)) for shape in bn_shapes]
+    cases.append(
+        ("LayerNorm", "ln", nn.LayerNorm(ln_shape[-1]), ln_shape, [m for m in args.methods if m in ("gni", "analytic")])
+    )
+    if args.bn_shape and not args.ln_shape:
+        cases.pop()  # --bn-shape alone: the BatchNorm cases only
     for label, plain, base, shape, methods in cases:
         if not methods:
             continue
@@ -399,6 +404,10 @@ def main() -> None:
         "patch 4; CPU dim 128 x 4 blocks, CUDA dim 384 x 6)",
     )
     parser.add_argument(
+        "--bn-shape", type=lambda v: [int(p) for p in v.split(",")], nargs="+", default=None,
+        help="layers: the BatchNorm2d cases' inputs B,C,H,W (default: one, batch,64,16,16)",
+    )
+    parser.add_argument(
         "--ln-shape", type=lambda v: [int(p) for p in v.split(",")], default=None,
         help="layers: the LayerNorm case's input B,T,D (default: batch/2,128,256)",
     )
@@ -430,6 +439,9 @@ def main() -> None:
     if args.quick:
         args.repeats = 3
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if device.type == "cpu":  # glibc's heap trimming sets how many fresh pages each step faults in (docs/performance.md)
+        tuned = [f"{k}={os.environ[k]}" for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES") if k in os.environ]
+        name += f", malloc {' '.join(tuned) if tuned else 'default'}"
     from lightning_ghostnoise import kernels, ops
 
     setup = f"Triton {'available' if kernels.available() else 'off'}"
