@@ -1163,6 +1163,41 @@ def test_per_sample_moments_in_chunks_match_one_piece(shape, channel_dim, memory
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch,n,exclusive", [(8, 4, False), (8, 4, True), (7, 3, False), (7, 3, True), (5, 1, True)])
+def test_ghost_matrix_is_cached_in_eager_mode_and_matches_a_loop(batch, n, exclusive, monkeypatch):
+    """The ghost averaging matrix, built once per (batch, ghost batch size, kind, device, dtype)."""
+    like = torch.zeros(batch, 3)
+    first = GF._ghost_matrix(batch, n, exclusive, like)
+    assert GF._ghost_matrix(batch, n, exclusive, like) is first  # cached
+    # ghost_groups: consecutive samples; the remainder joins the last full ghost batch
+    starts = list(range(0, max(batch // n, 1) * n, n))
+    groups = [list(range(i, i + n)) for i in starts[:-1]] + [list(range(starts[-1], batch))]
+    expected = torch.zeros(batch, batch)
+    for members in groups:
+        for b in members:
+            others = [j for j in members if j != b] if exclusive and len(members) > 1 else members
+            for j in others:
+                expected[b, j] = 1.0 / len(others)
+    torch.testing.assert_close(first, expected)
+    monkeypatch.setattr(GF, "_MATRIX_CACHE_MAX_BATCH", batch - 1)  # above the limit: built every time
+    assert GF._ghost_matrix(batch, n, exclusive, like) is not GF._ghost_matrix(batch, n, exclusive, like)
+
+
+def test_cached_ghost_matrix_first_built_in_inference_mode_serves_training():
+    """A matrix first asked for under ``torch.inference_mode`` is a normal tensor: a later training
+    step saves it for its backward."""
+    from lightning_ghostnoise.layers import GhostBatchNorm2d
+
+    GF._cached_ghost_matrix.cache_clear()
+    layer = GhostBatchNorm2d.from_module(torch.nn.BatchNorm2d(3), method="xbn", ghost_batch_size=2, seed=0).train()
+    x = torch.randn(6, 3, 2, 2)
+    with torch.inference_mode():
+        layer(x)
+    x.requires_grad_()
+    layer(x).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_no_chunks_under_torch_compile(small_chunks):
     """Chunks are for eager CPU temporaries: under ``torch.compile`` their loop would be unrolled into
     the graph (inductor plans its own buffers), so a traced layer takes the batch in one piece."""
