@@ -930,18 +930,26 @@ def update_running_stats(
     batch_var: Tensor,
     count: int,
     momentum: float,
+    foreach: bool = False,
 ) -> None:
     """Update running statistics in place as ``F.batch_norm`` does with ``momentum``.
 
     ``batch_var`` is the biased batch variance over ``count`` values per channel; the running
     variance receives the unbiased one (``count / (count - 1)``). The caller resolves BatchNorm's
-    ``momentum=None`` (cumulative average) into a factor, as ``nn.BatchNorm`` does.
+    ``momentum=None`` (cumulative average) into a factor, as ``nn.BatchNorm`` does. ``foreach``: both
+    buffers in one op (the same values), which inductor makes one kernel where no other kernel takes
+    the update as its epilogue (after a custom op); elsewhere two ``lerp_`` fuse better.
     """
     if running_mean is None or running_var is None:
         return
     with torch.no_grad():
-        running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
-        running_var.lerp_((batch_var * (count / max(count - 1, 1))).to(running_var.dtype), momentum)
+        mean = batch_mean.to(running_mean.dtype)
+        var = (batch_var * (count / max(count - 1, 1))).to(running_var.dtype)
+        if foreach and running_mean.dtype == running_var.dtype and running_mean.device == running_var.device:
+            torch._foreach_lerp_([running_mean, running_var], [mean, var], momentum)
+        else:
+            running_mean.lerp_(mean, momentum)
+            running_var.lerp_(var, momentum)
 
 
 CoeffFn = Callable[..., Tuple[Tensor, Tensor]]
@@ -1485,11 +1493,19 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
             # CUDA: the same math in Triton kernels (see lightning_ghostnoise.kernels), 3 launches; in a
             # compiled graph (opt-in, lightning_ghostnoise.ops) the coefficient kernel alone, as a custom op
             mv = _stacked_moments(x, channel_dim, ctx.lay)
-            coef, stats = (ops.gni_coefficients if ctx.in_graph else kernels.gni_coefficients)(
-                mv, weight, bias, running_mean, running_var, _as_strength(strength, mv), count, momentum, eps,
-                shift_noise, scale_noise, indices=noise_fn.indices, noise_eps=noise_fn.eps, normal=noise_fn.normal,
-                gamma=noise_fn.gamma, ghost_batch_size=noise_fn.ghost_batch_size,
+            draw_args = dict(
+                indices=noise_fn.indices, noise_eps=noise_fn.eps, normal=noise_fn.normal, gamma=noise_fn.gamma,
+                ghost_batch_size=noise_fn.ghost_batch_size,
             )
+            s = _as_strength(strength, mv)
+            if ctx.in_graph:  # the running statistics in the graph, from the op's batch mean and rstd (see ops)
+                coef, stats = ops.gni_coefficients(mv, weight, bias, s, eps, shift_noise, scale_noise, **draw_args)
+                batch_var = stats[1].pow(-2).sub_(eps).clamp_min_(0)  # (rstd = (var + eps)**-0.5: rel. error ~1e-7)
+                update_running_stats(running_mean, running_var, stats[0], batch_var, count, momentum, foreach=True)
+            else:
+                coef, stats = kernels.gni_coefficients(
+                    mv, weight, bias, running_mean, running_var, s, count, momentum, eps, shift_noise, scale_noise, **draw_args
+                )
             ctx.save_for_backward(x, coef, stats, weight)
             return _rows_affine(x, coef, channel_dim, ctx.lay)
         mean, var = per_sample_moments(x, channel_dim)
@@ -1593,12 +1609,17 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
             # compiled graph (opt-in, lightning_ghostnoise.ops) the coefficient kernel alone, as a custom op
             mv = _stacked_moments(x, channel_dim, ctx.lay)
             s = _as_strength(strength, mv)
-            per_sample, per_channel = (
-                ops.ghost_statistics_coefficients if ctx.in_graph else kernels.ghost_statistics_coefficients
-            )(
-                mv, weight, bias, running_mean, running_var, s, count, momentum, eps, ghost_batch_size, exclusive,
-                shift_noise, scale_noise,
-            )
+            if ctx.in_graph:  # the running statistics in the graph, from the op's batch statistics (see ops)
+                per_sample, per_channel = ops.ghost_statistics_coefficients(
+                    mv, weight, bias, s, eps, ghost_batch_size, exclusive, shift_noise, scale_noise
+                )
+                batch_mean, batch_var = per_channel[0] + per_channel[1], per_channel[2].clamp_min(0)
+                update_running_stats(running_mean, running_var, batch_mean, batch_var, count, momentum, foreach=True)
+            else:
+                per_sample, per_channel = kernels.ghost_statistics_coefficients(
+                    mv, weight, bias, running_mean, running_var, s, count, momentum, eps, ghost_batch_size, exclusive,
+                    shift_noise, scale_noise,
+                )  # fmt: skip
             ctx.save_for_backward(x, mv, per_sample, per_channel, s)
             ctx.flags = (ghost_batch_size, exclusive, shift_noise, scale_noise, weight is not None, bias is not None, eps)
             ctx.channel_dim = channel_dim

@@ -7,7 +7,8 @@ about a dozen small kernels per layer of it (ResNet-18: 532 kernels per GNI step
 BatchNorm, 16-20 % more GPU time). With ``GHOSTNOISE_COMPILED_KERNELS=1`` in the environment that
 small math is instead one launch of :mod:`lightning_ghostnoise.kernels`' coefficient kernel forward
 and one backward, called from the graph as an opaque custom op (``torch.ops.ghostnoise.*``), while
-inductor still generates (and fuses) the full-size passes.
+inductor still generates (and fuses) the full-size passes and the running statistics' update (one
+small kernel for both buffers: the ops mutate nothing, which keeps their dispatch cheap, see below).
 
 Off by default: the path is tested on CPU (Triton's interpreter, inductor included) but not yet
 measured on a GPU. The variable is read while a graph is traced: set it before the first compiled
@@ -23,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -54,17 +55,57 @@ def in_graph(x: Tensor, channel_dim: int = 1) -> bool:
     )
 
 
-# The kernels' own functions, registered as custom ops (the schema comes from their annotations);
-# the fake implementations give the outputs' shapes for tracing.
-gni_coefficients = torch.library.custom_op(
-    "ghostnoise::gni_coefficients", mutates_args=("running_mean", "running_var")
-)(kernels.gni_coefficients)
+# The kernels' own functions, registered as custom ops (the schema comes from the annotations); the
+# fake implementations give the outputs' shapes for tracing. The forward ops leave the running
+# statistics to the caller (``functional`` updates them in the graph from the ops' batch statistics):
+# a custom op that mutates an argument costs about 80 us of host time per call in torch 2.13 (its
+# ADInplaceOrView step rebuilds the schema's argument list once per argument), a pure one about 10 us.
+@torch.library.custom_op("ghostnoise::gni_coefficients", mutates_args=())
+def gni_coefficients(
+    mv: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    strength: Tensor,
+    eps: float,
+    shift_noise: bool,
+    scale_noise: bool,
+    indices: Optional[Tensor] = None,
+    noise_eps: float = 1e-3,
+    normal: Optional[Tensor] = None,
+    gamma: Optional[Tensor] = None,
+    ghost_batch_size: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`kernels.gni_coefficients` without the running statistics: ``(coef, stats)``."""
+    return kernels.gni_coefficients(
+        mv, weight, bias, None, None, strength, 2, 0.0, eps, shift_noise, scale_noise,
+        indices=indices, noise_eps=noise_eps, normal=normal, gamma=gamma, ghost_batch_size=ghost_batch_size,
+    )  # fmt: skip
+
+
 gni_input_coefficients = torch.library.custom_op("ghostnoise::gni_input_coefficients", mutates_args=())(
     kernels.gni_input_coefficients
 )
-ghost_statistics_coefficients = torch.library.custom_op(
-    "ghostnoise::ghost_statistics_coefficients", mutates_args=("running_mean", "running_var")
-)(kernels.ghost_statistics_coefficients)
+
+
+@torch.library.custom_op("ghostnoise::ghost_statistics_coefficients", mutates_args=())
+def ghost_statistics_coefficients(
+    mv: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    strength: Tensor,
+    eps: float,
+    ghost_batch_size: int,
+    exclusive: bool,
+    shift_noise: bool,
+    scale_noise: bool,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`kernels.ghost_statistics_coefficients` without the running statistics: ``(per_sample,
+    per_channel)``; the batch mean is ``per_channel[0] + per_channel[1]``, its variance ``per_channel[2]``."""
+    return kernels.ghost_statistics_coefficients(
+        mv, weight, bias, None, None, strength, 2, 0.0, eps, ghost_batch_size, exclusive, shift_noise, scale_noise
+    )
+
+
 ghost_statistics_input_coefficients = torch.library.custom_op(
     "ghostnoise::ghost_statistics_input_coefficients", mutates_args=()
 )(kernels.ghost_statistics_input_coefficients)

@@ -1198,6 +1198,21 @@ def test_cached_ghost_matrix_first_built_in_inference_mode_serves_training():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_update_running_stats_foreach_matches_two_lerps(dtype):
+    """``foreach=True`` (one op for both buffers, for the custom-op path) gives the same bits."""
+    gen = torch.Generator().manual_seed(3)
+    mean, var = torch.randn(7, generator=gen), torch.rand(7, generator=gen)
+    out = {}
+    for foreach in (False, True):
+        rm, rv = torch.zeros(7, dtype=dtype), torch.ones(7, dtype=dtype)
+        GF.update_running_stats(rm, rv, mean, var, 12, 0.3, foreach=foreach)
+        out[foreach] = (rm, rv)
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    assert not torch.equal(out[True][0], torch.zeros(7, dtype=dtype))  # updated
+    torch.testing.assert_close(out[False][1].double(), (0.7 + 0.3 * var.double() * 12 / 11).to(dtype).double())
+
+
 def test_no_chunks_under_torch_compile(small_chunks):
     """Chunks are for eager CPU temporaries: under ``torch.compile`` their loop would be unrolled into
     the graph (inductor plans its own buffers), so a traced layer takes the batch in one piece."""
