@@ -11,9 +11,11 @@
 #      cut inductor's kernels per ghost layer: gni 15 -> 11 per layer, forward and backward, BN 5).
 #      Session 9 fixed a graph break at every ghost layer on the GHOSTNOISE_COMPILED_KERNELS=1 path with
 #      channels-last inputs (this model): no earlier GPU run had timed that path, so none was affected.
-#      The proxy now counts that path's ResNet-18 step at batch 64: gni 267, gbn 216 launches, BN 198.
-# PART=2 (about 4.5 minutes): the CUDA-graphs and LayerNorm/GroupNorm correctness checks (cuda_checks.py); the
-# compiled default-mode peak memory with cudnn.benchmark off (with the step's own peak); the eager
+#      The proxy now counts that path's ResNet-18 step at batch 64: gni 284, gbn 233 launches, BN 198
+#      (session 9 also made its forward ops pure: 84 -> 18 us of host time per call on CPU; custom_op_overhead.py).
+# PART=2 (about 5.5 minutes): the CUDA-graphs and LayerNorm/GroupNorm correctness checks (cuda_checks.py); the
+# compiled default-mode step with GHOSTNOISE_COMPILED_KERNELS=1 for gni and gbn (time, and the peak memory with
+# cudnn.benchmark off, with the step's own peak; by the proxy GBN's step has 233 launches there, BN 198); the eager
 # step of a LayerNorm net (TinyTransformer d384x6, bf16 autocast: GNI's recomputing LayerNorm path).
 # Earlier sessions' steps, for reference:
 #   python3 benchmarks/launch_overhead.py
@@ -40,6 +42,7 @@ if [ "$PART" = 1 ]; then
   timeout 130 python3 benchmarks/overhead.py --device cuda --compile-only --compile-mode reduce-overhead --skip-layers --methods gni,gbn --repeats 20 --profile 2>&1 | tee "$OUT/overhead_cuda_cudagraphs_inductor.txt"
 else
   timeout 120 python3 benchmarks/cuda_checks.py "CUDA graphs,LayerNorm/GroupNorm" 2>&1 | tee "$OUT/cuda_checks_cudagraphs.txt"
-  GHOSTNOISE_COMPILED_KERNELS=1 timeout 110 python3 benchmarks/overhead.py --device cuda --compile-only --skip-layers --methods gni --repeats 10 --no-cudnn-benchmark 2>&1 | tee "$OUT/overhead_cuda_compiled_kernels_peak.txt"
+  timeout 40 python3 benchmarks/custom_op_overhead.py --device cuda 2>&1 | tee "$OUT/custom_op_overhead_cuda.txt"
+  GHOSTNOISE_COMPILED_KERNELS=1 timeout 170 python3 benchmarks/overhead.py --device cuda --compile-only --skip-layers --methods gni,gbn --repeats 10 --no-cudnn-benchmark 2>&1 | tee "$OUT/overhead_cuda_compiled_kernels_peak.txt"
   timeout 45 python3 benchmarks/overhead.py --device cuda --model transformer --skip-layers --methods gni,analytic --repeats 10 2>&1 | tee "$OUT/overhead_cuda_transformer_eager.txt"
 fi

@@ -175,3 +175,18 @@ def test_malloc_ab_runs_each_setting_in_its_own_process():
         found = re.match(rf"method={method} +default=(\d+\.\d)ms no-trim=(\d+\.\d)ms no-trim/default=(\d+\.\d{{3}})$", line)
         assert found, line
         assert abs(float(found.group(2)) / float(found.group(1)) - float(found.group(3))) < 0.01
+
+
+def test_custom_op_overhead_prints_each_op():
+    lines = _run("benchmarks/custom_op_overhead.py", "--calls", "20", "--batch", "8", "--channels", "4")
+    assert lines[0].startswith("# torch ") and "launches stubbed" in lines[0]
+    names = []
+    for line in lines[1:]:
+        found = re.match(r"op (.+?) +direct= *(\d+\.\d)us custom_op= *(\d+\.\d)us dispatch= *(-?\d+\.\d)us$", line)
+        assert found, line
+        names.append(found.group(1))
+        assert abs(float(found.group(3)) - float(found.group(2)) - float(found.group(4))) < 0.11
+    assert names == [
+        "gni_coefficients", "gni_coefficients, mutating (before session 9)", "gni_input_coefficients",
+        "ghost_statistics_coefficients", "ghost_statistics_input_coefficients",
+    ]  # fmt: skip
