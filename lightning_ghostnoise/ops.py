@@ -59,7 +59,9 @@ def in_graph(x: Tensor, channel_dim: int = 1) -> bool:
 # fake implementations give the outputs' shapes for tracing. The forward ops leave the running
 # statistics to the caller (``functional`` updates them in the graph from the ops' batch statistics):
 # a custom op that mutates an argument costs about 80 us of host time per call in torch 2.13 (its
-# ADInplaceOrView step rebuilds the schema's argument list once per argument), a pure one about 10 us.
+# ADInplaceOrView step rebuilds the schema's argument list once per argument), a pure one 11-18 us
+# (CPU, launches stubbed: benchmarks/custom_op_overhead.py). Their signatures repeat the kernels' minus
+# the running statistics: a custom op needs its own annotated signature for its schema.
 @torch.library.custom_op("ghostnoise::gni_coefficients", mutates_args=())
 def gni_coefficients(
     mv: Tensor,
