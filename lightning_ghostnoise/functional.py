@@ -1254,13 +1254,11 @@ def _ghost_matrix(batch: int, ghost_batch_size: int, exclusive: bool, like: Tens
     host time on CPU. XBN keeps it: its leave-one-out average through a reshape compiled to slower CPU
     code (1.2-1.3x per layer, ``ab_revisions.py --compile``), and no GPU has timed it yet."""
     n = ghost_batch_size
-    if torch.compiler.is_compiling():
-        if batch % n == 0 and not exclusive:
-            return None
-        return ghost_averaging_matrix(batch, n, exclusive, like.device, like.dtype)
-    if batch > _MATRIX_CACHE_MAX_BATCH:
-        return ghost_averaging_matrix(batch, n, exclusive, like.device, like.dtype)
-    return _cached_ghost_matrix(batch, n, exclusive, like.device, like.dtype)
+    compiling = torch.compiler.is_compiling()
+    if compiling and batch % n == 0 and not exclusive:
+        return None
+    build = ghost_averaging_matrix if compiling or batch > _MATRIX_CACHE_MAX_BATCH else _cached_ghost_matrix
+    return build(batch, n, exclusive, like.device, like.dtype)
 
 
 def _ghost_average(
