@@ -1,0 +1,93 @@
+"""The ``ghostnoise`` command: ``fit`` (and the other LightningCLI subcommands), ``compare``, ``analyze``.
+
+Run ``ghostnoise --help`` for the list, ``ghostnoise <subcommand> --help`` for the options of each.
+
+* ``ghostnoise fit``, ``validate``, ``test``, ``predict``: a LightningCLI over
+  :class:`~lightning_ghostnoise.models.Classifier` and
+  :class:`~lightning_ghostnoise.data.FashionMNISTDataModule`; any ``GhostNoise`` and ``Trainer``
+  option can be set from YAML (``--config configs/resnet_gni.yaml``) or flags.
+* ``ghostnoise compare``: the same model with BN, GBN(N), GNI(N) (or LN, LN+GNI), several seeds, a
+  table, a JSON and a PNG of the curves (:mod:`lightning_ghostnoise.compare`).
+* ``ghostnoise analyze``: measure the noise of live ghost layers and compare it with theory
+  (:mod:`lightning_ghostnoise.analyze`).
+
+Example:
+    >>> from lightning_ghostnoise.cli import main
+    >>> main(["--help"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional, Sequence
+
+__all__ = ["LIGHTNING_SUBCOMMANDS", "main", "run_lightning_cli"]
+
+#: Subcommands handed to LightningCLI.
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+_USAGE = """\
+usage: ghostnoise <subcommand> [options]
+
+Ghost noise regularization (GBN, XBN, GNI) for PyTorch Lightning.
+
+subcommands:
+  fit, validate, test, predict
+             LightningCLI over the bundled Classifier and FashionMNISTDataModule; e.g.
+             ghostnoise fit --config configs/resnet_gni.yaml
+  compare    train the same model with BN, GBN(N), GNI(N) (or LN, LN+GNI) over several seeds;
+             print a table, write a JSON of the results and a PNG of the curves
+  analyze    measure ghost noise on live layers, compare it with theory, write plots and JSON
+
+Run `ghostnoise <subcommand> --help` for the options of each.
+"""
+
+
+def run_lightning_cli(argv: Sequence[str]) -> int:
+    """Run LightningCLI over the bundled ``Classifier`` and ``FashionMNISTDataModule``.
+
+    Args:
+        argv: the subcommand (``fit``, ``validate``, ``test`` or ``predict``) and its options.
+
+    Returns:
+        The exit code (0).
+    """
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_ghostnoise.data import FashionMNISTDataModule
+    from lightning_ghostnoise.models import Classifier
+
+    LightningCLI(
+        Classifier,
+        FashionMNISTDataModule,
+        args=list(argv),
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+    )
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``ghostnoise`` console command; returns the exit code."""
+    args: List[str] = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_USAGE, end="")
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command in LIGHTNING_SUBCOMMANDS:
+        return run_lightning_cli(args)
+    if command == "compare":
+        from lightning_ghostnoise.compare import main as compare_main
+
+        return compare_main(rest)
+    if command == "analyze":
+        from lightning_ghostnoise.analyze import main as analyze_main
+
+        return analyze_main(rest)
+    print(f"ghostnoise: unknown subcommand {command!r}.\n", file=sys.stderr)
+    print(_USAGE, end="", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
