@@ -113,6 +113,7 @@ class GhostNoiseMixin:
         "sync",
         "process_group",
         "counter_rng",
+        "noise_observer",
     )
 
     method: str
@@ -121,6 +122,10 @@ class GhostNoiseMixin:
     noise_eps: float
     seed: int
     sync: bool
+    #: ``observer(layer, draws)``, called with every forward's random draws (GNI, analytic GNI) when set:
+    #: how :mod:`lightning_ghostnoise.analysis` and :class:`~lightning_ghostnoise.monitor.GhostNoiseMonitor`
+    #: see the noise a live layer injects. ``None`` (the default) costs nothing.
+    noise_observer: Optional[Callable[["GhostNoiseMixin", GF.GhostDraws], None]] = None
 
     # ------------------------------------------------------------------ construction / reversal
     @classmethod
@@ -319,9 +324,13 @@ class GhostNoiseMixin:
         if self.method == "analytic":
             n = self._ghost_batch_size
             normal, gamma = GF.analytic_draws(pool, channels, n, generator=gen, device=device, key=key)
-            return GF.GhostDraws(normal=normal, gamma=gamma, ghost_batch_size=n)
-        idx = GF.ghost_indices(pool, self._ghost_batch_size, generator=gen, device=device, key=key)
-        return GF.GhostDraws(indices=idx, eps=self.noise_eps)
+            draws = GF.GhostDraws(normal=normal, gamma=gamma, ghost_batch_size=n)
+        else:
+            idx = GF.ghost_indices(pool, self._ghost_batch_size, generator=gen, device=device, key=key)
+            draws = GF.GhostDraws(indices=idx, eps=self.noise_eps)
+        if self.noise_observer is not None:
+            self.noise_observer(self, draws)
+        return draws
 
     def _draw_noise(self, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
         """Per-(sample, channel) ``(shift, scale)`` for GNI or analytic GNI.
