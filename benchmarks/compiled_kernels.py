@@ -28,7 +28,7 @@ plain BN (LN).
     GHOSTNOISE_COMPILED_KERNELS=1 python benchmarks/compiled_kernels.py  # the coefficient kernels as custom ops
 
 ``--model resnet18`` is channels last: that is how the custom-op path's graph break at every layer
-(an ``out=`` into a non-contiguous buffer, fixed in session 9) showed up here, as 34 graphs and a
+(an ``out=`` into a non-contiguous buffer, since fixed) showed up here, as 34 graphs and a
 count below plain BN's, where the contiguous single-layer case had none.
 """
 

@@ -3,7 +3,7 @@
 In a compiled graph (``lightning_ghostnoise.ops``) the forward and backward coefficient kernels are
 called through PyTorch's dispatcher as ``torch.ops.ghostnoise.*``. This prints, per op, the host
 time of that call against calling the kernel's Python function directly, and the same for a custom
-op that declares a mutated argument (as the forward ops did before session 9, for the running
+op that declares a mutated argument (as the forward ops formerly did, for the running
 statistics): torch.library's step for mutated arguments is what that costs. Calls are made under
 ``torch.no_grad()``, as a compiled graph runs them.
 
@@ -50,7 +50,7 @@ def _mutating_gni_coefficients(
     noise_eps: float = 1e-3, normal: Optional[Tensor] = None, gamma: Optional[Tensor] = None,
     ghost_batch_size: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:  # fmt: skip
-    """The forward op's pre-session-9 form (the same 16 arguments): the running statistics updated in
+    """The forward op's former, mutating form (the same 16 arguments): the running statistics updated in
     place by the kernel."""
     return kernels.gni_coefficients(
         mv, weight, bias, running_mean, running_var, strength, count, momentum, eps, shift_noise, scale_noise,
@@ -85,7 +85,7 @@ def main() -> None:
             lambda: kernels.gni_coefficients(mv, w, b, None, None, s, 2, 0.0, 1e-5, True, True, indices=idx),
             lambda: ops.gni_coefficients(mv, w, b, s, 1e-5, True, True, indices=idx),
         ),
-        "gni_coefficients, mutating (before session 9)": (
+        "gni_coefficients, mutating (former form)": (
             lambda: kernels.gni_coefficients(mv, w, b, rm, rv, s, n, 0.1, 1e-5, True, True, indices=idx),
             lambda: _mutating_gni_coefficients(mv, w, b, rm, rv, s, n, 0.1, 1e-5, True, True, indices=idx),
         ),

@@ -1,23 +1,21 @@
 #!/usr/bin/env bash
-# One prepared GPU session, in two parts that each fit one 600 s call on a cold machine (inductor
-# compiles each model). PART=1 (the default, about 8.5 minutes):
-#   1. the kernel tests on CUDA (this session changed the GBN/XBN backward kernels: they now recompute
-#      the effective statistics from the kept ghost moments);
+# The GPU checks and measurements, in two parts that each fit one 600 s call on a cold machine
+# (inductor compiles each model). PART=1 (the default, about 8.5 minutes):
+#   1. the kernel tests on CUDA (tests/test_kernels.py), the GBN/XBN backward kernels included, which
+#      recompute the effective statistics from the kept ghost moments;
 #   2. the eager ResNet-18 step at 224x224, batch 64 (a GPU-bound step), with saved and peak memory;
 #   3. the layer cases (BatchNorm2d and LayerNorm) against plain autograd (fused=False);
 #   4. the compiled step with CUDA graphs (mode="reduce-overhead") with GHOSTNOISE_COMPILED_KERNELS=1
 #      (the opt-in coefficient kernels in compiled graphs) and, as the A/B, without; both with --profile:
-#      GPU kernels per step, to set against benchmarks/compiled_kernels.py's GPU-free count (session 8
-#      cut inductor's kernels per ghost layer: gni 15 -> 11 per layer, forward and backward, BN 5).
-#      Session 9 fixed a graph break at every ghost layer on the GHOSTNOISE_COMPILED_KERNELS=1 path with
-#      channels-last inputs (this model): no earlier GPU run had timed that path, so none was affected.
-#      The proxy now counts that path's ResNet-18 step at batch 64: gni 284, gbn 233 launches, BN 198
-#      (session 9 also made its forward ops pure: 84 -> 18 us of host time per call on CPU; custom_op_overhead.py).
+#      GPU kernels per step, to set against benchmarks/compiled_kernels.py's GPU-free count (per layer,
+#      forward and backward: gni 11, BN 5; on this ResNet-18 step at batch 64 with the custom ops:
+#      gni 284, gbn 233 launches, BN 198).
 # PART=2 (about 5.5 minutes): the CUDA-graphs and LayerNorm/GroupNorm correctness checks (cuda_checks.py); the
-# compiled default-mode step with GHOSTNOISE_COMPILED_KERNELS=1 for gni and gbn (time, and the peak memory with
-# cudnn.benchmark off, with the step's own peak; by the proxy GBN's step has 233 launches there, BN 198); the eager
-# step of a LayerNorm net (TinyTransformer d384x6, bf16 autocast: GNI's recomputing LayerNorm path).
-# Earlier sessions' steps, for reference:
+# host time of the custom ops (custom_op_overhead.py); the compiled default-mode step with
+# GHOSTNOISE_COMPILED_KERNELS=1 for gni and gbn (time, and the peak memory with cudnn.benchmark off, with the
+# step's own peak); the eager step of a LayerNorm net (TinyTransformer d384x6, bf16 autocast: GNI's
+# recomputing LayerNorm path).
+# Other GPU measurements (see docs/performance.md):
 #   python3 benchmarks/launch_overhead.py
 #   python3 benchmarks/host_overhead.py --device cuda [--cprofile gni]
 #   python3 benchmarks/overhead.py --device cuda --repeats 20 --skip-layers --launch-ab [--profile]

@@ -1,4 +1,4 @@
-"""Session set-up shared by every test module."""
+"""Set-up shared by every test module (environment, fixtures)."""
 
 import os
 

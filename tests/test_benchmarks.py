@@ -126,8 +126,8 @@ def test_host_overhead_with_stub_launches_covers_every_method():
 def test_compiled_kernels_counts_the_launches_of_every_method():
     """The GPU-free count of inductor's launches per compiled step. The bounds pin this tree's counts
     (BatchNorm: 5 per layer, forward and backward; the ghost methods' extras below) with torch 2.13:
-    a change that adds kernels to a compiled ghost layer fails here (see docs/performance.md; session
-    7's code had gni 10 and gbn 12 extra)."""
+    a change that adds kernels to a compiled ghost layer fails here (see docs/performance.md; an
+    earlier form of the traced formulas had gni 10 and gbn 12 extra)."""
     lines = _run("benchmarks/compiled_kernels.py", "--shape", "16,8,4,4", "--ghost-batch-size", "4")
     assert lines[0].startswith("# torch ") and "sm_90" in lines[0]
     counts, saved = {}, {}
@@ -152,7 +152,7 @@ def test_compiled_kernels_counts_the_coefficient_ops_with_compiled_kernels(monke
         "benchmarks/compiled_kernels.py", "--shape", "16,8,4,4", "--channels-last", "--ghost-batch-size", "4", "--methods", "bn,gbn"
     )
     assert "GHOSTNOISE_COMPILED_KERNELS=1" in lines[0] and "channels_last" in lines[0]
-    assert "graph_breaks=0 " in lines[2]  # channels last: one graph (session 9 fixed a break at every layer)
+    assert "graph_breaks=0 " in lines[2]  # channels last: one graph (no break at every layer)
     assert "op:ghostnoise.ghost_statistics_coefficients=1" in lines[2]
     assert "op:ghostnoise.ghost_statistics_input_coefficients=1" in lines[2]
 
@@ -187,6 +187,6 @@ def test_custom_op_overhead_prints_each_op():
         names.append(found.group(1))
         assert abs(float(found.group(3)) - float(found.group(2)) - float(found.group(4))) < 0.11
     assert names == [
-        "gni_coefficients", "gni_coefficients, mutating (before session 9)", "gni_input_coefficients",
+        "gni_coefficients", "gni_coefficients, mutating (former form)", "gni_input_coefficients",
         "ghost_statistics_coefficients", "ghost_statistics_input_coefficients",
     ]  # fmt: skip
