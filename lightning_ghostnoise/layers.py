@@ -24,6 +24,7 @@ import math
 from typing import Any, Callable, ClassVar, Dict, Literal, Optional, Tuple, Type
 
 import torch
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_ghostnoise import counter_rng
@@ -42,7 +43,11 @@ __all__ = [
     "GhostNoiseMixin",
     "ghost_class_for",
     "is_ghost_layer",
+    "MAX_STRENGTH",
     "min_ghost_batch_size",
+    "validate_ghost_batch_size",
+    "validate_noise_eps",
+    "validate_strength",
 ]
 
 #: The methods: Ghost Noise Injection (default), Ghost Batch Norm, Exclusive Batch Norm, analytic GNI.
@@ -76,13 +81,106 @@ def min_ghost_batch_size(method: str, scale_noise: bool = True) -> int:
     return 1
 
 
+#: Per method: why it needs ``min_ghost_batch_size`` samples, and what to do instead.
+_MIN_SIZE_REASONS: Dict[str, Tuple[str, str]] = {
+    "xbn": (
+        "XBN normalizes each sample by the other N - 1 samples of its ghost batch",
+        "or method 'gbn' or 'gni', which work with ghost batches of 1 sample",
+    ),
+    "analytic": (
+        "its scale noise is chi2 with N - 1 degrees of freedom",
+        "or scale_noise=False (shift-only noise works with N = 1), or method 'gni'",
+    ),
+}
+
+
+def validate_ghost_batch_size(value: Any, method: str, scale_noise: bool = True, source: str = "") -> int:
+    """``value`` as a valid ghost batch size for ``method``, or a ``ValueError`` that says how to fix it.
+
+    Args:
+        value: the ghost batch size ``N``, a whole number.
+        method: one of :data:`METHODS`.
+        scale_noise: whether the scale part of the noise is on (analytic GNI needs ``N >= 2`` for it).
+        source: where the value comes from, added to the message (e.g. which schedule produces it).
+
+    Example:
+        >>> validate_ghost_batch_size(16.0, "xbn")
+        16
+        >>> validate_ghost_batch_size(1, "analytic", scale_noise=False)
+        1
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ValueError(f"ghost_batch_size must be a whole number, got {value!r}.")
+    value = int(value)
+    low = min_ghost_batch_size(method, scale_noise)
+    if value < low:
+        why, instead = _MIN_SIZE_REASONS.get(method, ("a ghost batch needs at least one sample", ""))
+        raise ValueError(
+            f"ghost_batch_size must be >= {low} for method {method!r} ({why}), got {value}{source}. "
+            f"Use a ghost batch size >= {low}{(', ' + instead) if instead else ''}."
+        )
+    return value
+
+
+#: The largest ``strength`` a ghost layer accepts. Above 1 the noise is extrapolated beyond the method:
+#: the scale part enters as ``scale**-s``, whose rare small scales grow much faster than at ``s = 1``.
+MAX_STRENGTH = 2.0
+_warned_strength_above_one = False
+
+
+def validate_strength(value: Any, method: str) -> float:
+    """``value`` as a valid noise strength ``0 <= s <= MAX_STRENGTH`` for ``method``.
+
+    ``s > 1`` is allowed up to :data:`MAX_STRENGTH` with a warning (once per process): the scale
+    noise is raised to the power ``s``, so its heavy tail at small ghost batch sizes is amplified.
+
+    Example:
+        >>> validate_strength(0.5, "gni")
+        0.5
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"strength must be a finite number >= 0, got {value!r}.")
+    value = float(value)
+    if value > MAX_STRENGTH:
+        raise ValueError(
+            f"strength must be <= {MAX_STRENGTH:g} (MAX_STRENGTH), got {value:g} for method {method!r}. Above 1 the "
+            "scale noise is raised to the power s, so its rare small scales explode (analytic GNI with N = 2 at "
+            "s = 5 gave outputs above 1e15). For more noise, use a smaller ghost_batch_size at strength <= 1."
+        )
+    global _warned_strength_above_one
+    if value > 1.0 and not _warned_strength_above_one:
+        _warned_strength_above_one = True
+        rank_zero_warn(
+            f"Ghost noise strength {value:g} > 1 extrapolates beyond method {method!r} (s = 1 is the method): the "
+            "scale noise enters as scale**-s, so its rare small scales are amplified far more than at s = 1, the "
+            "more so the smaller the ghost batch size (with N <= 4 the largest outputs reach 1e2-1e5 at s = 2, far "
+            "more for analytic GNI at N = 2). For more "
+            "noise prefer a smaller ghost_batch_size at strength <= 1; with strength > 1 keep N >= 16."
+        )
+    return value
+
+
+def validate_noise_eps(eps: Any) -> float:
+    """``eps`` as a valid GNI noise epsilon (finite, ``> 0``), else a ``ValueError``.
+
+    Example:
+        >>> validate_noise_eps(1e-3)
+        0.001
+    """
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(
+            f"noise_eps must be a positive finite number, got {eps!r}; the paper's value is {GF.NOISE_EPS:g}."
+        )
+    return float(eps)
+
+
 class GhostNoiseMixin:
     """State and settings shared by every ghost-noise layer.
 
     Attributes:
         method: ``"gni"``, ``"gbn"``, ``"xbn"`` or ``"analytic"``.
         ghost_batch_size: ``N``; settable (a schedule changes it between steps).
-        strength: ``s >= 0``; settable; stored also as a tensor buffer so that a compiled model does
+        strength: ``0 <= s <= MAX_STRENGTH``; settable; stored also as a tensor buffer so that a compiled model does
             not recompile when it changes.
         shift_noise: apply the shift (mean) part of the noise.
         scale_noise: apply the scale (variance) part of the noise.
@@ -169,7 +267,7 @@ class GhostNoiseMixin:
         new.process_group = None
         new._generator = None
         new.seed = 0
-        new.noise_eps = new._validated_noise_eps(noise_eps)
+        new.noise_eps = validate_noise_eps(noise_eps)
         new.ghost_batch_size = ghost_batch_size
         device = new._state_device()
         new.register_buffer(_STRENGTH_BUFFER, torch.zeros((), device=device, dtype=torch.float32), persistent=False)
@@ -199,11 +297,6 @@ class GhostNoiseMixin:
         plain._non_persistent_buffers_set = set(self._non_persistent_buffers_set) - set(GHOST_BUFFERS)
         return plain
 
-    def _validated_noise_eps(self, eps: float) -> float:
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-            raise ValueError(f"noise_eps must be a positive finite number, got {eps!r}.")
-        return float(eps)
-
     def _state_device(self) -> torch.device:
         for t in list(self._parameters.values()) + list(self._buffers.values()):  # type: ignore[attr-defined]
             if t is not None:
@@ -218,17 +311,7 @@ class GhostNoiseMixin:
 
     @ghost_batch_size.setter
     def ghost_batch_size(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
-            raise ValueError(f"ghost_batch_size must be a whole number, got {value!r}.")
-        value = int(value)
-        low = min_ghost_batch_size(self.method, self.scale_noise)
-        if value < low:
-            why = {
-                "xbn": "XBN normalizes each sample by the other members of its ghost batch",
-                "analytic": "the analytic scale noise is chi2 with N - 1 degrees of freedom",
-            }.get(self.method, "a ghost batch needs at least one sample")
-            raise ValueError(f"ghost_batch_size must be >= {low} for method {self.method!r} ({why}), got {value}.")
-        self._ghost_batch_size = value
+        self._ghost_batch_size = validate_ghost_batch_size(value, self.method, self.scale_noise)
 
     @property
     def scale_noise(self) -> bool:
@@ -247,14 +330,14 @@ class GhostNoiseMixin:
 
     @property
     def strength(self) -> float:
-        """The noise strength ``s >= 0``: 0 is the plain layer, 1 the method exactly."""
+        """The noise strength ``0 <= s <= MAX_STRENGTH``: 0 is the plain layer, 1 the method exactly.
+
+        Above 1 the noise is extrapolated and warned about once (see :func:`validate_strength`)."""
         return self._strength_value
 
     @strength.setter
     def strength(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"strength must be a finite number >= 0, got {value!r}.")
-        value = float(value)
+        value = validate_strength(value, self.method)
         self._strength_value = value
         self._noise_on = value != 0.0
         buf = getattr(self, _STRENGTH_BUFFER, None)

@@ -23,7 +23,15 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_ghostnoise import functional as GF
-from lightning_ghostnoise.layers import METHODS, GhostNoiseMixin, Method, ghost_class_for, is_ghost_layer, min_ghost_batch_size
+from lightning_ghostnoise.layers import (
+    METHODS,
+    GhostNoiseMixin,
+    Method,
+    ghost_class_for,
+    is_ghost_layer,
+    validate_ghost_batch_size,
+    validate_strength,
+)
 from lightning_ghostnoise.seeding import derive_seed, validate_seed
 
 __all__ = [
@@ -171,7 +179,8 @@ def apply_ghost_noise(
         method: ``"gni"`` (default), ``"gbn"``, ``"xbn"`` or ``"analytic"``. LayerNorm and GroupNorm
             take ``"gni"`` and ``"analytic"`` only: with ``"gbn"``/``"xbn"`` and no ``include_types``,
             only BatchNorm layers are targets (naming LayerNorm in ``include_types`` is an error).
-        strength: ``s >= 0``; 0 is the plain layer, 1 the method exactly.
+        strength: ``0 <= s <= MAX_STRENGTH`` (2); 0 is the plain layer, 1 the method exactly; above 1 the
+            noise is extrapolated, with a warning (see :func:`~lightning_ghostnoise.layers.validate_strength`).
         shift_noise: inject the shift (mean) part of the noise.
         scale_noise: inject the scale (variance) part of the noise.
         noise_eps: GNI's epsilon in the noise scale.
@@ -260,8 +269,13 @@ def ghost_layers(model: nn.Module) -> List[Tuple[str, GhostNoiseMixin]]:
 
 
 def set_strength(model: nn.Module, strength: float) -> None:
-    """Set the noise strength of every ghost layer (no recompilation under ``torch.compile``)."""
-    for _, layer in ghost_layers(model):
+    """Set the noise strength of every ghost layer (no recompilation under ``torch.compile``).
+
+    Validated (``0 <= strength <= MAX_STRENGTH``) before any layer changes."""
+    layers = ghost_layers(model)
+    for _, layer in layers[:1]:
+        validate_strength(strength, layer.method)
+    for _, layer in layers:
         layer.strength = strength
 
 
@@ -269,10 +283,9 @@ def set_ghost_batch_size(model: nn.Module, ghost_batch_size: int) -> None:
     """Set the ghost batch size of every ghost layer (validated on all layers before any changes)."""
     layers = ghost_layers(model)
     for name, layer in layers:
-        low = min_ghost_batch_size(layer.method, layer.scale_noise)
-        if ghost_batch_size < low:
-            raise ValueError(
-                f"ghost_batch_size {ghost_batch_size} is too small for layer {name!r} ({layer.method}): needs >= {low}."
-            )
+        try:
+            validate_ghost_batch_size(ghost_batch_size, layer.method, layer.scale_noise)
+        except ValueError as err:
+            raise ValueError(f"ghost_batch_size {ghost_batch_size} is too small for layer {name!r}: {err}") from None
     for _, layer in layers:
         layer.ghost_batch_size = ghost_batch_size
