@@ -116,7 +116,9 @@ def _check_value_for(kind: str, value: float, where: str) -> None:
     if kind == "ghost_batch_size" and value < 1:
         raise ValueError(
             f"{where} can produce ghost_batch_size={value!r}, but a ghost batch needs at least 1 sample. "
-            "Use values >= 1 (a ghost batch size >= the batch size disables ghost noise)."
+            "Use values >= 1 (xbn and analytic GNI need >= 2). Smaller values give more noise; larger ones less: "
+            "gni, analytic and xbn still add some noise at any size, even above the batch size, while gbn with a "
+            "ghost batch size >= the batch size is plain BatchNorm."
         )
     if kind == "strength" and value < 0:
         raise ValueError(
@@ -221,6 +223,31 @@ class Schedule:
         for value in self._extreme_values():
             _check_value_for(kind, value, repr(self))
         return self
+
+    def value_range(self) -> "tuple[float, float]":
+        """The smallest and largest value this schedule can produce, over any run length.
+
+        Exact for every schedule here: ramps are monotone between their end values, piecewise
+        schedules take only their listed values, and compositions the values of their parts
+        (:class:`WarmUp`'s ``off_value`` included when it has warm-up epochs). It needs no
+        ``max_epochs``, so ``unit="fraction"`` schedules can be checked before training starts.
+
+        Example:
+            >>> WarmUp(2, Linear(8, 32), off_value=64).value_range()
+            (8.0, 64.0)
+        """
+        values = list(self._extreme_values())
+        return min(values), max(values)
+
+    @property
+    def uses_fraction(self) -> bool:
+        """Whether some part of the schedule has ``unit="fraction"`` (it then needs the run's length).
+
+        Example:
+            >>> WarmUp(1, Linear(0.0, 1.0, end=0.5, unit="fraction")).uses_fraction
+            True
+        """
+        return False
 
     # ------------------------------------------------------------- internals
     def _extreme_values(self) -> Iterable[float]:
@@ -409,13 +436,18 @@ class _Ramp(Schedule):
             raise TypeError(f"{name}: `per_step` must be True or False, got {per_step!r}.")
         self.per_step = per_step
 
+    @property
+    def uses_fraction(self) -> bool:
+        return self.unit == "fraction"
+
     def _bounds(self, max_epochs: Optional[int]) -> "tuple[float, float]":
         if self.unit == "epoch":
             return self.start, self.end
         if max_epochs is None or not _is_real(max_epochs) or not math.isfinite(max_epochs) or max_epochs <= 0:
             raise ValueError(
                 f"{self!r} uses unit='fraction' and needs the total number of epochs, but max_epochs={max_epochs!r}. "
-                "Set a positive Trainer(max_epochs=...), or use unit='epoch' with start/end given in epochs."
+                "Set a positive Trainer(max_epochs=...) (or Trainer(max_steps=...) with the GhostNoise callback), "
+                "or use unit='epoch' with start/end given in epochs."
             )
         return self.start * max_epochs, self.end * max_epochs
 
@@ -458,8 +490,10 @@ _RAMP_ARGS_DOC = """
             so the value changes smoothly within epochs. If False the value changes only
             at epoch boundaries.
         unit: ``"epoch"`` (default) or ``"fraction"``. With ``"fraction"``, ``max_epochs``
-            must be passed when the schedule is called (the callback passes
-            ``trainer.max_epochs``), else a ``ValueError`` is raised.
+            must be passed when the schedule is called, else a ``ValueError`` is raised.
+            The ``GhostNoise`` callback passes the run's length in epochs: the Trainer's
+            ``max_epochs``, or ``max_steps`` converted to epochs when that ends training
+            first (or ``max_epochs=-1``); it refuses a run with neither.
 """
 
 
@@ -552,8 +586,10 @@ class WarmUp(Schedule):
         epochs: Number of warm-up epochs (whole, ``>= 0``).
         schedule: Schedule (or number) used from epoch ``epochs`` on.
         off_value: Value during the warm-up. The default ``0.0`` suits ``strength``
-            (no noise); for ``ghost_batch_size`` use a value ``>= 1`` (a size
-            ``>=`` the batch size disables ghost noise).
+            (no noise); a ``ghost_batch_size`` needs a value ``>= 1`` (``>= 2`` for xbn
+            and analytic GNI). A large ghost batch size means little noise, but only
+            gbn becomes exactly plain BatchNorm (at sizes ``>=`` the batch size); for
+            no noise at all during a warm-up, schedule ``strength`` instead.
 
     Example:
         >>> s = WarmUp(2, Cosine(0.0, 1.0, start=2, end=4))
@@ -575,6 +611,10 @@ class WarmUp(Schedule):
         if math.floor(t) < self.epochs:
             return self.off_value
         return self.schedule._evaluate(t, max_epochs)
+
+    @property
+    def uses_fraction(self) -> bool:
+        return self.schedule.uses_fraction
 
     def validate_for(self, kind: ScheduleKind) -> "Schedule":
         _check_kind(kind)
@@ -655,6 +695,10 @@ class Sequential(Schedule):
 
     def value_at(self, t: float, max_epochs: Optional[int]) -> float:
         return self._active(t)._evaluate(t, max_epochs)
+
+    @property
+    def uses_fraction(self) -> bool:
+        return any(schedule.uses_fraction for schedule in self.schedules)
 
     def validate_for(self, kind: ScheduleKind) -> "Schedule":
         _check_kind(kind)
