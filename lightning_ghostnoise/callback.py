@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from typing import Any, Dict, List, Optional, Union
@@ -20,8 +21,17 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_ghostnoise import functional as GF
-from lightning_ghostnoise.layers import GHOST_BUFFERS, METHODS, GhostNoiseMixin, Method, min_ghost_batch_size
-from lightning_ghostnoise.schedules import Schedule, as_schedule, to_ghost_batch_size
+from lightning_ghostnoise.layers import (
+    GHOST_BUFFERS,
+    METHODS,
+    GhostNoiseMixin,
+    Method,
+    min_ghost_batch_size,
+    validate_ghost_batch_size,
+    validate_noise_eps,
+    validate_strength,
+)
+from lightning_ghostnoise.schedules import Constant, Schedule, as_schedule, to_ghost_batch_size
 from lightning_ghostnoise.seeding import derive_seed, validate_seed
 from lightning_ghostnoise.surgery import SurgeryReport, apply_ghost_noise, ghost_layers, revert_ghost_noise
 
@@ -38,8 +48,12 @@ class GhostNoise(Callback):
 
     Args:
         ghost_batch_size: ``N``, a number or a :class:`~lightning_ghostnoise.schedules.Schedule`
-            (rounded with :func:`~lightning_ghostnoise.schedules.to_ghost_batch_size`).
-        strength: the noise strength ``s >= 0`` (0: plain layer, 1: the method), a number or a schedule.
+            (rounded with :func:`~lightning_ghostnoise.schedules.to_ghost_batch_size`). Every value the
+            schedule can produce is checked here: ``>= 1``, and ``>= 2`` for ``"xbn"`` and ``"analytic"``
+            (with ``scale_noise``).
+        strength: the noise strength ``0 <= s <= 2`` (0: plain layer, 1: the method), a number or a
+            schedule. Above 1 the noise is extrapolated beyond the method, with a warning: the scale
+            noise enters as ``scale**-s`` and its rare small scales grow fast at small ``N``.
         method: ``"gni"`` (Ghost Noise Injection, default), ``"gbn"`` (Ghost Batch Norm), ``"xbn"``
             (Exclusive Batch Norm) or ``"analytic"`` (GNI's noise drawn from its law).
         include_types: only these layer types, e.g. ``["BatchNorm2d"]`` (``"BatchNorm"`` = all three).
@@ -48,7 +62,7 @@ class GhostNoise(Callback):
         exclude_names: never layers whose qualified name matches one of these glob patterns.
         shift_noise: inject the shift (mean) part of the noise.
         scale_noise: inject the scale (variance) part of the noise.
-        noise_eps: GNI's epsilon in the noise scale (the paper's 1e-3).
+        noise_eps: GNI's epsilon in the noise scale (the paper's 1e-3), finite and ``> 0``.
         seed: base seed of the noise, in ``[0, 2**32 - 1]``. ``None``: Lightning's global seed when
             ``seed_everything`` was called, else drawn once and saved in the checkpoint.
         sync: draw ghost batches from the *global* batch across processes with global normalization
@@ -58,6 +72,11 @@ class GhostNoise(Callback):
             penalties).
         revert_on_fit_end: put the plain layers back when fit ends.
         log_values: log the current ghost batch size and strength through the Trainer's logger.
+
+    Schedules with ``unit="fraction"`` measure the run by its length in epochs: ``Trainer(max_epochs=...)``,
+    or ``max_steps`` converted to epochs (``max_steps / ceil(num_training_batches /
+    accumulate_grad_batches)``) when that ends training first or ``max_epochs=-1``. A run with neither
+    is refused at ``setup``.
 
     Example:
         >>> from lightning_ghostnoise.schedules import Cosine
@@ -88,18 +107,14 @@ class GhostNoise(Callback):
         self.method = method.lower()
         self.ghost_batch_size = as_schedule(ghost_batch_size).validate_for("ghost_batch_size")
         self.strength = as_schedule(strength).validate_for("strength")
-        low = min_ghost_batch_size(self.method, scale_noise)
-        if low > 1:
-            first = self.ghost_batch_size(0)
-            if to_ghost_batch_size(first) < low:
-                raise ValueError(f"ghost_batch_size must be >= {low} for method {self.method!r}, got {first:g}.")
+        self._check_schedule_ranges(scale_noise)
         self.include_types = include_types
         self.exclude_types = exclude_types
         self.include_names = include_names
         self.exclude_names = exclude_names
         self.shift_noise = shift_noise
         self.scale_noise = scale_noise
-        self.noise_eps = noise_eps
+        self.noise_eps = validate_noise_eps(noise_eps)
         self.seed = None if seed is None else validate_seed(seed)
         if sync and self.method in ("gbn", "xbn"):
             raise ValueError(
@@ -113,6 +128,7 @@ class GhostNoise(Callback):
         self.log_values = log_values
         self._base_seed: Optional[int] = self.seed
         self._current: Dict[str, float] = {}
+        self._run_epochs: Optional[float] = None
         self._layers: List[GhostNoiseMixin] = []
         self._ddp_ignored: List[str] = []
         self.report = SurgeryReport()
@@ -139,13 +155,69 @@ class GhostNoise(Callback):
         # value is broadcast in setup so every process agrees
         return secrets.randbelow(2**32)
 
+    def _check_schedule_ranges(self, scale_noise: bool) -> None:
+        """Check every value the schedules can produce, so that no value fails in the middle of training."""
+        low = self.ghost_batch_size.value_range()[0]
+        rounded = to_ghost_batch_size(low)
+        needed = min_ghost_batch_size(self.method, scale_noise)
+        if not isinstance(self.ghost_batch_size, Constant):
+            source = (
+                f" (the smallest value of ghost_batch_size={self.ghost_batch_size!r} is {low:g}, rounded half up to "
+                f"{rounded}; keep every value of the schedule >= {needed - 0.5:g})"
+            )
+        else:
+            source = f" (rounded half up from {low:g})" if rounded != low else ""
+        validate_ghost_batch_size(rounded, self.method, scale_noise, source=source)
+        high = self.strength.value_range()[1]
+        try:
+            validate_strength(high, self.method)
+        except ValueError as err:
+            if isinstance(self.strength, Constant):
+                raise
+            raise ValueError(f"strength={self.strength!r} can reach {high:g}: {err}") from None
+
+    @staticmethod
+    def _training_epochs(trainer: "pl.Trainer") -> Optional[float]:
+        """The run's length in epochs for ``unit="fraction"`` schedules, or ``None`` while unknown.
+
+        ``max_epochs``, or ``max_steps`` in epochs when that ends training first; ``max_steps`` needs the
+        number of batches per epoch, known from ``on_train_start``.
+        """
+        max_epochs = trainer.max_epochs
+        epochs = float(max_epochs) if max_epochs is not None and max_epochs > 0 else None
+        max_steps = trainer.max_steps
+        batches = trainer.num_training_batches
+        if max_steps is not None and max_steps > 0 and batches is not None and 0 < batches < float("inf"):
+            from_steps = max_steps / math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+            epochs = from_steps if epochs is None else min(epochs, from_steps)
+        return epochs
+
+    def _fraction_schedules(self) -> List[str]:
+        return [f"{name}={getattr(self, name)!r}" for name in ("ghost_batch_size", "strength") if getattr(self, name).uses_fraction]
+
+    def _check_run_length(self, trainer: "pl.Trainer", unknown: bool) -> None:
+        """Refuse ``unit="fraction"`` schedules when the run's length is ``unknown``."""
+        fractions = self._fraction_schedules()
+        if not fractions or not unknown:
+            return
+        raise MisconfigurationException(
+            f"GhostNoise: {' and '.join(fractions)} uses unit='fraction' (a fraction of the run), but this run has "
+            f"no known length (Trainer(max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps})"
+            + (", and the training dataloader has no length" if trainer.max_steps > 0 else "")
+            + "). Set Trainer(max_epochs=...) or Trainer(max_steps=...), or give the schedule's start and end in "
+            "epochs with unit='epoch'."
+        )
+
     def _apply(self, pl_module: nn.Module, warn: bool) -> SurgeryReport:
         report = SurgeryReport()
+        # a schedule's value at position 0 never depends on the run's length (ramps start at a
+        # fraction >= 0), so a placeholder length serves until ``on_train_start`` knows the real one
+        length = self._run_epochs or 1.0
         apply_ghost_noise(
             pl_module,
-            ghost_batch_size=self._value("ghost_batch_size", 0, 0, None, None),
+            ghost_batch_size=self._value("ghost_batch_size", 0, 0, None, length),
             method=self.method,
-            strength=self._value("strength", 0, 0, None, None),
+            strength=self._value("strength", 0, 0, None, length),
             shift_noise=self.shift_noise,
             scale_noise=self.scale_noise,
             noise_eps=self.noise_eps,
@@ -162,7 +234,7 @@ class GhostNoise(Callback):
             layer.sync = self.sync
         return report
 
-    def _value(self, which: str, epoch: int, step: int, steps: Optional[int], max_epochs: Optional[int]) -> Any:
+    def _value(self, which: str, epoch: int, step: int, steps: Optional[int], max_epochs: Optional[float]) -> Any:
         schedule = self.ghost_batch_size if which == "ghost_batch_size" else self.strength
         value = schedule(epoch, step, steps, max_epochs)
         return to_ghost_batch_size(value) if which == "ghost_batch_size" else value
@@ -170,9 +242,8 @@ class GhostNoise(Callback):
     def _set_values(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch_idx: int) -> None:
         steps = trainer.num_training_batches
         steps = None if steps in (None, float("inf")) else int(steps)
-        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
-        n = self._value("ghost_batch_size", trainer.current_epoch, batch_idx, steps, max_epochs)
-        s = self._value("strength", trainer.current_epoch, batch_idx, steps, max_epochs)
+        n = self._value("ghost_batch_size", trainer.current_epoch, batch_idx, steps, self._run_epochs)
+        s = self._value("strength", trainer.current_epoch, batch_idx, steps, self._run_epochs)
         if self._current.get("ghost_batch_size") != n or self._current.get("strength") != s:
             for layer in self._layers:
                 if layer.ghost_batch_size != n:
@@ -200,6 +271,9 @@ class GhostNoise(Callback):
                 "Several GhostNoise callbacks are attached: the noise is not stacked, the later one reconfigures the "
                 "layers the earlier one rewrote. Give them disjoint include/exclude filters or keep one."
             )
+        no_length = (trainer.max_epochs is None or trainer.max_epochs <= 0) and not trainer.max_steps > 0
+        self._check_run_length(trainer, unknown=no_length)
+        self._run_epochs = self._training_epochs(trainer)
         seed = self._resolve_seed()
         self._base_seed = int(trainer.strategy.broadcast(seed, src=0))
         # warnings wait for on_fit_start: layers built in ``configure_model`` do not exist yet
@@ -226,7 +300,9 @@ class GhostNoise(Callback):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # ``current_epoch`` is restored only from here on
+        # ``current_epoch`` is restored only from here on, and the number of batches is known
+        self._run_epochs = self._training_epochs(trainer)
+        self._check_run_length(trainer, unknown=self._run_epochs is None)
         self._layers = [layer for _, layer in ghost_layers(pl_module)]
         self._current = {}
         self._set_values(trainer, pl_module, 0)
