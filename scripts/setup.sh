@@ -10,9 +10,14 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.ghostnoise-installed"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-  # torch first, pinned, so that no range ever resolves to a multi-GB CUDA build
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test,plot,cli]" 2>&1 | grep -v "^WARNING: Location" || true
+  # torch first, pinned to the CPU wheel the tests run on, and held there by a constraint while the
+  # package installs: pyproject.toml has no upper cap, and no range may resolve to a multi-GB CUDA build
+  TORCH_PIN="torch==2.13.0"
+  constraints="$(mktemp)"
+  echo "$TORCH_PIN" >"$constraints"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_PIN" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" -e "$ROOT[test,plot,cli]" 2>&1 | grep -v "^WARNING: Location" || true
+  rm -f "$constraints"
   "$VENV/bin/python" -c "import lightning_ghostnoise, lightning, torchmetrics, scipy, jsonargparse" 
   touch "$stamp"
 fi
