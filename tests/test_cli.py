@@ -278,3 +278,46 @@ def test_bad_schedule_value_in_yaml_is_rejected(tmp_path: Path, capsys: pytest.C
         """,
     )
     _expect_cli_error(["--config", str(cfg)], capsys, "strength")
+
+
+def test_yaml_fraction_schedule_fits_with_max_epochs(tmp_path: Path) -> None:
+    """``unit="fraction"`` ramps are measured against the Trainer's max_epochs (here 4 epochs of 4 steps)."""
+    cfg = _write_config(
+        tmp_path,
+        """\
+        callbacks:
+          - class_path: lightning_ghostnoise.GhostNoise
+            init_args:
+              method: xbn
+              strength:
+                class_path: lightning_ghostnoise.schedules.Linear
+                init_args: {start_value: 0.0, end_value: 1.0, start: 0, end: 0.5, unit: fraction}
+              ghost_batch_size:
+                class_path: lightning_ghostnoise.schedules.Geometric
+                init_args: {start_value: 8, end_value: 2, start: 0.5, end: 1.0, unit: fraction, per_step: false}
+        """,
+    )
+    cli = _cli(["fit", "--config", str(cfg), "--trainer.max_epochs=4"], run=True)
+    assert cli.trainer.state.finished and cli.trainer.current_epoch == 4
+    assert [(e, b) for e, b, _, _ in cli.model.seen_values] == [(e, b) for e in range(4) for b in range(4)]
+    for epoch, batch_idx, s, n in cli.model.seen_values:
+        assert s == pytest.approx(min((epoch + batch_idx / 4) / 2, 1.0))  # ramp over the first 2 of 4 epochs
+        assert n == to_ghost_batch_size(8 * 0.25 ** min(max(epoch - 2, 0) / 2, 1.0))  # 8 until epoch 2, then down
+    assert [n for _, b, _, n in cli.model.seen_values if b == 0] == [8, 8, 8, 4]
+
+
+def test_yaml_schedule_below_the_method_minimum_is_rejected(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A schedule that reaches N = 1 late in training is refused when the CLI builds the callback."""
+    cfg = _write_config(
+        tmp_path,
+        """\
+        callbacks:
+          - class_path: lightning_ghostnoise.GhostNoise
+            init_args:
+              method: xbn
+              ghost_batch_size:
+                class_path: lightning_ghostnoise.schedules.Linear
+                init_args: {start_value: 8, end_value: 1, start: 5, end: 10}
+        """,
+    )
+    _expect_cli_error(["--config", str(cfg)], capsys, "ghost_batch_size must be >= 2 for method 'xbn'", "Use a ghost batch size >= 2")
