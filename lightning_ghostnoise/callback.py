@@ -193,7 +193,8 @@ class GhostNoise(Callback):
         return epochs
 
     def _fraction_schedules(self) -> List[str]:
-        return [f"{name}={getattr(self, name)!r}" for name in ("ghost_batch_size", "strength") if getattr(self, name).uses_fraction]
+        schedules = {"ghost_batch_size": self.ghost_batch_size, "strength": self.strength}
+        return [f"{name}={schedule!r}" for name, schedule in schedules.items() if schedule.uses_fraction]
 
     def _check_run_length(self, trainer: "pl.Trainer", unknown: bool) -> None:
         """Refuse ``unit="fraction"`` schedules when the run's length is ``unknown``."""

@@ -111,7 +111,8 @@ class _Endless(IterableDataset):
 def test_fraction_schedule_with_max_steps_and_an_unsized_loader_fails_before_training(tmp_path: Path) -> None:
     model = BNModel()
     model.train_dataloader = lambda: DataLoader(_Endless(), batch_size=16)  # type: ignore[method-assign]
-    trainer = make_trainer(tmp_path, [GhostNoise(strength=Linear(0.0, 1.0, end=1.0, unit="fraction"))], max_epochs=-1, max_steps=4)
+    cb = GhostNoise(strength=Linear(0.0, 1.0, end=1.0, unit="fraction"))
+    trainer = make_trainer(tmp_path, [cb], max_epochs=-1, max_steps=4)
     with pytest.raises(MisconfigurationException, match=r"no known length.*dataloader has no length"):
         trainer.fit(model)
     assert not model.losses
@@ -125,7 +126,8 @@ class _StopAfterTwoEpochs(pl.Callback):
 def test_epoch_schedules_run_without_a_run_length(tmp_path: Path) -> None:
     """Only fraction schedules need the length: an epoch schedule trains with max_epochs=-1."""
     spy = ValueSpy()
-    trainer = make_trainer(tmp_path, [GhostNoise(strength=Linear(0.0, 1.0, end=1)), spy, _StopAfterTwoEpochs()], max_epochs=-1, limit_train_batches=2)
+    callbacks = [GhostNoise(strength=Linear(0.0, 1.0, end=1)), spy, _StopAfterTwoEpochs()]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=-1, limit_train_batches=2)
     trainer.fit(BNModel())
     assert [s for _, _, s, _ in spy.seen] == [0.0, 0.5, 1.0, 1.0]
 
@@ -141,7 +143,8 @@ def test_ghost_batch_size_message_states_what_large_sizes_do() -> None:
     assert "gbn with a ghost batch size >= the batch size is plain BatchNorm" in message
     assert "gni, analytic and xbn still add some noise at any size" in message
     assert "xbn and analytic GNI need >= 2" in message
-    assert "disables ghost noise" not in (WarmUp.__doc__ or "") and "only\n            gbn becomes exactly plain BatchNorm" in (WarmUp.__doc__ or "")
+    doc = WarmUp.__doc__ or ""
+    assert "disables ghost noise" not in doc and "only\n            gbn becomes exactly plain BatchNorm" in doc
 
 
 @pytest.mark.parametrize("method", ["gni", "analytic", "gbn", "xbn"])
@@ -279,7 +282,8 @@ def test_strength_up_to_one_neither_warns_nor_changes_the_formula() -> None:
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        layer = GhostBatchNorm1d.from_module(nn.BatchNorm1d(8, affine=False), method="analytic", ghost_batch_size=2, strength=1.0)
+        plain = nn.BatchNorm1d(8, affine=False)
+        layer = GhostBatchNorm1d.from_module(plain, method="analytic", ghost_batch_size=2, strength=1.0)
     layer.reseed(3)
     got = layer(x)
     normal, gamma = GF.analytic_draws(64, 8, 2, generator=torch.Generator().manual_seed(3))
@@ -299,7 +303,14 @@ def _with_bad_sample(shape: Tuple[int, ...], bad: float, row: int = 3) -> torch.
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("make", [lambda: GhostLayerNorm.from_module(nn.LayerNorm(6), ghost_batch_size=4), lambda: GhostGroupNorm.from_module(nn.GroupNorm(1, 5), ghost_batch_size=4)], ids=["LayerNorm", "GroupNorm"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: GhostLayerNorm.from_module(nn.LayerNorm(6), ghost_batch_size=4),
+        lambda: GhostGroupNorm.from_module(nn.GroupNorm(1, 5), ghost_batch_size=4),
+    ],
+    ids=["LayerNorm", "GroupNorm"],
+)
 def test_layer_norm_gni_keeps_a_bad_sample_to_itself(make: Any, fused: bool, bad: float) -> None:
     layer = make()
     layer.fused = fused
@@ -314,7 +325,8 @@ def _pooled_reference(mean: torch.Tensor, var: torch.Tensor, idx: torch.Tensor, 
     """The ghost noise over the finite (sample, channel) moments only, one value at a time."""
     m2 = var + mean**2
     ok = torch.isfinite(mean) & torch.isfinite(m2)
-    shift, scale = torch.empty(idx.shape[0], mean.shape[1], dtype=mean.dtype), torch.empty(idx.shape[0], mean.shape[1], dtype=mean.dtype)
+    shift = torch.empty(idx.shape[0], mean.shape[1], dtype=mean.dtype)
+    scale = torch.empty_like(shift)
     for c in range(mean.shape[1]):
         kept = ok[:, c]
         b1, b2 = mean[kept, c].mean(), m2[kept, c].mean()
