@@ -7,6 +7,7 @@ Example:
 """
 
 from lightning_ghostnoise.callback import GhostNoise
+from lightning_ghostnoise.monitor import GhostNoiseMonitor
 from lightning_ghostnoise.layers import (
     METHODS,
     GhostBatchNorm1d,
@@ -35,6 +36,7 @@ __all__ = [
     "GhostGroupNorm",
     "GhostLayerNorm",
     "GhostNoise",
+    "GhostNoiseMonitor",
     "GhostNoiseMixin",
     "__version__",
     "apply_ghost_noise",
