@@ -299,10 +299,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
+    batches = [batch for _, batch in zip(range(args.batches), loader)]  # the same batches for every mode
     t0 = time.time()
     results = {
         mode: A.analyze_noise(
-            net, loader, args.ghost_batch_sizes, args.methods, num_batches=args.batches, seed=args.seed, mode=mode
+            net, batches, args.ghost_batch_sizes, args.methods, num_batches=args.batches, seed=args.seed, mode=mode
         )
         for mode in args.modes
     }
