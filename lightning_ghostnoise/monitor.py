@@ -124,8 +124,9 @@ class GhostNoiseMonitor(Callback):
     On every other step it does nothing: no hook is attached and no work is done beyond one modulo.
     With gradient accumulation it measures the first micro-batch of a logging step. The shift is in
     the units the layer adds it (BatchNorm: batch standard deviations). Layers with ``sync=True`` are
-    skipped with a warning. Under ``torch.compile`` the hooks of a logging step make dynamo recompile
-    or break the graph on that step: prefer a large ``every_n_steps``.
+    skipped with a warning. The monitor is tested in eager mode. Under ``torch.compile``, the hooks it
+    attaches on a logging step change what dynamo guards on, so expect a recompilation around
+    logging steps; prefer a large ``every_n_steps``.
 
     Add it after :class:`~lightning_ghostnoise.callback.GhostNoise` (the order only matters for the
     first step: the monitor finds the ghost layers when it first logs).

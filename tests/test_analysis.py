@@ -41,10 +41,12 @@ def _with_affine(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def _record(model: nn.Module, x: torch.Tensor) -> dict:
+    """The noise each ghost layer of ``model`` injects into one forward, and the output. Gradients are
+    recorded, as in training: the layers take their fused paths (``fused=True``)."""
     seen = {}
-    with torch.no_grad(), NoiseRecorder(ghost_layers(model), lambda name, layer, noise: seen.__setitem__(name, noise)):
+    with NoiseRecorder(ghost_layers(model), lambda name, layer, noise: seen.__setitem__(name, noise)):
         y = model(x)
-    seen["__out__"] = y
+    seen["__out__"] = y.detach()
     return seen
 
 
@@ -152,6 +154,29 @@ def test_gni_noise_is_the_layers_with_the_same_draws(fused):
     torch.testing.assert_close(seen["__out__"].double(), rebuilt, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["gni", "gbn", "xbn", "analytic"])
+def test_noise_rebuilds_the_output_of_the_triton_kernel_path(method, monkeypatch):
+    """The CUDA kernels (here in Triton's interpreter) compute the noise inside the kernel; the recorder's
+    noise, recomputed from the input and the draws, still rebuilds their output."""
+    pytest.importorskip("triton")
+    from lightning_ghostnoise import kernels
+
+    monkeypatch.setattr(kernels, "ALLOW_CPU", True)
+    monkeypatch.delenv("GHOSTNOISE_TRITON", raising=False)
+    calls = []
+    real = kernels.affine
+    monkeypatch.setattr(kernels, "affine", lambda *a: calls.append(1) or real(*a))
+    layer = GhostBatchNorm2d.from_module(_with_affine(nn.BatchNorm2d(3)), method=method, ghost_batch_size=4, strength=0.7)
+    x = torch.randn(10, 3, 3, 4, generator=_gen(8)) * 2 + 1
+    seen = {}
+    with NoiseRecorder([("0", layer)], lambda name, layer, noise: seen.__setitem__(name, noise)):
+        seen["__out__"] = layer.train()(x).detach()  # with gradients recorded: the fused (kernel) path
+    assert calls, "the kernel path was not taken"
+    shift, scale = seen["0"].injected()
+    rebuilt = ref.with_noise(ref.batch_normalized(x, layer.eps), shift.double(), scale.double(), layer.weight, layer.bias, 1.0)
+    torch.testing.assert_close(seen["__out__"].double(), rebuilt, rtol=1e-4, atol=1e-4)
+
+
 def test_analytic_noise_is_the_layers_with_the_same_draws():
     batch, n, seed = 10, 6, 77
     layer = GhostBatchNorm1d.from_module(_with_affine(nn.BatchNorm1d(5)), method="analytic", ghost_batch_size=n, seed=seed)
@@ -202,6 +227,21 @@ def test_recorder_leaves_nothing_behind_and_sees_inactive_layers():
         assert "noise_observer" not in layer.to_plain().__dict__
     model(torch.randn(8, 4))
     assert len(seen) == 2
+
+
+def test_the_idle_observer_keeps_compiled_graphs_whole():
+    """With no recorder attached (``noise_observer`` None) the ghost layers compile without a graph break."""
+    torch._dynamo.reset()
+    model = nn.Sequential(
+        GhostBatchNorm2d.from_module(nn.BatchNorm2d(3), method="gni", ghost_batch_size=2),
+        nn.Flatten(2),
+        GhostLayerNorm.from_module(nn.LayerNorm(4), method="analytic", ghost_batch_size=2),
+    ).train()
+    try:
+        explanation = torch._dynamo.explain(model)(torch.randn(4, 3, 2, 2))
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+    finally:
+        torch._dynamo.reset()
 
 
 def test_isolated_mode_passes_on_the_plain_output():
