@@ -19,9 +19,12 @@ Example:
 from __future__ import annotations
 
 import sys
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
-__all__ = ["LIGHTNING_SUBCOMMANDS", "main", "run_lightning_cli"]
+if TYPE_CHECKING:
+    from lightning.pytorch.cli import LightningCLI
+
+__all__ = ["LIGHTNING_SUBCOMMANDS", "build_lightning_cli", "main", "run_lightning_cli"]
 
 #: Subcommands handed to LightningCLI.
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -43,27 +46,42 @@ Run `ghostnoise <subcommand> --help` for the options of each.
 """
 
 
-def run_lightning_cli(argv: Sequence[str]) -> int:
-    """Run LightningCLI over the bundled ``Classifier`` and ``FashionMNISTDataModule``.
+def build_lightning_cli(argv: Sequence[str], run: bool = True) -> "LightningCLI":
+    """The LightningCLI of ``ghostnoise fit`` (and ``validate``, ``test``, ``predict``).
+
+    Over :class:`~lightning_ghostnoise.models.Classifier` and
+    :class:`~lightning_ghostnoise.data.FashionMNISTDataModule`, with ``seed_everything`` 0 by default;
+    the resolved configuration is saved next to the logs (overwriting an earlier one).
 
     Args:
-        argv: the subcommand (``fit``, ``validate``, ``test`` or ``predict``) and its options.
+        argv: the subcommand and its options (with ``run=False``: the options only).
+        run: run the subcommand; ``False`` only parses and instantiates.
 
     Returns:
-        The exit code (0).
+        The ``LightningCLI`` (its ``trainer``, ``model`` and ``datamodule`` are there to inspect).
+
+    Example:
+        >>> cli = build_lightning_cli(["fit", "--config", "configs/resnet_gni.yaml"])  # doctest: +SKIP
+        >>> cli.trainer.callbacks  # doctest: +SKIP
     """
     from lightning.pytorch.cli import LightningCLI
 
     from lightning_ghostnoise.data import FashionMNISTDataModule
     from lightning_ghostnoise.models import Classifier
 
-    LightningCLI(
+    return LightningCLI(
         Classifier,
         FashionMNISTDataModule,
         args=list(argv),
+        run=run,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
     )
+
+
+def run_lightning_cli(argv: Sequence[str]) -> int:
+    """Run ``ghostnoise fit``/``validate``/``test``/``predict``; returns the exit code (0)."""
+    build_lightning_cli(argv)
     return 0
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "FashionMNISTDataModule",
     "load_fashion_mnist",
     "load_idx",
+    "resolve_dataset",
 ]
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the files.
@@ -181,6 +182,62 @@ def load_fashion_mnist(data_dir: str = DEFAULT_DATA_DIR) -> Dict[str, np.ndarray
         if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
             raise ValueError(f"{data_dir}: {split} labels go up to {int(labels.max())}, expected 0..9.")
     return out
+
+
+def resolve_dataset(data_dir: str = DEFAULT_DATA_DIR, fallback: bool = True, warn: bool = False) -> str:
+    """Which dataset a :class:`FashionMNISTDataModule` would load from ``data_dir``, checked before any work.
+
+    Fashion-MNIST when its four files are in ``data_dir`` (they are read and validated, then cached).
+    When *none* of them is there, scikit-learn's digits if ``fallback`` (and scikit-learn is
+    installed). A folder with only some of the files, or a corrupt file, is an error, never a
+    silent fallback.
+
+    Args:
+        data_dir: the Fashion-MNIST folder.
+        fallback: allow the digits fallback.
+        warn: warn (``rank_zero_warn``) when falling back.
+
+    Returns:
+        ``"fashion-mnist"`` or ``"digits"``.
+
+    Raises:
+        FileNotFoundError: no files and ``fallback=False``, or some of the four files missing.
+        ValueError: a corrupt file (the message names it).
+        ImportError: no files and the fallback needs scikit-learn, which is not installed.
+
+    Example:
+        >>> resolve_dataset("/nonexistent", fallback=False)
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: Fashion-MNIST not found in '/nonexistent' (no such folder). Install the real data ...
+    """
+    data_dir = os.fspath(data_dir)
+    present = [name for name in FASHION_MNIST_FILES.values() if os.path.isfile(os.path.join(data_dir, name))]
+    if len(present) == len(FASHION_MNIST_FILES):
+        load_fashion_mnist(data_dir)  # raises ValueError naming a corrupt file
+        return "fashion-mnist"
+    if present:
+        missing = [name for name in FASHION_MNIST_FILES.values() if name not in present]
+        raise FileNotFoundError(
+            f"Fashion-MNIST in {data_dir!r} is incomplete: {', '.join(missing)} missing (found {', '.join(present)}). "
+            f"{_INSTALL_HINT}"
+        )
+    where = "no such folder" if not os.path.isdir(data_dir) else "none of its four files is there"
+    if not fallback:
+        raise FileNotFoundError(f"Fashion-MNIST not found in {data_dir!r} ({where}). {_INSTALL_HINT}")
+    try:
+        import sklearn.datasets  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            f"Fashion-MNIST not found in {data_dir!r} ({where}), and the fallback dataset needs scikit-learn, which "
+            f"is not installed (pip install scikit-learn). {_INSTALL_HINT}"
+        ) from err
+    if warn:
+        rank_zero_warn(
+            f"Fashion-MNIST not found in {data_dir!r} ({where}): falling back to scikit-learn's 8x8 digits upsampled "
+            "to 28x28 (1797 images), so accuracies are not Fashion-MNIST's. " + _INSTALL_HINT
+        )
+    return "digits"
 
 
 def _pixel_stats(images: np.ndarray) -> Tuple[float, float]:
@@ -425,20 +482,9 @@ class FashionMNISTDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ loading
     def _load(self) -> Dict[str, np.ndarray]:
-        try:
-            arrays = load_fashion_mnist(self.data_dir)
-            self.dataset_name = "fashion-mnist"
-        except FileNotFoundError:
-            if not self.fallback:
-                raise
-            rank_zero_warn(
-                f"Fashion-MNIST not found in {self.data_dir!r}: falling back to scikit-learn's 8x8 digits upsampled to "
-                f"{self.image_size}x{self.image_size} (1797 images), so accuracies are not Fashion-MNIST's. "
-                f"{_INSTALL_HINT}"
-            )
-            arrays = _load_digits(self.image_size)
-            self.dataset_name = "digits"
-        return arrays
+        name = resolve_dataset(self.data_dir, self.fallback, warn=True)
+        self.dataset_name = name
+        return load_fashion_mnist(self.data_dir) if name == "fashion-mnist" else _load_digits(self.image_size)
 
     def prepare_data(self) -> None:
         """Nothing to download: the data is read from ``data_dir`` (or the scikit-learn fallback)."""

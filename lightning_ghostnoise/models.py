@@ -3,6 +3,8 @@
 * :class:`SmallCNN`: conv-BN-ReLU blocks with max pooling, global average pooling and a linear head.
 * :func:`small_resnet`: a CIFAR-style pre-activation ResNet (depth ``6n + 2``: 8, 14, 20, ...);
   :func:`resnet18_cifar`: the pre-activation ResNet-18 of the paper's CIFAR runs (benchmarks, GPU).
+  With ``norm="ln"`` both use the paper's layer-normalized variant: ``GroupNorm(1, C)`` (a
+  channel-first LayerNorm) and weight-standardized convolutions (:class:`WSConv2d`).
 * :class:`TinyTransformer`: a pre-norm transformer (``batch_first``, ``LayerNorm`` over the last
   dimension) on image patches or token ids, for layer-norm ghost noise.
 
@@ -11,6 +13,8 @@ Example:
     >>> SmallCNN(width=8)(torch.randn(2, 1, 28, 28)).shape
     torch.Size([2, 10])
     >>> small_resnet(depth=8, width=8)(torch.randn(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+    >>> small_resnet(depth=8, width=8, norm="ln")(torch.randn(2, 1, 28, 28)).shape
     torch.Size([2, 10])
     >>> TinyTransformer(dim=16, depth=1, heads=2)(torch.randn(2, 1, 28, 28)).shape
     torch.Size([2, 10])
@@ -34,7 +38,9 @@ __all__ = [
     "PreActBlock",
     "PreActResNet",
     "SmallCNN",
+    "NORMS",
     "TinyTransformer",
+    "WSConv2d",
     "build_model",
     "resnet18_cifar",
     "small_resnet",
@@ -76,22 +82,72 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-class PreActBlock(nn.Module):
-    """Pre-activation residual block: BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus the shortcut.
+#: Normalization families of :class:`PreActResNet`: ``"bn"`` (BatchNorm) or ``"ln"`` (GroupNorm(1, C) + WSConv2d).
+NORMS = ("bn", "ln")
+Norm = Literal["bn", "ln"]
 
-    The shortcut is the identity, or a strided 1x1 convolution of the pre-activated input when the
-    shape changes (He et al., 2016, "Identity Mappings in Deep Residual Networks").
+
+class WSConv2d(nn.Conv2d):
+    """A :class:`torch.nn.Conv2d` with weight standardization (Qiao et al., 2019).
+
+    Each output filter's weights are standardized to zero mean and unit variance over
+    ``(in_channels, kh, kw)`` before the convolution. Without batch statistics, this keeps a
+    layer-normalized ResNet trainable; the paper pairs it with ``GroupNorm(1, C)``. Same parameters
+    (and ``state_dict`` keys) as a plain ``Conv2d``.
+
+    Example:
+        >>> conv = WSConv2d(3, 8, 3, padding=1, bias=False)
+        >>> conv(torch.randn(2, 3, 8, 8)).shape
+        torch.Size([2, 8, 8, 8])
     """
 
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+    def __init__(self, *args: Any, ws_eps: float = 1e-5, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ws_eps = ws_eps
+
+    def standardized_weight(self) -> Tensor:
+        """The weight with each output filter standardized (zero mean, unit variance)."""
+        w = self.weight
+        var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return (w - mean) * torch.rsqrt(var + self.ws_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+
+def _check_norm(norm: str) -> str:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(repr(n) for n in NORMS)}, got {norm!r}.")
+    return norm
+
+
+def _norm_layer(norm: str, channels: int) -> nn.Module:
+    return nn.BatchNorm2d(channels) if norm == "bn" else nn.GroupNorm(1, channels)
+
+
+def _conv(norm: str, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0) -> nn.Conv2d:
+    cls = nn.Conv2d if norm == "bn" else WSConv2d
+    return cls(cin, cout, kernel, stride=stride, padding=padding, bias=False)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation residual block: norm-ReLU-conv3x3-norm-ReLU-conv3x3 plus the shortcut.
+
+    The shortcut is the identity, or a strided 1x1 convolution of the pre-activated input when the
+    shape changes (He et al., 2016, "Identity Mappings in Deep Residual Networks"). ``norm="bn"``:
+    BatchNorm and plain convolutions; ``norm="ln"``: ``GroupNorm(1, C)`` and :class:`WSConv2d`.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, norm: Norm = "bn") -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        _check_norm(norm)
+        self.bn1 = _norm_layer(norm, cin)
+        self.conv1 = _conv(norm, cin, cout, 3, stride=stride, padding=1)
+        self.bn2 = _norm_layer(norm, cout)
+        self.conv2 = _conv(norm, cout, cout, 3, padding=1)
         self.shortcut: Optional[nn.Conv2d] = None
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+            self.shortcut = _conv(norm, cin, cout, 1, stride=stride)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(x))
@@ -103,14 +159,16 @@ class PreActBlock(nn.Module):
 
 class PreActResNet(nn.Module):
     """Pre-activation ResNet: a 3x3 stem conv, stages of :class:`PreActBlock` (stage ``i`` has width
-    ``width * 2**i`` and stride 1 for the first stage, 2 after), then BN-ReLU, average pooling and a
-    linear head.
+    ``width * 2**i`` and stride 1 for the first stage, 2 after), then norm-ReLU, average pooling and
+    a linear head.
 
     Args:
         stage_blocks: blocks per stage; an int ``n`` means three stages of ``n`` (CIFAR-style).
         width: the first stage's channels.
         in_channels: input channels.
         num_classes: output logits.
+        norm: ``"bn"`` (BatchNorm2d) or ``"ln"`` (the paper's layer-normalized variant:
+            ``GroupNorm(1, C)`` with weight-standardized convolutions).
     """
 
     def __init__(
@@ -119,21 +177,24 @@ class PreActResNet(nn.Module):
         width: int = 16,
         in_channels: int = 1,
         num_classes: int = 10,
+        norm: Norm = "bn",
     ) -> None:
         super().__init__()
+        _check_norm(norm)
         stages = (stage_blocks,) * 3 if isinstance(stage_blocks, int) else tuple(stage_blocks)
         if not stages or any(n < 1 for n in stages):
             raise ValueError(f"PreActResNet: every stage needs >= 1 block, got {stage_blocks!r}.")
-        self.stem = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.norm = norm
+        self.stem = _conv(norm, in_channels, width, 3, padding=1)
         layers = []
         cin = width
         for stage, n in enumerate(stages):
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                layers.append(PreActBlock(cin, width * 2**stage, stride))
+                layers.append(PreActBlock(cin, width * 2**stage, stride, norm))
                 cin = width * 2**stage
         self.blocks = nn.Sequential(*layers)
-        self.bn = nn.BatchNorm2d(cin)
+        self.bn = _norm_layer(norm, cin)
         self.head = nn.Linear(cin, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -142,19 +203,25 @@ class PreActResNet(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
-def small_resnet(depth: int = 8, width: int = 16, in_channels: int = 1, num_classes: int = 10) -> PreActResNet:
+def small_resnet(
+    depth: int = 8, width: int = 16, in_channels: int = 1, num_classes: int = 10, norm: Norm = "bn"
+) -> PreActResNet:
     """A CIFAR-style pre-activation ResNet of ``depth = 6n + 2`` layers (8, 14, 20, ...), ``n`` blocks per stage.
+
+    ``norm="ln"`` gives the layer-normalized variant (``GroupNorm(1, C)``, weight-standardized convolutions).
 
     Example:
         >>> sum(p.numel() for p in small_resnet(8, 16).parameters())
         77562
+        >>> sum(p.numel() for p in small_resnet(8, 16, norm="ln").parameters())
+        77562
     """
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ValueError(f"small_resnet depth must be 6n + 2 with n >= 1 (8, 14, 20, ...), got {depth!r}.")
-    return PreActResNet((depth - 2) // 6, width, in_channels, num_classes)
+    return PreActResNet((depth - 2) // 6, width, in_channels, num_classes, norm)
 
 
-def resnet18_cifar(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> PreActResNet:
+def resnet18_cifar(num_classes: int = 10, in_channels: int = 3, width: int = 64, norm: Norm = "bn") -> PreActResNet:
     """Pre-activation ResNet-18 for 32x32 images (3x3 stem, no max pool; stages 2-2-2-2, widths 64-512).
 
     The network of the paper's CIFAR experiments and of the pilot in the design notes (11.2M parameters).
@@ -163,7 +230,7 @@ def resnet18_cifar(num_classes: int = 10, in_channels: int = 3, width: int = 64)
         >>> sum(p.numel() for p in resnet18_cifar().parameters())
         11172170
     """
-    return PreActResNet((2, 2, 2, 2), width, in_channels, num_classes)
+    return PreActResNet((2, 2, 2, 2), width, in_channels, num_classes, norm)
 
 
 class _Block(nn.Module):
@@ -252,13 +319,17 @@ class TinyTransformer(nn.Module):
         return self.head(self.norm(h).mean(1))
 
 
-#: Model names accepted by :func:`build_model` and :class:`Classifier`.
+#: Model names accepted by :func:`build_model` and :class:`Classifier`. ``*_ln``: the layer-normalized
+#: ResNets (``GroupNorm(1, C)`` + :class:`WSConv2d`); ``vit``: :class:`TinyTransformer` on 7x7 patches.
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
     "small_resnet": small_resnet,
     "resnet8": lambda **kw: small_resnet(depth=8, **kw),
+    "resnet8_ln": lambda **kw: small_resnet(depth=8, **{"norm": "ln", **kw}),
     "resnet18": resnet18_cifar,
+    "resnet18_ln": lambda **kw: resnet18_cifar(**{"norm": "ln", **kw}),
     "tiny_transformer": TinyTransformer,
+    "vit": TinyTransformer,
 }
 
 
@@ -284,7 +355,8 @@ class Classifier(pl.LightningModule):
 
     Args:
         model: a name from :data:`MODELS` (``"small_cnn"``, ``"small_resnet"``, ``"resnet8"``,
-            ``"resnet18"``, ``"tiny_transformer"``) or a ready ``nn.Module``.
+            ``"resnet8_ln"``, ``"resnet18"``, ``"resnet18_ln"``, ``"tiny_transformer"`` or its alias
+            ``"vit"``) or a ready ``nn.Module``.
         num_classes: classes (10 for Fashion-MNIST).
         in_channels: image channels.
         model_kwargs: extra constructor arguments of the named model (e.g. ``{"width": 16}``).

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the main job: the demo, plain BatchNorm vs ghost noise on Fashion-MNIST.
-# Arguments go to the demo, e.g. `bash scripts/run.sh --epochs 1 --subset 2000` (see --help).
+# Set up (if needed) and run the main job: `ghostnoise compare`, plain BatchNorm against GBN and GNI on
+# Fashion-MNIST over several seeds. Arguments go to it, e.g. `bash scripts/run.sh --subset 0 --epochs 15`
+# (see `ghostnoise compare --help`).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
@@ -10,4 +11,4 @@ cd "$ROOT"
 # the small ResNet-8 step from 85-115 ms to 71-78 ms (plain BN and ghost noise alike; see
 # docs/performance.md). Both must be set: the trim threshold alone makes glibc mmap every large block.
 export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-17179869184}" MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-33554432}"
-exec "${GHOSTNOISE_VENV:-$ROOT/.venv}/bin/python" -m lightning_ghostnoise.demo "$@"
+exec "${GHOSTNOISE_VENV:-$ROOT/.venv}/bin/ghostnoise" compare "$@"

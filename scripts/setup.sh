@@ -9,7 +9,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 stamp="$VENV/.ghostnoise-installed"
-if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || [ ! -x "$VENV/bin/ghostnoise" ]; then
   # torch first, pinned to the CPU wheel the tests run on, and held there by a constraint while the
   # package installs: pyproject.toml has no upper cap, and no range may resolve to a multi-GB CUDA build
   TORCH_PIN="torch==2.13.0"

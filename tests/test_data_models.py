@@ -1,4 +1,4 @@
-"""Tests of the data module, the idx reader, the models, the Classifier and the demo (fast, CPU)."""
+"""Tests of the data module, the idx reader, the models and the Classifier (fast, CPU)."""
 
 import gzip
 import os
@@ -274,31 +274,3 @@ def test_classifier_with_module_and_ghost_noise_callback(tmp_path):
         trainer.fit(model, datamodule=dm)
     assert cb.report.num_replaced == 3  # two blocks' LayerNorms + the final one
     assert not ghost_layers(model)  # reverted at the end of fit
-
-
-# --------------------------------------------------------------------------- demo
-def test_demo_end_to_end(tmp_path, capsys):
-    from lightning_ghostnoise import demo
-
-    # the digits fallback keeps it fast (360 test images); the real data runs in scripts/run.sh
-    args = ["--epochs", "1", "--subset", "100", "--width", "4", "--batch-size", "50", "--accelerator", "cpu", "--seeds", "2"]
-    args += ["--data-dir", str(tmp_path / "missing")]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert demo.main(args) == 0
-    out = capsys.readouterr().out
-    assert "| method" in out and "plain BN" in out and "gni(N=16)" in out
-    assert "5 BatchNorm2d" in out and "digits" in out
-    assert "seeds 0..1" in out and out.count("+-") >= 6  # mean +- std of three accuracies, two methods
-
-
-def test_demo_args():
-    from lightning_ghostnoise.demo import parse_args
-
-    a = parse_args([])
-    assert (a.method, a.ghost_batch_size, a.epochs, a.subset, a.seed, a.accelerator) == ("gni", 16, 3, 6000, 0, "auto")
-    assert a.seeds == 3
-    with pytest.raises(SystemExit):
-        parse_args(["--seeds", "0"])
-    with pytest.raises(SystemExit):
-        parse_args(["--method", "dropout"])
