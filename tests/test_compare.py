@@ -93,7 +93,8 @@ def test_compare_reads_idx_files_and_writes_table_json_png(fake_fashion: Path, t
     assert len(results["runs"]) == 6 and results["environment"]["torch"] == torch.__version__
     for run in results["runs"]:
         assert run["dataset"] == "fashion-mnist" and run["n_train"] == 200 and run["n_test"] == 50
-        assert len(run["curves"]["test_acc"]) == 1 and len(run["curves"]["train_loss"]) == 1
+        assert run["curves"]["test_epoch"] == [1] and len(run["curves"]["test_acc"]) == 1
+        assert len(run["curves"]["train_loss"]) == 1
         assert 0.0 <= run["test_acc"] <= 1.0 and 0.0 <= run["train_acc"] <= 1.0
         assert run["gap"] == pytest.approx(run["train_acc"] - run["test_acc"])
     for row in results["summary"]:
@@ -122,12 +123,16 @@ def test_compare_reads_idx_files_and_writes_table_json_png(fake_fashion: Path, t
 
 def test_compare_is_deterministic_per_seed(fake_fashion: Path, tmp_path: Path) -> None:
     argv = TINY + ["--data-dir", str(fake_fashion), "--seeds", "1", "--methods", "gni", "--no-plot"]
+    argv += ["--epochs", "3", "--eval-every", "2"]
     assert _run(argv + ["--out-dir", str(tmp_path / "a")]) == 0
     assert _run(argv + ["--out-dir", str(tmp_path / "b")]) == 0
     a = json.loads((tmp_path / "a" / "results.json").read_text())["runs"][0]
     b = json.loads((tmp_path / "b" / "results.json").read_text())["runs"][0]
-    assert a["curves"]["train_loss"] == b["curves"]["train_loss"]
+    assert a["curves"]["train_loss"] == b["curves"]["train_loss"] and len(a["curves"]["train_loss"]) == 3
     assert a["test_acc"] == b["test_acc"]
+    # the test set every 2 epochs and after the last one
+    assert a["curves"]["test_epoch"] == [2, 3] and len(a["curves"]["test_acc"]) == 2
+    assert a["test_acc"] == a["curves"]["test_acc"][-1]
     assert not (tmp_path / "a" / "curves.png").exists()
 
 
@@ -185,6 +190,7 @@ def test_compare_explicit_empty_data_dir_does_not_fall_back(tmp_path: Path, caps
         (["--strength", "1.5"], "--strength must be in [0, 1]"),
         (["--strength", "nan"], "--strength must be in [0, 1]"),
         (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--eval-every", "0"], "--eval-every must be >= 1"),
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--subset", "-1"], "--subset must be >= 0"),
         (["--lr", "0"], "--lr must be a positive number"),
