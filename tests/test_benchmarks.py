@@ -190,3 +190,14 @@ def test_custom_op_overhead_prints_each_op():
         "gni_coefficients", "gni_coefficients, mutating (former form)", "gni_input_coefficients",
         "ghost_statistics_coefficients", "ghost_statistics_input_coefficients",
     ]  # fmt: skip
+
+
+def test_strength_tail_grows_faster_than_the_strength():
+    lines = _run("benchmarks/strength_tail.py")
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == {"plain", "analytic", "xbn", "gni"}
+    plain = float(rows["plain"][-1])
+    assert 3.0 < plain < 8.0  # unit-Gaussian batches
+    for method in ("analytic", "xbn", "gni"):
+        s1, s2 = float(rows[method][2]), float(rows[method][3])
+        assert plain < s1 < s2 and s2 / s1 > 2.0  # doubling s more than doubles the worst output

@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import struct
+import sys
 import warnings
 from pathlib import Path
 from typing import List
@@ -323,3 +324,14 @@ def test_resnet8_ln_is_group_normalized_and_takes_gni() -> None:
     noisy = model(x)
     assert noisy.shape == (8, 10) and torch.isfinite(noisy).all()
     assert not torch.allclose(noisy, plain, atol=1e-3)  # training: ghost noise on the GroupNorms
+
+
+def test_compare_without_data_and_without_scikit_learn_says_what_to_install(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(data_module, "DEFAULT_DATA_DIR", str(tmp_path / "missing"))
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # makes `import sklearn...` raise ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    out_dir = tmp_path / "out"
+    assert _run(TINY + ["--out-dir", str(out_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "pip install scikit-learn" in err and "dataset-fashion-mnist" in err and "Traceback" not in err
+    assert not out_dir.exists()
