@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
             "and curves.png."
         ),
         epilog=(
-            "Ghost noise is a regularizer: it pays off where the plain model overfits (train accuracy near 100%%, "
+            "Ghost noise is a regularizer: it pays off where the plain model overfits (train accuracy near 100%, "
             "a large train/test gap). The defaults (a 2000-image subset, 20 epochs) finish in about 5 minutes on "
             "2 CPU cores; e.g. --subset 0 --epochs 15 trains on all 60k images."
         ),
@@ -462,6 +462,14 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
     return "\n".join([line(head), sep] + [line(b) for b in body])
 
 
+def _publish(tmp: str, path: str) -> None:
+    """Move a finished temporary file into place, with the permissions a plain ``open`` would give it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+    os.replace(tmp, path)
+
+
 def _write_json(path: str, data: Any) -> None:
     """Write atomically: a reader (or a crash) never sees a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -470,7 +478,7 @@ def _write_json(path: str, data: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -515,7 +523,7 @@ def plot_curves(runs: Sequence[Dict[str, Any]], specs: Sequence[MethodSpec], pat
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         plt.close(fig)
         if os.path.exists(tmp):

@@ -105,6 +105,10 @@ def test_compare_reads_idx_files_and_writes_table_json_png(fake_fashion: Path, t
     assert (out_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((out_dir / "runs").glob("*.json"))) == 6
     assert not list(out_dir.rglob(".tmp-*"))  # atomic writes leave nothing behind
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("results.json", "curves.png"):  # readable like any file the user writes, not mkstemp's 0600
+        assert (out_dir / name).stat().st_mode & 0o777 == 0o666 & ~umask
 
     # same seed, same data, same start: the methods differ only by the callback
     bn = [r for r in results["runs"] if r["label"] == "BN"]
@@ -135,6 +139,18 @@ def test_compare_is_deterministic_per_seed(fake_fashion: Path, tmp_path: Path) -
     assert a["curves"]["test_epoch"] == [2, 3] and len(a["curves"]["test_acc"]) == 2
     assert a["test_acc"] == a["curves"]["test_acc"][-1]
     assert not (tmp_path / "a" / "curves.png").exists()
+
+
+def test_eval_every_changes_only_the_curves(fake_fashion: Path, tmp_path: Path) -> None:
+    argv = TINY + ["--data-dir", str(fake_fashion), "--seeds", "1", "--methods", "gbn", "--no-plot", "--epochs", "3"]
+    assert _run(argv + ["--eval-every", "1", "--out-dir", str(tmp_path / "every")]) == 0
+    assert _run(argv + ["--eval-every", "3", "--out-dir", str(tmp_path / "last")]) == 0
+    every = json.loads((tmp_path / "every" / "results.json").read_text())["runs"][0]
+    last = json.loads((tmp_path / "last" / "results.json").read_text())["runs"][0]
+    assert every["curves"]["test_epoch"] == [1, 2, 3] and last["curves"]["test_epoch"] == [3]
+    # the test passes leave the training's random streams alone: same training, same final numbers
+    assert every["curves"]["train_loss"] == last["curves"]["train_loss"]
+    assert (every["test_acc"], every["train_acc"]) == (last["test_acc"], last["train_acc"])
 
 
 def test_compare_falls_back_to_digits_and_says_so(tmp_path: Path, monkeypatch, capsys) -> None:
