@@ -351,3 +351,14 @@ def test_compare_without_data_and_without_scikit_learn_says_what_to_install(tmp_
     err = capsys.readouterr().err
     assert "pip install scikit-learn" in err and "dataset-fashion-mnist" in err and "Traceback" not in err
     assert not out_dir.exists()
+
+
+def test_compare_vit_layernorm_with_analytic_gni(fake_fashion: Path, tmp_path: Path, capsys) -> None:
+    argv = TINY + ["--data-dir", str(fake_fashion), "--model", "vit", "--width", "8", "--seeds", "1", "--no-plot"]
+    argv += ["--methods", "plain", "gni", "analytic", "--ghost-batch-size", "4", "--out-dir", str(tmp_path / "o")]
+    assert _run(argv) == 0
+    out = capsys.readouterr().out
+    assert "GhostNoise rewrote: 5 LayerNorm" in out
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert [r["label"] for r in results["summary"]] == ["LN", "LN+GNI(4)", "LN+analytic GNI(4)"]
+    assert all(np.isfinite(r["curves"]["train_loss"]).all() for r in results["runs"])
