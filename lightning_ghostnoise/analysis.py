@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -49,6 +48,7 @@ from torch import Tensor, nn
 from lightning_ghostnoise import functional as GF
 from lightning_ghostnoise import noise_stats as NS
 from lightning_ghostnoise.layers import METHODS, GhostNoiseMixin
+from lightning_ghostnoise.outputs import new_figure, save_figure, write_json
 from lightning_ghostnoise.surgery import apply_ghost_noise, find_norm_layers, ghost_layers
 
 __all__ = [
@@ -523,8 +523,7 @@ class NoiseAnalysis:
 
     def save_json(self, path: Union[str, os.PathLike]) -> None:
         """Write :meth:`to_dict` as JSON (strict: no NaN)."""
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1, allow_nan=False)
+        write_json(path, self.to_dict(), indent=1, allow_nan=False)
 
     def format_table(self, ghost_batch_size: Optional[int] = None) -> str:
         """A plain-text table: per (N, layer, method) the shift std, the law's, ``N_eff`` and the KS statistics."""
@@ -677,32 +676,6 @@ def analyze_noise(
 
 
 # --------------------------------------------------------------------------- plots
-def _figure(**kwargs: Any) -> Any:
-    """A matplotlib ``Figure`` (object API: no pyplot state, no backend change); a clear error without matplotlib."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "Plotting needs matplotlib: pip install 'lightning-ghostnoise[plot]' (or pip install matplotlib)."
-        ) from err
-    return Figure(**kwargs)
-
-
-def _save(fig: Any, path: Union[str, os.PathLike], dpi: int) -> None:
-    """Save ``fig``; a PNG is reduced to a 128-colour palette (about a quarter of the bytes, same look)."""
-    if not str(path).lower().endswith(".png"):
-        fig.savefig(path, dpi=dpi)
-        return
-    import io
-
-    from PIL import Image  # a dependency of matplotlib
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=dpi, format="png", facecolor="white")
-    buffer.seek(0)
-    Image.open(buffer).convert("RGB").quantize(colors=128).save(path, optimize=True)
-
-
 _COLORS = {"gni": "tab:blue", "gbn": "tab:orange", "xbn": "tab:green", "analytic": "tab:purple"}
 
 
@@ -746,7 +719,7 @@ def plot_histograms(
     if not methods:
         raise ValueError(f"plot_histograms: no results for ghost_batch_size={ghost_batch_size}.")
     layers = list(layers or analysis.layers)
-    fig = _figure(figsize=(8.0, 1.7 * len(layers) + 0.6))
+    fig = new_figure(figsize=(8.0, 1.7 * len(layers) + 0.6))
     axes = fig.subplots(len(layers), 2, squeeze=False)
     n = ghost_batch_size
     for row, name in enumerate(layers):
@@ -784,7 +757,7 @@ def plot_histograms(
     axes[0][1].legend(fontsize=6, loc="upper right")
     fig.suptitle(f"Ghost noise per layer, N = {n}" + (f" ({title})" if title else ""), fontsize=10)
     fig.tight_layout()
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def plot_noise_vs_n(
@@ -811,8 +784,8 @@ def plot_noise_vs_n(
     layers = list(layers or analysis.layers)
     sizes = analysis.ghost_batch_sizes
     rows, ncols = _grid(len(layers), cols)
-    fig = _figure(figsize=(2.6 * ncols, 2.3 * rows + 0.5))
-    from matplotlib import ticker  # (importable: _figure checked matplotlib)
+    fig = new_figure(figsize=(2.6 * ncols, 2.3 * rows + 0.5))
+    from matplotlib import ticker  # (importable: new_figure checked matplotlib)
 
     axes = fig.subplots(rows, ncols, squeeze=False)
     for i, name in enumerate(layers):
@@ -846,4 +819,4 @@ def plot_noise_vs_n(
     axes[0][0].legend(fontsize=6)
     fig.suptitle(f"{labels[quantity]} against the ghost batch size" + (f" ({title})" if title else ""), fontsize=10)
     fig.tight_layout()
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)

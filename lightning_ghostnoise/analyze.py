@@ -34,7 +34,9 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_ghostnoise.cli import positive_int
 from lightning_ghostnoise.layers import METHODS
+from lightning_ghostnoise.outputs import write_json
 
 __all__ = ["build_parser", "load_model", "main"]
 
@@ -57,19 +59,6 @@ def _method_list(text: str) -> List[str]:
     if bad or not values:
         raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(bad) or '(none)'}: choose from {','.join(METHODS)}")
     return list(dict.fromkeys(values))
-
-
-def _positive(kind: str, low: int = 1) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{kind} must be an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{kind} must be >= {low}, got {value}")
-        return value
-
-    return parse
 
 
 def _mode_list(text: str) -> List[str]:
@@ -109,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Lightning checkpoint of lightning_ghostnoise.models.Classifier, or a saved state_dict of the model")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="Fashion-MNIST folder (default: %(default)s; without it: scikit-learn's digits, with a warning)")
-    p.add_argument("--batch-size", type=_positive("--batch-size", 2), default=256,
+    p.add_argument("--batch-size", type=positive_int("--batch-size", 2), default=256,
                    help="samples per analyzed batch (default: %(default)s)")
-    p.add_argument("--batches", type=_positive("--batches"), default=4, help="batches to analyze (default: %(default)s)")
+    p.add_argument("--batches", type=positive_int("--batches"), default=4, help="batches to analyze (default: %(default)s)")
     p.add_argument("--modes", type=_mode_list, default=["live", "isolated"],
                    help="live (ghost noise in every layer), isolated (each layer on the plain network's input), or both "
                         "(default: live,isolated)")
@@ -120,15 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_method_list, default=list(METHODS),
                    help=f"comma-separated methods among {','.join(METHODS)} (default: all)")
     p.add_argument("--out-dir", default="ghostnoise_analysis", help="where the PNGs and the JSON go (default: %(default)s)")
-    p.add_argument("--seed", type=_positive("--seed", 0), default=0, help="seed of data order, training and noise (default: 0)")
-    p.add_argument("--train-steps", type=_positive("--train-steps", 0), default=None,
+    p.add_argument("--seed", type=positive_int("--seed", 0), default=0, help="seed of data order, training and noise (default: 0)")
+    p.add_argument("--train-steps", type=positive_int("--train-steps", 0), default=None,
                    help="plain-BN SGD steps before the analysis (default: 200 without --checkpoint, 0 with one)")
-    p.add_argument("--train-batch-size", type=_positive("--train-batch-size", 2), default=128,
+    p.add_argument("--train-batch-size", type=positive_int("--train-batch-size", 2), default=128,
                    help="batch size of those steps (default: %(default)s)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of those steps (default: %(default)s)")
-    p.add_argument("--hist-ghost-batch-size", type=_positive("--hist-ghost-batch-size", 2), default=None,
+    p.add_argument("--hist-ghost-batch-size", type=positive_int("--hist-ghost-batch-size", 2), default=None,
                    help="the N of the histogram figure (default: 16 if analyzed, else the middle one)")
-    p.add_argument("--dpi", type=_positive("--dpi", 20), default=100, help="PNG resolution (default: %(default)s)")
+    p.add_argument("--dpi", type=positive_int("--dpi", 20), default=100, help="PNG resolution (default: %(default)s)")
     p.add_argument("--no-plots", action="store_true", help="write the JSON only (no matplotlib needed)")
     return p
 
@@ -329,8 +318,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         seconds=round(time.time() - t0, 1),
     )
     json_path = os.path.join(args.out_dir, _JSON)
-    with open(json_path, "w") as f:
-        json.dump({"meta": meta, **{mode: r.to_dict() for mode, r in results.items()}}, f, indent=1, allow_nan=False)
+    write_json(json_path, {"meta": meta, **{mode: r.to_dict() for mode, r in results.items()}}, indent=1, allow_nan=False)
     written = [json_path]
     n = args.hist_ghost_batch_size
     for mode, result in results.items():

@@ -18,13 +18,14 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import sys
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 
 if TYPE_CHECKING:
     from lightning.pytorch.cli import LightningCLI
 
-__all__ = ["LIGHTNING_SUBCOMMANDS", "build_lightning_cli", "main", "run_lightning_cli"]
+__all__ = ["LIGHTNING_SUBCOMMANDS", "build_lightning_cli", "main", "positive_int", "run_lightning_cli"]
 
 #: Subcommands handed to LightningCLI.
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -44,6 +45,26 @@ subcommands:
 
 Run `ghostnoise <subcommand> --help` for the options of each.
 """
+
+
+def positive_int(flag: str, low: int = 1) -> Callable[[str], int]:
+    """An argparse ``type`` for the subcommands' integer flags: an integer ``>= low``, or a message naming ``flag``.
+
+    Example:
+        >>> positive_int("--epochs")("3")
+        3
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= {low}, got {value}")
+        return value
+
+    return parse
 
 
 def build_lightning_cli(argv: Sequence[str], run: bool = True) -> "LightningCLI":

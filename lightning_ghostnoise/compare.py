@@ -30,8 +30,8 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -61,6 +61,7 @@ class MethodSpec:
 
 # --------------------------------------------------------------------------- arguments
 def _parser() -> argparse.ArgumentParser:
+    from lightning_ghostnoise.cli import positive_int
     from lightning_ghostnoise.models import MODELS
 
     p = argparse.ArgumentParser(
@@ -84,18 +85,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ghost-batch-size", nargs="+", type=int, default=[16], metavar="N",
                    help="ghost batch size(s) N; every ghost method runs with each (default: 16)")
     p.add_argument("--strength", type=float, default=1.0, help="noise strength s, in [0, 1] (default: 1)")
-    p.add_argument("--epochs", type=int, default=20, help="epochs per run (default: 20)")
-    p.add_argument("--eval-every", type=int, default=5, metavar="K",
+    p.add_argument("--epochs", type=positive_int("--epochs"), default=20, help="epochs per run (default: 20)")
+    p.add_argument("--eval-every", type=positive_int("--eval-every"), default=5, metavar="K",
                    help="evaluate the test set every K epochs for the curves, and always after the last (default: 5)")
-    p.add_argument("--subset", type=int, default=2000,
+    p.add_argument("--subset", type=positive_int("--subset", 0), default=2000,
                    help="class-balanced training subset; 0: all 60k images (default: 2000)")
-    p.add_argument("--batch-size", type=int, default=128, help="training batch size (default: 128)")
-    p.add_argument("--width", type=int, default=None, help="model width (default: the model's own)")
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=128, help="training batch size (default: 128)")
+    p.add_argument("--width", type=positive_int("--width"), default=None, help="model width (default: the model's own)")
     p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate, cosine decay to 0 (default: 0.1)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default: 5e-4)")
     p.add_argument("--augment", action="store_true", help="random crop (pad 2) and horizontal flip")
     p.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per method: seed .. seed+seeds-1 (default: 3)")
+    p.add_argument("--seeds", type=positive_int("--seeds"), default=3, help="seeds per method: seed .. seed+seeds-1 (default: 3)")
     p.add_argument("--data-dir", default=None,
                    help="Fashion-MNIST folder with the four idx.gz files (default: /usr/share/datasets/fashion-mnist; "
                         "when the default folder is absent, scikit-learn's digits stand in, said clearly)")
@@ -105,16 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="skip curves.png (no matplotlib needed)")
     p.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu, gpu, auto (default: cpu)")
     p.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-mixed (default: 32-true)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default: 0)")
+    p.add_argument("--num-workers", type=positive_int("--num-workers", 0), default=0, help="DataLoader workers (default: 0)")
     p.add_argument("--progress-bar", choices=("auto", "on", "off"), default="auto",
                    help="Lightning's progress bar: auto shows it on a terminal and prints a line per epoch otherwise")
     p.add_argument("--verbose", action="store_true", help="keep Lightning's own messages")
     return p
-
-
-def _positive(p: argparse.ArgumentParser, name: str, value: int, zero_ok: bool = False) -> None:
-    if value < 0 or (value == 0 and not zero_ok):
-        p.error(f"--{name} must be {'>= 0' if zero_ok else '>= 1'}, got {value}.")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -127,12 +123,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """
     p = _parser()
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "seeds", "eval_every"):
-        _positive(p, name.replace("_", "-"), getattr(args, name))
-    _positive(p, "subset", args.subset, zero_ok=True)
-    _positive(p, "num-workers", args.num_workers, zero_ok=True)
-    if args.width is not None:
-        _positive(p, "width", args.width)
     if not (0 <= args.seed and args.seed + args.seeds - 1 < 2**32):
         p.error(f"--seed must be in [0, 2**32 - seeds], got {args.seed}.")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -256,7 +246,7 @@ def _config_hash(config: Dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _make_callbacks(show_bar: bool, total_runs: int, index: int, label: str, seed: int) -> List[Any]:
+def _make_record(show_bar: bool, total_runs: int, index: int, label: str, seed: int) -> Any:
     import lightning.pytorch as pl
     from typing_extensions import override
 
@@ -317,7 +307,7 @@ def _make_callbacks(show_bar: bool, total_runs: int, index: int, label: str, see
                     flush=True,
                 )
 
-    return [_Record()]
+    return _Record()
 
 
 def _fit_once(args: argparse.Namespace, spec: MethodSpec, seed: int, show_bar: bool, index: int, total: int) -> Dict[str, Any]:
@@ -345,7 +335,7 @@ def _fit_once(args: argparse.Namespace, spec: MethodSpec, seed: int, show_bar: b
         lr=args.lr,
         weight_decay=args.weight_decay,
     )
-    record = _make_callbacks(show_bar, total, index, spec.label, seed)[0]
+    record = _make_record(show_bar, total, index, spec.label, seed)
     callbacks: List[pl.Callback] = [record]
     ghost: Optional[GhostNoise] = None
     if spec.method != "plain":
@@ -408,10 +398,8 @@ def _fit_once(args: argparse.Namespace, spec: MethodSpec, seed: int, show_bar: b
 
 # --------------------------------------------------------------------------- results
 def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarize(runs: Sequence[Dict[str, Any]], specs: Sequence[MethodSpec]) -> List[Dict[str, Any]]:
@@ -462,39 +450,15 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
     return "\n".join([line(head), sep] + [line(b) for b in body])
 
 
-def _publish(tmp: str, path: str) -> None:
-    """Move a finished temporary file into place, with the permissions a plain ``open`` would give it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, data: Any) -> None:
-    """Write atomically: a reader (or a crash) never sees a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        _publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot_curves(runs: Sequence[Dict[str, Any]], specs: Sequence[MethodSpec], path: str, title: str = "") -> None:
     """Training loss, test loss and test accuracy per epoch; mean over seeds with a +- std band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    from lightning_ghostnoise.outputs import new_figure, save_figure
+
     panels = (("train_loss", "training loss (train mode)"), ("test_loss", "test loss"), ("test_acc", "test accuracy (%)"))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig = new_figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
     for spec in specs:
         group = [r for r in runs if r["label"] == spec.label]
         if not group:
@@ -518,16 +482,7 @@ def plot_curves(runs: Sequence[Dict[str, Any]], specs: Sequence[MethodSpec], pat
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        _publish(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_figure(fig, path, dpi=100)
 
 
 def _environment(device: str) -> Dict[str, Any]:
@@ -564,6 +519,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     _quiet(args.verbose)
     from lightning_ghostnoise.data import DEFAULT_DATA_DIR, resolve_dataset
+    from lightning_ghostnoise.outputs import write_json
 
     data_dir = args.data_dir or DEFAULT_DATA_DIR
     try:
@@ -604,7 +560,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "after it evaluating)",
             flush=True,
         )
-        _write_json(path, {"config": config, "result": result})
+        write_json(path, {"config": config, "result": result})
         runs.append(result)
     rows = summarize(runs, args.specs)
     first = runs[0]
@@ -639,7 +595,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "runs": runs,
     }
     json_path = os.path.join(args.out_dir, "results.json")
-    _write_json(json_path, out)
+    write_json(json_path, out)
     written = [json_path]
     if not args.no_plot:
         png = os.path.join(args.out_dir, "curves.png")
