@@ -410,9 +410,15 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             ``seed``; picked from what the validation split leaves). ``None``: all of it.
         val_fraction: hold out this stratified fraction of the training set for validation
             (``0``: no validation loop; the test set stays untouched either way).
+        val_size: hold out exactly this many training images (class-balanced) for validation
+            instead of a fraction; ``None``: use ``val_fraction``. Give one of the two.
+        split_seed: seed of the validation split alone; ``None``: ``seed``. A fixed ``split_seed``
+            keeps the same validation images whatever ``seed`` is (compare runs use this, so every
+            method and seed is validated on the same images).
         augment: random crop (zero padding ``pad``) and horizontal flip of training batches.
         num_workers: DataLoader workers (0: load in the main process, fast enough here).
-        seed: seed of the validation split, the subset, shuffling and augmentation (never the global RNG).
+        seed: seed of the subset, shuffling, augmentation and (unless ``split_seed``) the validation
+            split; never the global RNG.
         fallback: without the files, use scikit-learn's digits (upsampled to 28x28) with a warning;
             ``False`` raises ``FileNotFoundError`` instead.
         eval_batch_size: batch size of the validation and test loaders.
@@ -443,6 +449,8 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         eval_batch_size: int = 1000,
         pad: int = 2,
         drop_last: bool = False,
+        val_size: Optional[int] = None,
+        split_seed: Optional[int] = None,
     ) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -455,6 +463,16 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             raise ValueError(f"train_subset must be a positive integer or None, got {train_subset!r}.")
         if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}.")
+        if val_size is not None:
+            if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 1:
+                raise ValueError(f"val_size must be a positive integer or None, got {val_size!r}.")
+            if val_fraction:
+                raise ValueError(
+                    f"give val_size ({val_size}) or val_fraction ({val_fraction}), not both: val_size holds out a "
+                    "number of images, val_fraction a fraction of them."
+                )
+        if split_seed is not None:
+            validate_seed(split_seed)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}.")
         if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
@@ -466,6 +484,8 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.train_subset = train_subset
         self.val_fraction = float(val_fraction)
+        self.val_size = val_size
+        self.split_seed = seed if split_seed is None else split_seed
         self.augment = augment
         self.num_workers = num_workers
         self.seed = seed
@@ -499,9 +519,18 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             raise ValueError(f"expected {self.image_size}x{self.image_size} images, got {train_images.shape[1:]}.")
         self.mean, self.std = _pixel_stats(train_images)
         everything = np.arange(len(train_labels))
-        if self.val_fraction > 0:
-            rng = np.random.default_rng(derive_seed(self.seed, 1))
-            val = _stratified_pick(train_labels, everything, _fraction_quota(train_labels, self.val_fraction), rng)
+        if self.val_fraction > 0 or self.val_size is not None:
+            rng = np.random.default_rng(derive_seed(self.split_seed, 1))
+            if self.val_size is not None:
+                if self.val_size >= len(everything):
+                    raise ValueError(
+                        f"val_size={self.val_size} leaves no training images: {self.dataset_name} has "
+                        f"{len(everything)}. Use a smaller val_size."
+                    )
+                quota = _balanced_quota(train_labels, self.val_size, rng)
+            else:
+                quota = _fraction_quota(train_labels, self.val_fraction)
+            val = _stratified_pick(train_labels, everything, quota, rng)
             pool = np.setdiff1d(everything, val, assume_unique=True)
         else:
             val = np.zeros(0, dtype=np.int64)

@@ -346,6 +346,19 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs
     return MODELS[key](num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
+class _WarmupCosine:
+    """The learning-rate factor at a step: linear from 0 to 1 over ``warmup`` steps, then cosine to 0 at ``total``."""
+
+    def __init__(self, warmup: int, total: int) -> None:
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        span = max(self.total - self.warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - self.warmup, span) / span))
+
+
 class Classifier(pl.LightningModule):
     """Image classification with cross-entropy, SGD and a per-step cosine (or one-cycle) learning rate.
 
@@ -368,6 +381,8 @@ class Classifier(pl.LightningModule):
         max_epochs_hint: epochs to plan the schedule for when the trainer has no finite length
             (``max_epochs=-1`` and no ``max_steps``); otherwise the trainer's length is used.
         label_smoothing: cross-entropy label smoothing.
+        warmup_epochs: linear learning-rate warm-up from 0 over this many epochs (may be fractional),
+            then the ``scheduler``'s decay over the remaining steps; ``0``: none.
 
     Example:
         >>> clf = Classifier("small_cnn", model_kwargs={"width": 8})
@@ -388,10 +403,20 @@ class Classifier(pl.LightningModule):
         scheduler: Literal["cosine", "onecycle", "none"] = "cosine",
         max_epochs_hint: Optional[int] = None,
         label_smoothing: float = 0.0,
+        warmup_epochs: float = 0.0,
     ) -> None:
         super().__init__()
+        if not (isinstance(warmup_epochs, (int, float)) and math.isfinite(warmup_epochs) and warmup_epochs >= 0):
+            raise ValueError(f"warmup_epochs must be a number >= 0, got {warmup_epochs!r}.")
+        if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 1.0):
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
         if scheduler not in ("cosine", "onecycle", "none"):
             raise ValueError(f"scheduler must be 'cosine', 'onecycle' or 'none', got {scheduler!r}.")
+        if warmup_epochs and scheduler != "cosine":
+            raise ValueError(
+                f"warmup_epochs applies to the cosine scheduler, got scheduler={scheduler!r} (onecycle warms up by "
+                "itself; 'none' keeps the learning rate constant)."
+            )
         if isinstance(model, nn.Module):
             self.save_hyperparameters(ignore=["model"])
             self.model = model
@@ -437,6 +462,17 @@ class Classifier(pl.LightningModule):
             return None
         return max(int(hint) * per_epoch // max(self.trainer.accumulate_grad_batches, 1), 1)
 
+    def _warmup_steps(self, total: int) -> int:
+        warmup = float(self.hparams.get("warmup_epochs", 0.0) or 0.0)
+        if warmup == 0:
+            return 0
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
+        epochs = epochs or self.hparams.max_epochs_hint
+        if not epochs:
+            rank_zero_warn("Classifier: warmup_epochs needs max_epochs (or max_epochs_hint) to count steps: no warm-up.")
+            return 0
+        return min(int(round(total * warmup / epochs)), total)
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         decay, no_decay = [], []
@@ -459,10 +495,9 @@ class Classifier(pl.LightningModule):
                 "using a constant learning rate."
             )
             return optimizer
+        warmup = self._warmup_steps(total)
         if hp.scheduler == "cosine":
-            sched: Any = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-            )
+            sched: Any = torch.optim.lr_scheduler.LambdaLR(optimizer, _WarmupCosine(warmup, total))
         else:
             sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total + 1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

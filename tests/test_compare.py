@@ -22,8 +22,9 @@ from lightning_ghostnoise import GhostNoise, apply_ghost_noise, ghost_layers
 from lightning_ghostnoise import data as data_module
 from lightning_ghostnoise.cli import build_lightning_cli
 from lightning_ghostnoise.cli import main as cli_main
-from lightning_ghostnoise.compare import format_table, method_specs, parse_args, summarize
+from lightning_ghostnoise.compare import method_specs, parse_args
 from lightning_ghostnoise.compare import main as compare_main
+from lightning_ghostnoise.compare_stats import format_table, summarize
 from lightning_ghostnoise.data import FASHION_MNIST_FILES
 from lightning_ghostnoise.models import WSConv2d, build_model
 from lightning_ghostnoise.surgery import SurgeryReport
@@ -84,17 +85,17 @@ def test_compare_reads_idx_files_and_writes_table_json_png(fake_fashion: Path, t
     assert _run(argv) == 0
     out = capsys.readouterr().out
     # the table: one row per method, accuracies as mean +- std over the 2 seeds
-    assert "fashion-mnist (200 training / 50 test images)" in out
+    assert "fashion-mnist (200 training / 0 validation / 50 test images)" in out
     assert "GhostNoise rewrote: 7 BatchNorm2d" in out
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows] == ["method", "BN", "GBN(16)", "GNI(16)"]
-    assert all(r.count("+-") == 3 for r in rows[1:])
+    assert all(r.count("+-") == 4 for r in rows[1:])  # test acc, train acc, gap, test loss
     results = json.loads((out_dir / "results.json").read_text())
     assert [r["label"] for r in results["summary"]] == ["BN", "GBN(16)", "GNI(16)"]
     assert len(results["runs"]) == 6 and results["environment"]["torch"] == torch.__version__
     for run in results["runs"]:
         assert run["dataset"] == "fashion-mnist" and run["n_train"] == 200 and run["n_test"] == 50
-        assert run["curves"]["test_epoch"] == [1] and len(run["curves"]["test_acc"]) == 1
+        assert run["curves"]["eval_epoch"] == [1] and len(run["curves"]["test_acc"]) == 1
         assert len(run["curves"]["train_loss"]) == 1
         assert 0.0 <= run["test_acc"] <= 1.0 and 0.0 <= run["train_acc"] <= 1.0
         assert run["gap"] == pytest.approx(run["train_acc"] - run["test_acc"])
@@ -136,7 +137,7 @@ def test_compare_is_deterministic_per_seed(fake_fashion: Path, tmp_path: Path) -
     assert a["curves"]["train_loss"] == b["curves"]["train_loss"] and len(a["curves"]["train_loss"]) == 3
     assert a["test_acc"] == b["test_acc"]
     # the test set every 2 epochs and after the last one
-    assert a["curves"]["test_epoch"] == [2, 3] and len(a["curves"]["test_acc"]) == 2
+    assert a["curves"]["eval_epoch"] == [2, 3] and len(a["curves"]["test_acc"]) == 2
     assert a["test_acc"] == a["curves"]["test_acc"][-1]
     assert not (tmp_path / "a" / "curves.png").exists()
 
@@ -147,7 +148,7 @@ def test_eval_every_changes_only_the_curves(fake_fashion: Path, tmp_path: Path) 
     assert _run(argv + ["--eval-every", "3", "--out-dir", str(tmp_path / "last")]) == 0
     every = json.loads((tmp_path / "every" / "results.json").read_text())["runs"][0]
     last = json.loads((tmp_path / "last" / "results.json").read_text())["runs"][0]
-    assert every["curves"]["test_epoch"] == [1, 2, 3] and last["curves"]["test_epoch"] == [3]
+    assert every["curves"]["eval_epoch"] == [1, 2, 3] and last["curves"]["eval_epoch"] == [3]
     # the test passes leave the training's random streams alone: same training, same final numbers
     assert every["curves"]["train_loss"] == last["curves"]["train_loss"]
     assert (every["test_acc"], every["train_acc"]) == (last["test_acc"], last["train_acc"])
@@ -210,7 +211,7 @@ def test_compare_explicit_empty_data_dir_does_not_fall_back(tmp_path: Path, caps
         (["--eval-every", "0"], "--eval-every must be >= 1"),
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--subset", "-1"], "--subset must be >= 0"),
-        (["--lr", "0"], "--lr must be a positive number"),
+        (["--lr", "0"], "--lr must be in (0, inf]"),
         (["--data-dir", "/nonexistent/fashion"], "is not a folder"),
         (["--model", "resnet1000"], "invalid choice"),
     ],
@@ -231,12 +232,12 @@ def test_method_specs_per_norm_family() -> None:
 
 
 def test_summary_and_table() -> None:
-    specs = method_specs("resnet8", ["plain", "gni"], [16])
     runs = [
-        {"label": lab, "test_acc": t, "train_acc": 1.0, "gap": 1.0 - t, "train_seconds_per_epoch": 2.0, "eval_seconds": 1.0, "seed": s}
-        for lab, t, s in (("BN", 0.80, 0), ("BN", 0.90, 1), ("GNI(16)", 0.85, 0))
+        {"label": lab, "method": m, "ghost_batch_size": n, "test_acc": t, "train_acc": 1.0, "gap": 1.0 - t,
+         "train_seconds_per_epoch": 2.0, "eval_seconds": 1.0, "seed": s}
+        for lab, m, n, t, s in (("BN", "plain", None, 0.80, 0), ("BN", "plain", None, 0.90, 1), ("GNI(16)", "gni", 16, 0.85, 0))
     ]
-    rows = summarize(runs, specs)
+    rows = summarize(runs, ["BN", "GNI(16)"])
     assert rows[0]["test_acc_mean"] == pytest.approx(0.85) and rows[0]["test_acc_std"] == pytest.approx(0.0707107)
     assert rows[1]["test_acc_std"] == 0.0 and rows[1]["seeds"] == [0]
     table = format_table(rows)
