@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -29,6 +29,7 @@ from lightning_ghostnoise.layers import (
     min_ghost_batch_size,
     validate_ghost_batch_size,
     validate_noise_eps,
+    validate_running_stats,
     validate_strength,
 )
 from lightning_ghostnoise.schedules import Constant, Schedule, as_schedule, to_ghost_batch_size
@@ -72,6 +73,13 @@ class GhostNoise(Callback):
             penalties).
         revert_on_fit_end: put the plain layers back when fit ends.
         log_values: log the current ghost batch size and strength through the Trainer's logger.
+        running_stats: where the BatchNorm layers' running statistics (used in eval) come from in
+            training. ``"ghost"``: the mean over ghost batches of their means and unbiased variances, GBN
+            as published (Hoffer et al.; Keras's ``virtual_batch_size``), so eval normalizes at the scale
+            training did. ``"batch"``: the full batch's, as plain BatchNorm (GBN's former behaviour).
+            ``None``: the method's default, ``"ghost"`` for ``"gbn"`` and
+            ``"batch"`` for the others, which allow only ``"batch"`` (XBN's leave-one-out statistics are
+            no batch's own; GNI normalizes with the full batch's statistics before its noise).
 
     Schedules with ``unit="fraction"`` measure the run by its length in epochs: ``Trainer(max_epochs=...)``,
     or ``max_steps`` converted to epochs (``max_steps / ceil(num_training_batches /
@@ -100,11 +108,14 @@ class GhostNoise(Callback):
         fused: bool = True,
         revert_on_fit_end: bool = True,
         log_values: bool = True,
+        running_stats: Optional[Literal["ghost", "batch"]] = None,
     ) -> None:
         super().__init__()
         if not isinstance(method, str) or method.lower() not in METHODS:
             raise ValueError(f"Unknown ghost noise method {method!r}: choose one of {', '.join(METHODS)}.")
         self.method = method.lower()
+        validate_running_stats(running_stats, self.method)
+        self.running_stats = running_stats
         self.ghost_batch_size = as_schedule(ghost_batch_size).validate_for("ghost_batch_size")
         self.strength = as_schedule(strength).validate_for("strength")
         self._check_schedule_ranges(scale_noise)
@@ -224,6 +235,7 @@ class GhostNoise(Callback):
             noise_eps=self.noise_eps,
             seed=self._base_seed or 0,
             fused=self.fused,
+            running_stats=self.running_stats,
             include_types=self.include_types,
             exclude_types=self.exclude_types,
             include_names=self.include_names,

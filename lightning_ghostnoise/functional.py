@@ -50,6 +50,7 @@ __all__ = [
     "ghost_batch_norm",
     "ghost_groups",
     "ghost_noise_batch_norm",
+    "ghost_running_targets",
     "ghost_statistics_coefficients",
     "moment_affine",
     "noise_coefficients",
@@ -57,7 +58,10 @@ __all__ = [
     "ghost_indices",
     "ghost_noise",
     "per_sample_moments",
+    "RUNNING_STATS",
+    "resolve_running_stats",
     "sample_affine",
+    "update_ghost_running_stats",
     "update_running_stats",
 ]
 
@@ -967,13 +971,105 @@ def update_running_stats(
     if running_mean is None or running_var is None:
         return
     with torch.no_grad():
-        mean = batch_mean.to(running_mean.dtype)
-        var = (batch_var * (count / max(count - 1, 1))).to(running_var.dtype)
-        if foreach and running_mean.dtype == running_var.dtype and running_mean.device == running_var.device:
-            torch._foreach_lerp_([running_mean, running_var], [mean, var], momentum)
-        else:
-            running_mean.lerp_(mean, momentum)
-            running_var.lerp_(var, momentum)
+        unbiased = batch_var * (count / max(count - 1, 1))
+        _lerp_running_stats(running_mean, running_var, batch_mean, unbiased, momentum, foreach)
+
+
+def _lerp_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, unbiased_var: Tensor, momentum: float, foreach: bool
+) -> None:
+    """``running += momentum * (target - running)`` for both buffers (in the buffers' dtype), in place."""
+    mean = mean.to(running_mean.dtype)
+    var = unbiased_var.to(running_var.dtype)
+    if foreach and running_mean.dtype == running_var.dtype and running_mean.device == running_var.device:
+        torch._foreach_lerp_([running_mean, running_var], [mean, var], momentum)
+    else:
+        running_mean.lerp_(mean, momentum)
+        running_var.lerp_(var, momentum)
+
+
+#: The conventions for GBN's running statistics (see :func:`ghost_running_targets`).
+RUNNING_STATS: Tuple[str, ...] = ("ghost", "batch")
+
+
+def resolve_running_stats(running_stats: Optional[str], ghost: bool) -> str:
+    """``running_stats`` checked, with ``None`` resolved to the default: ``"ghost"`` where the method
+    normalizes by ghost batches (``ghost``: GBN), else ``"batch"``.
+
+    Only the valid values are checked here; which method allows ``"ghost"`` is
+    :func:`lightning_ghostnoise.layers.validate_running_stats`'s business (the layers' one place).
+    """
+    if running_stats is None:
+        return "ghost" if ghost else "batch"
+    if not isinstance(running_stats, str) or running_stats.lower() not in RUNNING_STATS:
+        raise ValueError(
+            f"running_stats must be 'ghost', 'batch' or None (the method's default), got {running_stats!r}."
+        )
+    return running_stats.lower()
+
+
+def ghost_running_targets(
+    mean: Tensor, var: Tensor, ghost_batch_size: int, spatial_count: int
+) -> Tuple[Tensor, Tensor]:
+    """GBN's running-statistics targets as published: the ghost batches' mean moments.
+
+    From the per-sample moments ``mean``, ``var`` ``(B, C)`` (biased, over ``spatial_count`` positions
+    each): ghost batches as in :func:`ghost_groups` (the ``B mod N`` remainder joins the last one);
+    each ghost batch ``g`` of ``n_g`` samples has its mean and unbiased variance over its
+    ``n_g * spatial_count`` values per channel (``biased * count / (count - 1)``; a ghost batch of
+    one value has variance 0, as in :func:`update_running_stats`). The targets are the
+    averages of these over the ghost batches, each ghost batch weighing 1 (Hoffer et al.'s GBN,
+    Keras's ``virtual_batch_size``): eval then sees the scale training normalized with.
+
+    Returns:
+        ``(mean_target, unbiased_var_target)``, each ``(C,)``, without gradient.
+
+    Example:
+        >>> x = torch.randn(10, 3, 4, 4)
+        >>> m, v = ghost_running_targets(*per_sample_moments(x), 4, 16)
+        >>> ref = torch.stack([x[:4].var((0, 2, 3)), x[4:].var((0, 2, 3))]).mean(0)  # groups of 4 and 6
+        >>> torch.allclose(v, ref, atol=1e-5)
+        True
+    """
+    with torch.no_grad():
+        mean, var = mean.detach(), var.detach()
+        batch, channels = mean.shape
+        n = ghost_batch_size
+        groups = max(batch // n, 1)
+        head = (groups - 1) * n  # samples in the equal ghost batches before the last one
+
+        def moments(m: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+            """Sums over ghost batches ``(G, n_g, C)`` of their means and unbiased variances."""
+            g_mean = m.mean(1, keepdim=True)
+            d = m - g_mean
+            size = m.shape[1] * spatial_count
+            g_var = torch.addcmul(v, d, d).mean(1) * (size / max(size - 1, 1))
+            return g_mean.sum((0, 1)), g_var.sum(0)
+
+        mean_sum, var_sum = moments(mean[head:].unsqueeze(0), var[head:].unsqueeze(0))
+        if head:
+            m, v = moments(mean[:head].reshape(groups - 1, n, channels), var[:head].reshape(groups - 1, n, channels))
+            mean_sum, var_sum = mean_sum + m, var_sum + v
+        return mean_sum / groups, var_sum / groups
+
+
+def update_ghost_running_stats(
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    ghost_batch_size: int,
+    spatial_count: int,
+    momentum: float,
+    foreach: bool = False,
+) -> None:
+    """Lerp the running statistics towards :func:`ghost_running_targets` of the per-sample moments
+    (GBN's ``running_stats="ghost"``), as :func:`update_running_stats` does towards the batch's."""
+    if running_mean is None or running_var is None:
+        return
+    target_mean, target_var = ghost_running_targets(mean, var, ghost_batch_size, spatial_count)
+    with torch.no_grad():
+        _lerp_running_stats(running_mean, running_var, target_mean, target_var, momentum, foreach)
 
 
 CoeffFn = Callable[..., Tuple[Tensor, Tensor]]
@@ -1333,18 +1429,25 @@ def _ghost_statistics_norm(
     scale_noise: bool,
     channel_dim: int,
     fused: Optional[bool],
+    ghost_running: bool = False,
 ) -> Tensor:
+    """GBN (``exclusive=False``) and XBN; ``ghost_running``: the running statistics from the ghost
+    batches (:func:`ghost_running_targets`, GBN's ``running_stats="ghost"``), else from the full batch."""
     count = x.numel() // max(x.shape[channel_dim], 1)
     if _use_fused(fused):
         with _autocast_off(x):
             return _GhostStatisticsBatchNorm.apply(
                 x, weight, bias, ghost_batch_size, exclusive, running_mean, running_var, momentum, eps, strength,
-                shift_noise, scale_noise, channel_dim,
+                shift_noise, scale_noise, channel_dim, ghost_running,
             )
+    spatial = _spatial_count(x, channel_dim)
 
     def coeffs(mean: Tensor, var: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         batch_mean, batch_var = batch_moments(mean, var)
-        update_running_stats(running_mean, running_var, batch_mean.detach(), batch_var.detach(), count, momentum)
+        if ghost_running:
+            update_ghost_running_stats(running_mean, running_var, mean, var, ghost_batch_size, spatial, momentum)
+        else:
+            update_running_stats(running_mean, running_var, batch_mean.detach(), batch_var.detach(), count, momentum)
         g_mean, g_var = _group_statistics(mean, var, ghost_batch_size, exclusive)
         return ghost_statistics_coefficients(
             mean, var, g_mean, g_var, batch_mean, batch_var, w, b, eps, strength, shift_noise, scale_noise
@@ -1368,13 +1471,19 @@ def ghost_batch_norm(
     scale_noise: bool = True,
     channel_dim: int = 1,
     fused: Optional[bool] = None,
+    *,
+    running_stats: Optional[str] = None,
 ) -> Tensor:
     """Ghost Batch Normalization (training mode): each ghost batch is normalized by its own moments.
 
     Ghost batches follow :func:`ghost_groups` (consecutive samples, remainder merged into the last
-    full ghost batch). Gradients flow through the ghost statistics. Running statistics are updated
-    from the *full* batch, exactly as plain BatchNorm would, so they estimate the population moments.
-    ``strength`` interpolates between BatchNorm (0) and GBN (1), see :func:`ghost_statistics_coefficients`.
+    full ghost batch). Gradients flow through the ghost statistics. ``strength`` interpolates between
+    BatchNorm (0) and GBN (1), see :func:`ghost_statistics_coefficients`.
+
+    ``running_stats`` (keyword): where the running statistics come from. ``"ghost"`` (the default,
+    ``None``): GBN as published (Hoffer et al.; Keras's ``virtual_batch_size``), the mean over ghost
+    batches of their means and of their unbiased variances (:func:`ghost_running_targets`), so eval
+    normalizes at the scale training did. ``"batch"``: the full batch's, exactly as plain BatchNorm.
 
     Example:
         >>> y = ghost_batch_norm(torch.randn(10, 3, 4, 4), 4)
@@ -1383,9 +1492,10 @@ def ghost_batch_norm(
     """
     if ghost_batch_size < 1:
         raise ValueError(f"ghost_batch_size must be >= 1, got {ghost_batch_size}.")
+    ghost_running = resolve_running_stats(running_stats, ghost=True) == "ghost"
     return _ghost_statistics_norm(
         x, ghost_batch_size, False, running_mean, running_var, weight, bias, momentum, eps, strength,
-        shift_noise, scale_noise, channel_dim, fused,
+        shift_noise, scale_noise, channel_dim, fused, ghost_running,
     )
 
 
@@ -1622,6 +1732,7 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
         shift_noise: bool,
         scale_noise: bool,
         channel_dim: int,
+        ghost_running: bool = False,
     ) -> Tensor:
         count = x.numel() // max(x.shape[channel_dim], 1)
         ctx.lay = _kernel_layout(x, channel_dim)
@@ -1635,13 +1746,23 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
                 per_sample, per_channel = ops.ghost_statistics_coefficients(
                     mv, weight, bias, s, eps, ghost_batch_size, exclusive, shift_noise, scale_noise
                 )
-                batch_mean, batch_var = per_channel[0] + per_channel[1], per_channel[2].clamp_min(0)
-                update_running_stats(running_mean, running_var, batch_mean, batch_var, count, momentum, foreach=True)
+                if not ghost_running:
+                    batch_mean, batch_var = per_channel[0] + per_channel[1], per_channel[2].clamp_min(0)
+                    update_running_stats(
+                        running_mean, running_var, batch_mean, batch_var, count, momentum, foreach=True
+                    )
             else:
+                # the kernel updates the full batch's running statistics; the ghost ones are done below
+                kernel_rm, kernel_rv = (None, None) if ghost_running else (running_mean, running_var)
                 per_sample, per_channel = kernels.ghost_statistics_coefficients(
-                    mv, weight, bias, running_mean, running_var, s, count, momentum, eps, ghost_batch_size, exclusive,
+                    mv, weight, bias, kernel_rm, kernel_rv, s, count, momentum, eps, ghost_batch_size, exclusive,
                     shift_noise, scale_noise,
                 )  # fmt: skip
+            if ghost_running:
+                spatial = _spatial_count(x, channel_dim)
+                update_ghost_running_stats(
+                    running_mean, running_var, mv[0], mv[1], ghost_batch_size, spatial, momentum, foreach=True
+                )
             ctx.save_for_backward(x, mv, per_sample, per_channel, s)
             ctx.flags = (ghost_batch_size, exclusive, shift_noise, scale_noise, weight is not None, bias is not None, eps)
             ctx.channel_dim = channel_dim
@@ -1654,7 +1775,11 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
         gm, ge2 = _ghost_average(c, e2, avg, ghost_batch_size, exclusive)  # the ghost means of c and e2
         bm = c.mean(0)
         bvar_raw = torch.addcmul(e2.mean(0), bm, bm, value=-1)
-        update_running_stats(running_mean, running_var, bm + centre, bvar_raw.clamp_min(0), count, momentum)
+        if ghost_running:
+            spatial = _spatial_count(x, channel_dim)
+            update_ghost_running_stats(running_mean, running_var, mean, var, ghost_batch_size, spatial, momentum)
+        else:
+            update_running_stats(running_mean, running_var, bm + centre, bvar_raw.clamp_min(0), count, momentum)
         s = _as_strength(strength, mean)
         w = weight.to(mean.dtype) if weight is not None else None
         flags = (channel_dim, shift_noise, scale_noise, weight is not None, bias is not None, eps)
@@ -1697,7 +1822,7 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
             grad_x = _rows_input_grad(grad_y, x, per_sample, pq, ctx.channel_dim, ctx.lay) if ctx.needs_input_grad[0] else None
             grad_w = grads[0] if has_weight and ctx.needs_input_grad[1] else None
             grad_b = grads[1] if has_bias and ctx.needs_input_grad[2] else None
-            return (grad_x, grad_w, grad_b) + (None,) * 10
+            return (grad_x, grad_w, grad_b) + (None,) * 11
         x, mean, gm, ge2, centre, bm, bvar_raw, avg, s, w = ctx.saved_tensors
         channel_dim, shift_noise, scale_noise, has_weight, has_bias, _ = ctx.flags
         effective = _GhostStatisticsBatchNorm.effective(gm, ge2, bm, bvar_raw, centre, s, w, ctx.flags)
@@ -1744,4 +1869,4 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
             p_coef = g_e2 * (2.0 / count)  # v = mean_s (x - m)**2
             q_coef = (g_m / count).addcmul_(p_coef, mean, value=-1)
             grad_x = _affine_input_grad(grad_y, x, a, p_coef, q_coef, channel_dim, out=scratch)
-        return (grad_x, grad_w, grad_b) + (None,) * 10
+        return (grad_x, grad_w, grad_b) + (None,) * 11

@@ -44,9 +44,12 @@ __all__ = [
     "ghost_class_for",
     "is_ghost_layer",
     "MAX_STRENGTH",
+    "RunningStats",
+    "default_running_stats",
     "min_ghost_batch_size",
     "validate_ghost_batch_size",
     "validate_noise_eps",
+    "validate_running_stats",
     "validate_strength",
 ]
 
@@ -54,6 +57,8 @@ __all__ = [
 METHODS: Tuple[str, ...] = ("gni", "gbn", "xbn", "analytic")
 #: The type of a ``method`` argument (a ``Literal`` that LightningCLI validates).
 Method = Literal["gni", "gbn", "xbn", "analytic"]
+#: The type of a ``running_stats`` argument: GBN's running statistics from the ghost batches or the full batch.
+RunningStats = Literal["ghost", "batch"]
 
 _STRENGTH_BUFFER = "_ghost_strength"
 _STATE_BUFFER = "_ghost_state"  # int64 [seed, draws since reseed]: the counter-based generator's state
@@ -160,6 +165,47 @@ def validate_strength(value: Any, method: str) -> float:
     return value
 
 
+def default_running_stats(method: str) -> str:
+    """The convention a method's running statistics follow by default: ``"ghost"`` for GBN, else ``"batch"``."""
+    return "ghost" if method == "gbn" else "batch"
+
+
+#: Per method: why its running statistics come from the full batch (``running_stats="ghost"`` is refused).
+_FULL_BATCH_REASONS: Dict[str, str] = {
+    "xbn": "XBN normalizes each sample by the leave-one-out statistics of the others in its ghost batch, which "
+    "are no batch's own statistics, so its running statistics come from the full batch",
+    "gni": "GNI normalizes with the full batch's statistics before it adds its noise, so the full batch is what "
+    "training normalized with",
+    "analytic": "analytic GNI normalizes with the full batch's statistics before it adds its noise, so the full "
+    "batch is what training normalized with",
+}
+
+
+def validate_running_stats(value: Any, method: str) -> str:
+    """``value`` as a valid ``running_stats`` for ``method``, ``None`` resolved to the method's default.
+
+    ``"ghost"`` (GBN's default): the running statistics follow the ghost batches' mean moments, as
+    published (:func:`~lightning_ghostnoise.functional.ghost_running_targets`). ``"batch"``: the full
+    batch's, as plain BatchNorm (the only choice for XBN, GNI and analytic GNI).
+
+    Example:
+        >>> validate_running_stats(None, "gbn"), validate_running_stats(None, "xbn")
+        ('ghost', 'batch')
+        >>> validate_running_stats("batch", "gbn")
+        'batch'
+    """
+    if value is None:
+        return default_running_stats(method)
+    value = GF.resolve_running_stats(value, ghost=method == "gbn")
+    if value == "ghost" and method != "gbn":
+        why = _FULL_BATCH_REASONS.get(method, "it has no ghost batches of its own")
+        raise ValueError(
+            f"running_stats='ghost' applies to method 'gbn' only, got method {method!r}: {why}. Use "
+            "running_stats='batch' or None (the method's default)."
+        )
+    return value
+
+
 def validate_noise_eps(eps: Any) -> float:
     """``eps`` as a valid GNI noise epsilon (finite, ``> 0``), else a ``ValueError``.
 
@@ -189,6 +235,9 @@ class GhostNoiseMixin:
         counter_rng: draw from the counter-based generator (:mod:`lightning_ghostnoise.counter_rng`)
             instead of the layer's ``torch.Generator``; always so under ``torch.compile``, where a
             generator attribute would break the graph. Same law, another (equally reproducible) stream.
+        running_stats: where a BatchNorm layer's running statistics come from in training: ``"ghost"``
+            (GBN's default: the mean over ghost batches of their means and unbiased variances, as
+            published) or ``"batch"`` (the full batch's, as plain BatchNorm; XBN, GNI, analytic GNI).
         fused: the fused autograd functions in eager mode, first-order gradients only: BatchNorm methods
             as fast as BatchNorm's own kernels; LayerNorm and GroupNorm keep only their input for the
             backward, as the plain layers do (:func:`~lightning_ghostnoise.functional.normalized_noise`).
@@ -205,6 +254,7 @@ class GhostNoiseMixin:
         "shift_noise",
         "_scale_noise",
         "fused",
+        "_running_stats",
         "noise_eps",
         "seed",
         "_generator",
@@ -238,8 +288,12 @@ class GhostNoiseMixin:
         noise_eps: float = GF.NOISE_EPS,
         seed: int = 0,
         fused: bool = True,
+        running_stats: Optional[RunningStats] = None,
     ) -> "GhostNoiseMixin":
         """Build the ghost-noise layer around ``module``'s parameters and buffers (shared, not copied).
+
+        ``running_stats``: ``"ghost"`` or ``"batch"`` (see :func:`validate_running_stats`); ``None``
+        is the method's default (``"ghost"`` for GBN, ``"batch"`` otherwise).
 
         Raises:
             TypeError: ``module`` is not exactly this class's plain layer.
@@ -250,6 +304,7 @@ class GhostNoiseMixin:
         new = cls.__new__(cls)
         # validate everything before touching any state, so an error leaves nothing half-done
         method = _check_method(method, cls._methods, cls._base.__name__)
+        running_stats = validate_running_stats(running_stats, method)
         cls._check_module(module)
         new.__dict__.update(module.__dict__)
         new._parameters = dict(module._parameters)
@@ -259,6 +314,7 @@ class GhostNoiseMixin:
         new.shift_noise = bool(shift_noise)
         new._scale_noise = bool(scale_noise)
         new.fused = bool(fused)
+        new._running_stats = running_stats
         new.counter_rng = False
         new._strength_value = 0.0
         new._noise_on = False
@@ -312,6 +368,16 @@ class GhostNoiseMixin:
     @ghost_batch_size.setter
     def ghost_batch_size(self, value: int) -> None:
         self._ghost_batch_size = validate_ghost_batch_size(value, self.method, self.scale_noise)
+
+    @property
+    def running_stats(self) -> str:
+        """``"ghost"`` or ``"batch"``: where the running statistics come from (see :func:`validate_running_stats`);
+        settable (``None``: the method's default). A layer pickled before the option existed has the default."""
+        return self.__dict__.get("_running_stats") or default_running_stats(self.method)
+
+    @running_stats.setter
+    def running_stats(self, value: Optional[str]) -> None:
+        self._running_stats = validate_running_stats(value, self.method)
 
     @property
     def scale_noise(self) -> bool:
@@ -459,6 +525,7 @@ class GhostNoiseMixin:
             f"method={self.method}, ghost_batch_size={self._ghost_batch_size}, strength={self._strength_value:g}"
             + ("" if self.shift_noise else ", shift_noise=False")
             + ("" if self.scale_noise else ", scale_noise=False")
+            + (f", running_stats={self.running_stats}" if self.running_stats != default_running_stats(self.method) else "")
         )
 
     def extra_repr(self) -> str:
@@ -528,8 +595,9 @@ class _GhostBatchNorm(GhostNoiseMixin):
                     "inside each process's batch. Use sync=False (identical when the per-process batch is a "
                     "multiple of ghost_batch_size)."
                 )
-            fn = GF.ghost_batch_norm if self.method == "gbn" else GF.exclusive_batch_norm
-            return fn(x, self._ghost_batch_size, **settings)
+            if self.method == "gbn":
+                return GF.ghost_batch_norm(x, self._ghost_batch_size, **settings, running_stats=self.running_stats)
+            return GF.exclusive_batch_norm(x, self._ghost_batch_size, **settings)
         if world:
             settings["stats_fn"] = self._global_statistics(x.numel() // x.shape[1] * world[1], settings["running_mean"])
             return GF.ghost_noise_batch_norm(x, self._draw_noise, **settings)

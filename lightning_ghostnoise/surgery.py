@@ -27,9 +27,11 @@ from lightning_ghostnoise.layers import (
     METHODS,
     GhostNoiseMixin,
     Method,
+    RunningStats,
     ghost_class_for,
     is_ghost_layer,
     validate_ghost_batch_size,
+    validate_running_stats,
     validate_strength,
 )
 from lightning_ghostnoise.seeding import derive_seed, validate_seed
@@ -166,6 +168,7 @@ def apply_ghost_noise(
     exclude_names: Patterns = None,
     warn: bool = True,
     report: Optional[SurgeryReport] = None,
+    running_stats: Optional[RunningStats] = None,
 ) -> nn.Module:
     """Rewrite ``model``'s normalization layers with ghost noise; returns the (possibly new) model.
 
@@ -192,6 +195,10 @@ def apply_ghost_noise(
         include_types, exclude_types, include_names, exclude_names: see :func:`find_norm_layers`.
         warn: warn about skipped layers and about a model without target layers.
         report: filled with what was replaced and skipped, if given.
+        running_stats: where the BatchNorm layers' running statistics come from in training: ``"ghost"``
+            (the mean over ghost batches of their means and unbiased variances, GBN as published) or
+            ``"batch"`` (the full batch's, as plain BatchNorm). ``None``: the method's default, ``"ghost"``
+            for ``"gbn"`` and ``"batch"`` otherwise; ``"ghost"`` with another method is an error.
 
     Example:
         >>> import torch
@@ -202,6 +209,7 @@ def apply_ghost_noise(
     validate_seed(seed)
     if not isinstance(method, str) or method.lower() not in METHODS:
         raise ValueError(f"Unknown ghost noise method {method!r}: choose one of {', '.join(METHODS)}.")
+    validate_running_stats(running_stats, method.lower())  # also where no layer is a target
     if include_types is None and method.lower() in ("gbn", "xbn"):
         # GBN and XBN split batch statistics: only BatchNorm layers have them
         include_types = ["BatchNorm"]
@@ -214,6 +222,7 @@ def apply_ghost_noise(
         scale_noise=scale_noise,
         noise_eps=noise_eps,
         fused=fused,
+        running_stats=running_stats,
     )
     # build (and so validate) every replacement first: an error leaves the model untouched
     new_layers: List[Tuple[str, nn.Module]] = []

@@ -476,7 +476,8 @@ def test_ghost_functions_update_running_stats_like_batch_norm(fn):
     x = varied_input((9, 3, 4, 4), 12)
     rm, rv = torch.zeros(3), torch.ones(3)
     rm_ref, rv_ref = torch.zeros(3), torch.ones(3)
-    fn(x, 4, rm, rv, momentum=0.3)
+    kwargs = dict(running_stats="batch") if fn is GF.ghost_batch_norm else {}  # GBN's default is "ghost"
+    fn(x, 4, rm, rv, momentum=0.3, **kwargs)
     F.batch_norm(x, rm_ref, rv_ref, training=True, momentum=0.3)
     torch.testing.assert_close(rm, rm_ref, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(rv, rv_ref, atol=1e-6, rtol=1e-6)

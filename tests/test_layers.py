@@ -524,8 +524,9 @@ def test_gni_running_stats_equal_plain_batchnorm(method, momentum):
 @pytest.mark.parametrize("method", ["gbn", "xbn"])
 @pytest.mark.parametrize("B", [16, 13])
 def test_gbn_xbn_running_stats_equal_plain_batchnorm(method, momentum, B):
+    """``running_stats="batch"`` (GBN's former behaviour, XBN's only one): the full batch's statistics."""
     plain = nn.BatchNorm2d(3, momentum=momentum)
-    ghost = GhostBatchNorm2d.from_module(copy.deepcopy(plain), method=method, ghost_batch_size=4)
+    ghost = GhostBatchNorm2d.from_module(copy.deepcopy(plain), method=method, ghost_batch_size=4, running_stats="batch")
     # per-sample variance dominates: running var from ghost-batch variances would be ~25% too low
     for x in _batches(15, (B, 3, 3, 3), 1):
         plain(x)
