@@ -183,7 +183,7 @@ def test_variants_and_optimizer_flags_end_to_end(tmp_path: Path) -> None:
     assert labels == ["BN", "GNI shift-only(4)", "analytic GNI scale-only(4)", "GBN batch running stats(4)", "GBN(4)"]
     runs = {r["label"]: r for r in results["runs"]}
     # every run starts from the same weights and batches: the variants change the training
-    losses = {label: r["curves"]["train_loss"][0] for label, r in runs.items()}
+    losses = {label: r["curves"]["train_loss"][0] for label, r in runs.items() if label != "GBN(4)"}
     assert len(set(losses.values())) == len(losses)
     # gbn and gbn:batch differ only by the running statistics: same training, other eval numbers
     assert runs["GBN(4)"]["curves"]["train_loss"] == runs["GBN batch running stats(4)"]["curves"]["train_loss"]
