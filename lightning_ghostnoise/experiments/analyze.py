@@ -4,7 +4,8 @@ By default: the bundled pre-activation ResNet-8 (BatchNorm), trained for ``--tra
 steps on Fashion-MNIST (a freshly initialized network's features, hence its noise, differ from a
 trained one's), then for every method and ghost batch size the noise each layer injects on
 ``--batches`` training batches (:func:`lightning_ghostnoise.analysis.analyze_noise`). Or any
-checkpoint of :class:`~lightning_ghostnoise.models.Classifier` (``--checkpoint``, used as it is).
+checkpoint of :class:`~lightning_ghostnoise.experiments.models.Classifier` (``--checkpoint``, used as
+it is). List flags take space-separated values (``--ghost-batch-size 4 16 64``, ``--methods gni gbn``).
 
 Writes to ``--out-dir``:
 
@@ -15,7 +16,7 @@ Writes to ``--out-dir``:
   see :func:`~lightning_ghostnoise.analysis.analyze_noise`).
 
 Example:
-    >>> from lightning_ghostnoise.analyze import main
+    >>> from lightning_ghostnoise.experiments.analyze import main
     >>> main(["--train-steps", "100", "--out-dir", "analysis"])  # doctest: +SKIP
     0
 """
@@ -28,44 +29,39 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_ghostnoise.cli import positive_int
-from lightning_ghostnoise.layers import METHODS
-from lightning_ghostnoise.outputs import write_json
+from lightning_ghostnoise import METHODS
+from lightning_ghostnoise.analysis.outputs import write_json
+from lightning_ghostnoise.experiments.flags import DeprecatedSwitch, ListFlag, positive_int
 
 __all__ = ["build_parser", "load_model", "main"]
 
 _JSON = "noise_analysis.json"
+_MODES = ("live", "isolated")
 
 
-def _int_list(text: str) -> List[int]:
+def _ghost_n(text: str) -> int:
     try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4,16,64, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one ghost batch size, e.g. 4,16,64")
-    return values
+        raise argparse.ArgumentTypeError(f"expected integers such as 4 16 64, got {text!r}") from None
 
 
-def _method_list(text: str) -> List[str]:
-    values = [v.lower() for v in text.replace(" ", "").split(",") if v]
-    bad = [v for v in values if v not in METHODS]
-    if bad or not values:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(bad) or '(none)'}: choose from {','.join(METHODS)}")
-    return list(dict.fromkeys(values))
+def _method(text: str) -> str:
+    if text.lower() not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}: choose from {' '.join(METHODS)}")
+    return text.lower()
 
 
-def _mode_list(text: str) -> List[str]:
-    values = [v.lower() for v in text.replace(" ", "").split(",") if v]
-    if not values or any(v not in ("live", "isolated") for v in values):
-        raise argparse.ArgumentTypeError(f"modes are live and isolated (comma-separated), got {text!r}")
-    return list(dict.fromkeys(values))
+def _mode(text: str) -> str:
+    if text.lower() not in _MODES:
+        raise argparse.ArgumentTypeError(f"modes are {' and '.join(_MODES)}, got {text!r}")
+    return text.lower()
 
 
 def _json_dict(text: str) -> Dict[str, Any]:
@@ -80,7 +76,7 @@ def _json_dict(text: str) -> Dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``ghostnoise analyze``."""
-    from lightning_ghostnoise.data import DEFAULT_DATA_DIR
+    from lightning_ghostnoise.experiments.data import DEFAULT_DATA_DIR
 
     p = argparse.ArgumentParser(
         prog="ghostnoise analyze",
@@ -91,23 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--model", default=None,
-                   help="model name of lightning_ghostnoise.models.MODELS (default: resnet8, or the checkpoint's)")
+                   help="model name of lightning_ghostnoise.experiments.models.MODELS (default: resnet8, or the checkpoint's)")
     p.add_argument("--model-kwargs", type=_json_dict, default=None,
                    help='JSON object of model constructor arguments, e.g. \'{"width": 16}\' (default: the checkpoint\'s, or none)')
     p.add_argument("--checkpoint", default=None,
-                   help="a Lightning checkpoint of lightning_ghostnoise.models.Classifier, or a saved state_dict of the model")
+                   help="a Lightning checkpoint of lightning_ghostnoise.experiments.models.Classifier, or a saved state_dict of the model")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="Fashion-MNIST folder (default: %(default)s; without it: scikit-learn's digits, with a warning)")
     p.add_argument("--batch-size", type=positive_int("--batch-size", 2), default=256,
                    help="samples per analyzed batch (default: %(default)s)")
     p.add_argument("--batches", type=positive_int("--batches"), default=4, help="batches to analyze (default: %(default)s)")
-    p.add_argument("--modes", type=_mode_list, default=["live", "isolated"],
+    p.add_argument("--modes", action=ListFlag, item=_mode, default=["live", "isolated"], metavar="MODE",
                    help="live (ghost noise in every layer), isolated (each layer on the plain network's input), or both "
-                        "(default: live,isolated)")
-    p.add_argument("--ghost-batch-sizes", type=_int_list, default=[4, 8, 16, 32, 64],
-                   help="comma-separated N, each >= 2 (default: 4,8,16,32,64)")
-    p.add_argument("--methods", type=_method_list, default=list(METHODS),
-                   help=f"comma-separated methods among {','.join(METHODS)} (default: all)")
+                        "(default: live isolated)")
+    p.add_argument("--ghost-batch-size", action=ListFlag, item=_ghost_n, default=[4, 8, 16, 32, 64], metavar="N",
+                   help="ghost batch size(s) N, each >= 2 (default: 4 8 16 32 64)")
+    p.add_argument("--ghost-batch-sizes", dest="ghost_batch_size", action=ListFlag, item=_ghost_n,
+                   replaced_by="--ghost-batch-size", help=argparse.SUPPRESS)
+    p.add_argument("--methods", action=ListFlag, item=_method, default=list(METHODS), metavar="METHOD",
+                   help=f"methods among {' '.join(METHODS)} (default: all)")
     p.add_argument("--out-dir", default="ghostnoise_analysis", help="where the PNGs and the JSON go (default: %(default)s)")
     p.add_argument("--seed", type=positive_int("--seed", 0), default=0, help="seed of data order, training and noise (default: 0)")
     p.add_argument("--train-steps", type=positive_int("--train-steps", 0), default=None,
@@ -118,17 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hist-ghost-batch-size", type=positive_int("--hist-ghost-batch-size", 2), default=None,
                    help="the N of the histogram figure (default: 16 if analyzed, else the middle one)")
     p.add_argument("--dpi", type=positive_int("--dpi", 20), default=100, help="PNG resolution (default: %(default)s)")
-    p.add_argument("--no-plots", action="store_true", help="write the JSON only (no matplotlib needed)")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON only (no matplotlib needed)")
+    p.add_argument("--no-plots", dest="no_plot", action=DeprecatedSwitch, replaced_by="--no-plot")
     return p
 
 
 def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from lightning_ghostnoise.models import MODELS
+    from lightning_ghostnoise.experiments.models import MODELS
 
-    bad = [n for n in args.ghost_batch_sizes if n < 2]
+    bad = [n for n in args.ghost_batch_size if n < 2]
     if bad:
-        p.error(f"--ghost-batch-sizes: every N must be >= 2 (the scale's law has N - 1 degrees of freedom), got {bad}")
-    args.ghost_batch_sizes = sorted(set(args.ghost_batch_sizes))
+        p.error(f"--ghost-batch-size: every N must be >= 2 (the scale's law has N - 1 degrees of freedom), got {bad}")
+    args.ghost_batch_size = sorted(set(args.ghost_batch_size))
+    args.methods = list(dict.fromkeys(args.methods))
+    args.modes = list(dict.fromkeys(args.modes))
     if args.model is not None and args.model.lower().replace("-", "_") not in MODELS:
         p.error(f"--model: unknown model {args.model!r}; choose from {', '.join(MODELS)}")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -140,15 +141,15 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         p.error(f"--out-dir: {args.out_dir!r} exists and is not a folder")
     if args.hist_ghost_batch_size is None:
-        sizes = args.ghost_batch_sizes
+        sizes = args.ghost_batch_size
         args.hist_ghost_batch_size = 16 if 16 in sizes else sizes[len(sizes) // 2]
-    elif args.hist_ghost_batch_size not in args.ghost_batch_sizes:
-        p.error(f"--hist-ghost-batch-size {args.hist_ghost_batch_size} is not among --ghost-batch-sizes {args.ghost_batch_sizes}")
-    if not args.no_plots:
+    elif args.hist_ghost_batch_size not in args.ghost_batch_size:
+        p.error(f"--hist-ghost-batch-size {args.hist_ghost_batch_size} is not among --ghost-batch-size {args.ghost_batch_size}")
+    if not args.no_plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            p.error("the plots need matplotlib: pip install 'lightning-ghostnoise[plot]', or pass --no-plots for the JSON only")
+            p.error("the plots need matplotlib: pip install 'lightning-ghostnoise[plot]', or pass --no-plot for the JSON only")
 
 
 class CheckpointError(ValueError):
@@ -159,7 +160,7 @@ def load_model(
     checkpoint: Optional[str], model: Optional[str] = None, model_kwargs: Optional[Dict[str, Any]] = None
 ) -> Tuple[nn.Module, Dict[str, Any]]:
     """Build the model to analyze: from ``checkpoint`` (a Lightning checkpoint of
-    :class:`~lightning_ghostnoise.models.Classifier` or a ``state_dict``), or freshly initialized.
+    :class:`~lightning_ghostnoise.experiments.models.Classifier` or a ``state_dict``), or freshly initialized.
 
     The checkpoint's hyperparameters choose the model unless ``model``/``model_kwargs`` are given.
     Checkpoints trained with ghost noise load as they are (their keys are the plain layers').
@@ -176,7 +177,7 @@ def load_model(
         >>> info["name"], info["source"]
         ('resnet8', 'fresh')
     """
-    from lightning_ghostnoise.models import build_model
+    from lightning_ghostnoise.experiments.models import build_model
 
     state: Optional[Dict[str, Any]] = None
     hparams: Dict[str, Any] = {}
@@ -186,7 +187,7 @@ def load_model(
         except Exception as err:  # corrupt, truncated, not a torch file, or pickled Python objects
             raise CheckpointError(
                 f"cannot read checkpoint {checkpoint!r}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
-                "Expected a Lightning checkpoint of lightning_ghostnoise.models.Classifier or torch.save(model.state_dict()). "
+                "Expected a Lightning checkpoint of lightning_ghostnoise.experiments.models.Classifier or torch.save(model.state_dict()). "
                 "Files holding arbitrary Python objects are not loaded (torch.load weights_only=True): save the state_dict."
             ) from None
         if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
@@ -266,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
     from lightning_ghostnoise import analysis as A
-    from lightning_ghostnoise.data import FashionMNISTDataModule
+    from lightning_ghostnoise.experiments.data import FashionMNISTDataModule
     from lightning_ghostnoise.seeding import derive_seed
 
     os.makedirs(args.out_dir, exist_ok=True)
@@ -292,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.time()
     results = {
         mode: A.analyze_noise(
-            net, batches, args.ghost_batch_sizes, args.methods, num_batches=args.batches, seed=args.seed, mode=mode
+            net, batches, args.ghost_batch_size, args.methods, num_batches=args.batches, seed=args.seed, mode=mode
         )
         for mode in args.modes
     }
@@ -323,7 +324,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     n = args.hist_ghost_batch_size
     for mode, result in results.items():
         suffix = "" if mode == "live" else f"_{mode}"
-        if not args.no_plots:
+        if not args.no_plot:
             hist = os.path.join(args.out_dir, f"histograms_N{n}{suffix}.png")
             A.plot_histograms(result, hist, n, dpi=args.dpi, title=f"{mode} mode")
             written.append(hist)

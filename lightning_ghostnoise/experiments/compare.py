@@ -22,7 +22,7 @@ every summary row, the selection), ``curves.png``, ``val_vs_n.png`` (with severa
 retrains (saying so) a run whose file is damaged.
 
 Example:
-    >>> from lightning_ghostnoise.compare import main
+    >>> from lightning_ghostnoise.experiments.compare import main
     >>> main(["--epochs", "1", "--subset", "500", "--seeds", "1"])  # doctest: +SKIP
 """
 
@@ -37,43 +37,18 @@ import platform
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from lightning_ghostnoise.compare_stats import format_table, paired_difference, select_on_validation, summarize
+from lightning_ghostnoise.experiments.compare_methods import COMPARE_METHODS, MethodSpec, method_specs
+from lightning_ghostnoise.experiments.compare_stats import format_table, paired_difference, select_on_validation, summarize
+from lightning_ghostnoise.experiments.flags import ListFlag, positive_int
 
 __all__ = ["MethodSpec", "main", "method_specs", "parse_args"]
-
-#: Methods ``--methods`` accepts; ``plain`` is the model's own normalization, without ghost noise.
-COMPARE_METHODS = ("plain", "gbn", "xbn", "gni", "analytic")
-#: Variants, written ``method:variant``.
-VARIANTS = {"gni": ("shift", "scale"), "analytic": ("shift", "scale"), "gbn": ("batch",)}
-_BN_ONLY = ("gbn", "xbn")
-_NEEDS_TWO = ("xbn", "analytic")
-_NAMES = {"gbn": "GBN", "xbn": "XBN", "gni": "GNI", "analytic": "analytic GNI"}
-_VARIANT_NAMES = {"shift": "shift-only", "scale": "scale-only", "batch": "batch running stats"}
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """One column of the comparison: a method, its variant and its ghost batch size (``None`` for ``plain``)."""
-
-    method: str
-    ghost_batch_size: Optional[int]
-    label: str
-    variant: Optional[str] = None
-
-    @property
-    def key(self) -> str:
-        """A file-name-safe key, e.g. ``gni16``, ``gni-shift16`` or ``plain``."""
-        name = self.method if self.variant is None else f"{self.method}-{self.variant}"
-        return name if self.ghost_batch_size is None else f"{name}{self.ghost_batch_size}"
 
 
 # --------------------------------------------------------------------------- arguments
 def _parser() -> argparse.ArgumentParser:
-    from lightning_ghostnoise.cli import positive_int
-    from lightning_ghostnoise.models import MODELS
+    from lightning_ghostnoise.experiments.models import MODELS
 
     p = argparse.ArgumentParser(
         prog="ghostnoise compare",
@@ -90,12 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="resnet8", choices=sorted(MODELS),
                    help="bundled model; resnet8_ln and vit are layer-normalized (default: resnet8)")
-    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+    p.add_argument("--methods", action=ListFlag, default=None, metavar="METHOD",
                    help=f"from {', '.join(COMPARE_METHODS)}, and the variants gni:shift, gni:scale, analytic:shift, "
                         "analytic:scale, gbn:batch; METHOD@N runs that method at N only (e.g. gni@16); plain is the "
                         "model's own BN or LN "
                         "(default: plain gbn gni for a BatchNorm model, plain gni for a layer-normalized one)")
-    p.add_argument("--ghost-batch-size", nargs="+", type=positive_int("--ghost-batch-size"), default=[16], metavar="N",
+    p.add_argument("--ghost-batch-size", action=ListFlag, item=positive_int("--ghost-batch-size"), default=[16], metavar="N",
                    help="ghost batch size(s) N; every ghost method runs with each (default: 16)")
     p.add_argument("--select", choices=("val", "none"), default=None,
                    help="val: per method, report the N with the best mean validation accuracy (needs --val-size); "
@@ -199,95 +174,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         except ImportError:
             p.error("the paired statistics need scipy (pip install scipy, or the package's `cli` extra).")
     return args
-
-
-def _norm_family(model_name: str, width: Optional[int]) -> str:
-    """``"bn"`` when the bundled model normalizes with BatchNorm, ``"ln"`` for LayerNorm/GroupNorm."""
-    from torch import nn
-
-    from lightning_ghostnoise.models import build_model
-
-    model = build_model(model_name, **({} if width is None else _width_kwargs(model_name, width)))
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    return "bn" if has_bn else "ln"
-
-
-def _width_kwargs(model_name: str, width: int) -> Dict[str, int]:
-    return {"dim": width} if model_name in ("vit", "tiny_transformer") else {"width": width}
-
-
-def _parse_method(text: str, family: str, model: str) -> Tuple[str, Optional[str], Optional[int]]:
-    spelled, at, fixed = text.lower().partition("@")
-    n: Optional[int] = None
-    if at:
-        try:
-            n = int(fixed)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ValueError(f"{text!r} in --methods: the ghost batch size after @ must be an integer >= 1.")
-    method, _, variant = spelled.partition(":")
-    if method == "plain" and at:
-        raise ValueError(f"{text!r} in --methods: plain has no ghost batch size.")
-    if method not in COMPARE_METHODS:
-        raise ValueError(f"unknown method {method!r} in --methods: choose from {', '.join(COMPARE_METHODS)}.")
-    if variant and variant not in VARIANTS.get(method, ()):
-        known = ", ".join(f"{m}:{v}" for m, vs in VARIANTS.items() for v in vs)
-        raise ValueError(f"unknown variant {text!r} in --methods: the variants are {known}.")
-    if method in _BN_ONLY and family != "bn":
-        raise ValueError(
-            f"method {method!r} needs BatchNorm layers, and model {model!r} is layer-normalized: use gni or analytic "
-            "(they work on LayerNorm/GroupNorm), or a BatchNorm model such as resnet8."
-        )
-    return method, variant or None, n
-
-
-def method_specs(
-    model: str, methods: Optional[Sequence[str]], ghost_batch_sizes: Sequence[int], width: Optional[int] = None
-) -> List[MethodSpec]:
-    """The comparison's columns, validated against the model's normalization.
-
-    Args:
-        model: a bundled model name.
-        methods: from :data:`COMPARE_METHODS`, optionally ``method:variant`` (:data:`VARIANTS`) and
-            ``method@N`` (this method at this ``N`` only, e.g. the ``N`` a sweep selected);
-            ``None`` for the default of the model's family.
-        ghost_batch_sizes: every ghost method without ``@N`` runs with each of these ``N``.
-        width: the model width (only used to build the model and look at its layers).
-
-    Raises:
-        ValueError: an unknown method or variant, GBN/XBN on a model without BatchNorm, or an ``N`` a
-            method cannot use.
-
-    Example:
-        >>> [s.label for s in method_specs("resnet8_ln", None, [16])]
-        ['LN', 'LN+GNI(16)']
-        >>> [s.label for s in method_specs("resnet8", ["gni:shift"], [8])]
-        ['GNI shift-only(8)']
-    """
-    family = _norm_family(model, width)
-    if methods is None:
-        methods = ("plain", "gbn", "gni") if family == "bn" else ("plain", "gni")
-    if not ghost_batch_sizes:
-        raise ValueError("--ghost-batch-size needs at least one value.")
-    plain = "BN" if family == "bn" else "LN"
-    specs: List[MethodSpec] = []
-    for text in methods:
-        m, variant, fixed = _parse_method(text, family, model)
-        if m == "plain":
-            spec_list = [MethodSpec("plain", None, plain)]
-        else:
-            prefix = "" if family == "bn" else "LN+"
-            name = _NAMES[m] + ("" if variant is None else f" {_VARIANT_NAMES[variant]}")
-            sizes = [fixed] if fixed is not None else list(dict.fromkeys(ghost_batch_sizes))
-            for n in sizes:
-                if n < 1:
-                    raise ValueError(f"--ghost-batch-size values must be >= 1, got {n}.")
-                if n < 2 and m in _NEEDS_TWO:
-                    raise ValueError(f"{m} needs a ghost batch size >= 2 (N - 1 >= 1 other samples), got {n}.")
-            spec_list = [MethodSpec(m, n, f"{prefix}{name}({n})", variant) for n in sizes]
-        specs.extend(s for s in spec_list if s not in specs)
-    return specs
 
 
 # --------------------------------------------------------------------------- runs
@@ -397,9 +283,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``ghostnoise compare``; returns the exit code (2: bad flags or data, nothing written)."""
     args = parse_args(argv)
     _quiet(args.verbose)
-    from lightning_ghostnoise.compare_run import fit_once
-    from lightning_ghostnoise.data import DEFAULT_DATA_DIR, resolve_dataset
-    from lightning_ghostnoise.outputs import write_json
+    from lightning_ghostnoise.experiments.compare_run import fit_once
+    from lightning_ghostnoise.experiments.data import DEFAULT_DATA_DIR, resolve_dataset
+    from lightning_ghostnoise.analysis.outputs import write_json
 
     data_dir = args.data_dir or DEFAULT_DATA_DIR
     try:
@@ -490,7 +376,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write_json(json_path, out)
     written = [json_path]
     if not args.no_plot:
-        from lightning_ghostnoise.compare_plots import plot_curves, plot_validation_vs_n
+        from lightning_ghostnoise.experiments.compare_plots import plot_curves, plot_validation_vs_n
 
         png = os.path.join(args.out_dir, "curves.png")
         plot_curves(runs, [r["label"] for r in report["shown"]], png, title=header)

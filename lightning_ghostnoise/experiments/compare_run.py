@@ -5,7 +5,7 @@ runs in eval mode, where every ghost layer is the plain layer, and reads no rand
 often it runs (``--eval-every``) does not change the training.
 
 Example:
-    >>> from lightning_ghostnoise.compare import parse_args
+    >>> from lightning_ghostnoise.experiments.compare import parse_args
     >>> args = parse_args(["--epochs", "1", "--subset", "200", "--methods", "gni"])  # doctest: +SKIP
     >>> fit_once(args, args.specs[0], seed=0, show_bar=False, prefix="[1/1]")["test_acc"]  # doctest: +SKIP
 """
@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 if TYPE_CHECKING:
-    from lightning_ghostnoise.compare import MethodSpec
+    from lightning_ghostnoise.experiments.compare_methods import MethodSpec
 
 __all__ = ["evaluate", "fit_once"]
 
@@ -94,11 +94,11 @@ class _Record(pl.Callback):
 
 
 def fit_once(args: argparse.Namespace, spec: "MethodSpec", seed: int, show_bar: bool, prefix: str) -> Dict[str, Any]:
-    """Train one (method, seed) of a comparison and measure it; see :mod:`lightning_ghostnoise.compare`."""
-    from lightning_ghostnoise.callback import GhostNoise
-    from lightning_ghostnoise.compare import _width_kwargs
-    from lightning_ghostnoise.data import DEFAULT_DATA_DIR, FashionMNISTDataModule
-    from lightning_ghostnoise.models import Classifier
+    """Train one (method, seed) of a comparison and measure it; see :mod:`lightning_ghostnoise.experiments.compare`."""
+    from lightning_ghostnoise import GhostNoise
+    from lightning_ghostnoise.experiments.compare_methods import width_kwargs
+    from lightning_ghostnoise.experiments.data import DEFAULT_DATA_DIR, FashionMNISTDataModule
+    from lightning_ghostnoise.experiments.models import Classifier
 
     pl.seed_everything(seed, workers=True, verbose=False)
     dm = FashionMNISTDataModule(
@@ -116,7 +116,7 @@ def fit_once(args: argparse.Namespace, spec: "MethodSpec", seed: int, show_bar: 
         args.model,
         num_classes=dm.num_classes,
         in_channels=dm.in_channels,
-        model_kwargs=None if args.width is None else _width_kwargs(args.model, args.width),
+        model_kwargs=None if args.width is None else width_kwargs(args.model, args.width),
         lr=args.lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,

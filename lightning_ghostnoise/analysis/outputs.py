@@ -1,6 +1,6 @@
 """Result files of the commands: written atomically, readable like any file the user writes, PNGs small.
 
-``ghostnoise compare`` and :mod:`lightning_ghostnoise.analysis` write JSON and PNG files through these
+The noise analysis and the ``ghostnoise`` command write JSON and PNG files through these
 functions, so a reader (or a crash) never sees a half-written file, and figures need no pyplot state.
 
 Example:

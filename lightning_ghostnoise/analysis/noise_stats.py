@@ -1,7 +1,7 @@
 """Pure tensor math of the noise analysis: GBN/XBN noise, the laws of ghost noise, effective ``N``, KS tests.
 
 No module state, no Lightning, no scipy: :mod:`lightning_ghostnoise.analysis` applies these to live
-layers, :class:`~lightning_ghostnoise.monitor.GhostNoiseMonitor` to training steps.
+layers, :class:`~lightning_ghostnoise.GhostNoiseMonitor` to training steps.
 
 **The law.** For one value per (sample, channel) of a Gaussian feature, the noise GNI injects is
 ``shift ~ Normal(0, 1/N)`` and ``scale**2 ~ chi2(N - 1) / N`` (the paper's analysis; analytic GNI

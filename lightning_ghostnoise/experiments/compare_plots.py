@@ -1,7 +1,7 @@
 """The figures of ``ghostnoise compare``: learning curves and validation accuracy against ``N``.
 
 Both take the finished runs (as ``results.json`` stores them) and write a PNG through
-:mod:`lightning_ghostnoise.outputs` (no pyplot state, any matplotlib backend).
+:mod:`lightning_ghostnoise.analysis.outputs` (no pyplot state, any matplotlib backend).
 
 Example:
     >>> plot_curves(runs, ["BN", "GNI(16)"], "curves.png")  # doctest: +SKIP
@@ -19,7 +19,7 @@ def plot_curves(runs: Sequence[Dict[str, Any]], labels: Sequence[str], path: str
     mean over seeds with a +- std band, one line per label."""
     import numpy as np
 
-    from lightning_ghostnoise.outputs import new_figure, save_figure
+    from lightning_ghostnoise.analysis.outputs import new_figure, save_figure
 
     has_val = any(r["curves"].get("val_acc") for r in runs)
     panels = [("train_loss", "training loss (train mode)"), ("test_loss", "test loss")]
@@ -62,7 +62,7 @@ def plot_validation_vs_n(rows: Sequence[Dict[str, Any]], path: str, title: str =
     circled (rows with ``selected: True``)."""
     import numpy as np
 
-    from lightning_ghostnoise.outputs import new_figure, save_figure
+    from lightning_ghostnoise.analysis.outputs import new_figure, save_figure
 
     fig = new_figure(figsize=(6.4, 4.2))
     ax = fig.subplots(1, 1)
