@@ -252,8 +252,8 @@ class GhostNoise(Callback):
         return to_ghost_batch_size(value) if which == "ghost_batch_size" else value
 
     def _set_values(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch_idx: int) -> None:
-        steps = trainer.num_training_batches
-        steps = None if steps in (None, float("inf")) else int(steps)
+        batches = trainer.num_training_batches
+        steps = None if batches in (None, float("inf")) else int(batches)
         n = self._value("ghost_batch_size", trainer.current_epoch, batch_idx, steps, self._run_epochs)
         s = self._value("strength", trainer.current_epoch, batch_idx, steps, self._run_epochs)
         if self._current.get("ghost_batch_size") != n or self._current.get("strength") != s:
@@ -277,7 +277,7 @@ class GhostNoise(Callback):
                 "Use GhostNoise(sync=True) instead: it synchronizes the normalization statistics across processes "
                 "(SyncBatchNorm semantics) and draws ghost batches from the global batch."
             )
-        others = [cb for cb in trainer.callbacks if isinstance(cb, GhostNoise) and cb is not self]
+        others = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, GhostNoise) and cb is not self]
         if others:
             rank_zero_warn(
                 "Several GhostNoise callbacks are attached: the noise is not stacked, the later one reconfigures the "
@@ -342,14 +342,15 @@ class GhostNoise(Callback):
         names = {f"{name}.{buf}" if name else buf for name, _ in ghost_layers(pl_module) for buf in GHOST_BUFFERS}
         existing = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []))
         self._ddp_ignored = sorted(names - existing)
-        pl_module._ddp_params_and_buffers_to_ignore = sorted(existing | names)
+        setattr(pl_module, "_ddp_params_and_buffers_to_ignore", sorted(existing | names))
 
     def _revert(self, pl_module: "pl.LightningModule") -> None:
         revert_ghost_noise(pl_module)
         self._layers = []
         ignored = getattr(pl_module, "_ddp_params_and_buffers_to_ignore", None)
         if ignored is not None and self._ddp_ignored:
-            pl_module._ddp_params_and_buffers_to_ignore = [n for n in ignored if n not in set(self._ddp_ignored)]
+            kept = [n for n in ignored if n not in set(self._ddp_ignored)]
+            setattr(pl_module, "_ddp_params_and_buffers_to_ignore", kept)
             self._ddp_ignored = []
 
     @override

@@ -56,6 +56,12 @@ class NoiseStatistics(Metric):
     full_state_update = False
     is_differentiable = False
     higher_is_better = None
+    count: Tensor
+    sums: Tensor
+    shift_hist: Tensor
+    log_scale_hist: Tensor
+    minima: Tensor
+    maxima: Tensor
 
     def __init__(self, num_layers: int, bins: int = 50, histogram_range: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -78,6 +84,7 @@ class NoiseStatistics(Metric):
         idx = ((values.clamp(-r, r) + r) * (self.bins / (2 * r))).long().clamp_(0, self.bins - 1)
         return torch.bincount(idx, minlength=self.bins).to(torch.float64)
 
+    # torchmetrics declares update(*args, **kwargs); this metric takes named arguments, hence the ignore
     def update(self, index: int, shift: Tensor, scale: Tensor) -> None:  # type: ignore[override]
         """Add the noise values of layer ``index`` (any shape; empty: nothing to add)."""
         if shift.numel() == 0:

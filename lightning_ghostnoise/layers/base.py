@@ -141,7 +141,7 @@ class GhostNoiseMixin(nn.Module):
         new = cls.__new__(cls)
         # validate everything before touching any state, so an error leaves nothing half-done
         method = check_method_applies(method, cls._methods, cls._base.__name__)
-        running_stats = validate_running_stats(running_stats, method)
+        resolved_stats = validate_running_stats(running_stats, method)
         cls._check_module(module)
         new.__dict__.update(module.__dict__)
         new._parameters = dict(module._parameters)
@@ -151,7 +151,7 @@ class GhostNoiseMixin(nn.Module):
         new.shift_noise = bool(shift_noise)
         new._scale_noise = bool(scale_noise)
         new.fused = bool(fused)
-        new._running_stats = running_stats
+        new._running_stats = resolved_stats
         new.counter_rng = False
         new._strength_value = 0.0
         new._noise_on = False

@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Literal, Optional, Tuple
+from typing import Any, Dict, Literal, Optional, Tuple, cast
 
 from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor
@@ -46,7 +46,7 @@ Method = Literal["gni", "gbn", "xbn", "analytic"]
 RunningStats = Literal["ghost", "batch"]
 
 
-def validate_method(method: Any) -> str:
+def validate_method(method: Any) -> Method:
     """``method`` in lower case if it is one of :data:`METHODS`, else a ``ValueError``.
 
     Example:
@@ -55,10 +55,10 @@ def validate_method(method: Any) -> str:
     """
     if not isinstance(method, str) or method.lower() not in METHODS:
         raise ValueError(f"Unknown ghost noise method {method!r}: choose one of {', '.join(METHODS)}.")
-    return method.lower()
+    return cast(Method, method.lower())  # one of METHODS, checked above
 
 
-def check_method_applies(method: Any, allowed: Tuple[str, ...], layer: str) -> str:
+def check_method_applies(method: Any, allowed: Tuple[str, ...], layer: str) -> Method:
     """``method`` (validated, lower case) if the layer family ``layer`` supports it, else a ``ValueError``.
 
     LayerNorm and GroupNorm normalize each sample on its own: they take ``"gni"`` and ``"analytic"`` only.

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-WORKER = Path(__file__).with_name("_ddp_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "helpers" / "ddp_worker.py"
 
 
 def _run(mode: str, out: Path, world: int = 2) -> list:
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")}
-    env["PYTHONPATH"] = str(WORKER.parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, str(WORKER), mode, str(out), str(world)],
         env=env, capture_output=True, text=True, timeout=240,

@@ -19,7 +19,7 @@ from lightning_ghostnoise.layers import (
     is_ghost_layer,
 )
 from lightning_ghostnoise.seeding import derive_seed
-from lightning_ghostnoise.surgery import (
+from lightning_ghostnoise.layers.convert import (
     SurgeryReport,
     apply_ghost_noise,
     find_norm_layers,

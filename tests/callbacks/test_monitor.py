@@ -16,14 +16,14 @@ from torch import nn
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, Logger
 
-sys.path.insert(0, str(Path(__file__).parent))
 import _noise_reference as ref  # noqa: E402
 
 from lightning_ghostnoise import GhostNoise, GhostNoiseMonitor  # noqa: E402
-from lightning_ghostnoise import noise_stats as NS  # noqa: E402
-from lightning_ghostnoise.monitor import STATISTICS, NoiseStatistics  # noqa: E402
+from lightning_ghostnoise.analysis import noise_stats as NS  # noqa: E402
+from lightning_ghostnoise.callbacks.monitor import STATISTICS, NoiseStatistics  # noqa: E402
 
-WORKER = Path(__file__).with_name("_monitor_ddp_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "helpers" / "monitor_ddp_worker.py"
 
 
 class Net(pl.LightningModule):
@@ -224,7 +224,7 @@ def test_noise_statistics_states_merge_like_one_metric():
 def test_ddp_two_processes_log_the_merged_statistics(tmp_path):
     """2-process gloo DDP: rank 0 logs the statistics of both ranks' noise, not its own."""
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")}
-    env["PYTHONPATH"] = str(WORKER.parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path), "2"], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     inputs = [torch.load(tmp_path / f"rank{r}.pt")["bn_in"] for r in range(2)]

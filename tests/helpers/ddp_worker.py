@@ -1,6 +1,6 @@
 """Worker for the real multi-process tests (run by tests/test_ddp.py in a subprocess, never by pytest).
 
-Usage: python tests/_ddp_worker.py MODE OUT_DIR [WORLD]
+Usage: python tests/helpers/ddp_worker.py MODE OUT_DIR [WORLD]
   rewrite: 2-process DDP, local sampling, identical data on both ranks; records, per rank, the layer
            types seen in LightningModule.setup (before the DDP wrap) and the first ghost layer output.
   sync:    WORLD processes (1 or 2) with GhostNoise(sync=True); rank r holds rows r*B..(r+1)*B-1 of one

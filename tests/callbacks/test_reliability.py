@@ -16,10 +16,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from helpers_lightning import BATCHES_PER_EPOCH, BNModel, make_dataset, make_trainer, one_thread  # noqa: F401
+from helpers.tiny_lightning import BATCHES_PER_EPOCH, BNModel, make_dataset, make_trainer, one_thread  # noqa: F401
 from lightning_ghostnoise import GhostNoise, apply_ghost_noise, set_ghost_batch_size, set_strength
 from lightning_ghostnoise import functional as GF
-from lightning_ghostnoise import layers as GL
+from lightning_ghostnoise.layers import validation as GL
 from lightning_ghostnoise.layers import GhostBatchNorm1d, GhostBatchNorm2d, GhostGroupNorm, GhostLayerNorm
 from lightning_ghostnoise.schedules import (
     Constant,
@@ -33,7 +33,7 @@ from lightning_ghostnoise.schedules import (
     to_ghost_batch_size,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class ValueSpy(pl.Callback):

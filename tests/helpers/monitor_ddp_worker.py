@@ -1,6 +1,6 @@
 """Worker for the multi-process GhostNoiseMonitor test (run by tests/test_monitor.py in a subprocess, never by pytest).
 
-Usage: python tests/_monitor_ddp_worker.py OUT_DIR [WORLD]
+Usage: python tests/helpers/monitor_ddp_worker.py OUT_DIR [WORLD]
   WORLD processes (gloo) train one step of a model whose first layer is a BatchNorm2d on the raw input,
   with GhostNoise(method="gbn") and GhostNoiseMonitor(every_n_steps=1) logging to a CSVLogger in OUT_DIR.
   Rank r gets its own data: rank 0 independent pixels (weak ghost noise), rank 1 a value per image and
@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_ghostnoise import GhostNoise
-from lightning_ghostnoise.monitor import GhostNoiseMonitor
+from lightning_ghostnoise.callbacks import GhostNoiseMonitor
 
 warnings.filterwarnings("ignore")
 BATCH = 16

@@ -9,6 +9,7 @@ from typing import Union
 import pytest
 
 import lightning_ghostnoise.schedules as schedules_module
+from lightning_ghostnoise.schedules import base, composite, piecewise, ramps
 from lightning_ghostnoise.schedules import (
     Constant,
     Cosine,
@@ -494,6 +495,11 @@ def test_yaml_invalid_config_reports_our_message():
 # Docstring examples
 # --------------------------------------------------------------------------- #
 def test_docstring_examples():
-    result = doctest.testmod(schedules_module, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 10
-    assert result.failed == 0
+    """The examples of the package and of each of its modules (which may use any public schedule)."""
+    namespace = {name: getattr(schedules_module, name) for name in schedules_module.__all__}
+    attempted = failed = 0
+    for module in (schedules_module, base, composite, piecewise, ramps):
+        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE, extraglobs=namespace)
+        attempted, failed = attempted + result.attempted, failed + result.failed
+    assert attempted > 10
+    assert failed == 0

@@ -17,8 +17,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from helpers_lightning import one_thread  # noqa: F401  (autouse fixture)
-from helpers_lightning import (
+from helpers.tiny_lightning import one_thread  # noqa: F401  (autouse fixture)
+from helpers.tiny_lightning import (
     BATCHES_PER_EPOCH,
     BNModel,
     ConfigureModelBN,
