@@ -33,7 +33,11 @@ Example:
 
 from lightning_ghostnoise.analysis.measure import analyze_noise
 from lightning_ghostnoise.analysis.plots import plot_histograms, plot_noise_vs_n
-from lightning_ghostnoise.analysis.recorder import LayerNoise, NoiseRecorder, layer_noise
+from lightning_ghostnoise.analysis.recorder import (
+    LayerNoise,
+    NoiseRecorder,
+    layer_noise,
+)
 from lightning_ghostnoise.analysis.report import LayerNoiseSummary, NoiseAnalysis
 
 __all__ = [

@@ -37,7 +37,11 @@ from torch import nn
 
 from lightning_ghostnoise import METHODS
 from lightning_ghostnoise.analysis.outputs import write_json
-from lightning_ghostnoise.experiments.flags import DeprecatedSwitch, ListFlag, positive_int
+from lightning_ghostnoise.experiments.flags import (
+    DeprecatedSwitch,
+    ListFlag,
+    positive_int,
+)
 
 __all__ = ["build_parser", "load_model", "main"]
 

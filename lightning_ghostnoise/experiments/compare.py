@@ -39,8 +39,17 @@ import time
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from lightning_ghostnoise.experiments.compare_methods import COMPARE_METHODS, MethodSpec, method_specs
-from lightning_ghostnoise.experiments.compare_stats import format_table, paired_difference, select_on_validation, summarize
+from lightning_ghostnoise.experiments.compare_methods import (
+    COMPARE_METHODS,
+    MethodSpec,
+    method_specs,
+)
+from lightning_ghostnoise.experiments.compare_stats import (
+    format_table,
+    paired_difference,
+    select_on_validation,
+    summarize,
+)
 from lightning_ghostnoise.experiments.flags import ListFlag, positive_int
 
 __all__ = ["MethodSpec", "main", "method_specs", "parse_args"]
@@ -283,9 +292,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``ghostnoise compare``; returns the exit code (2: bad flags or data, nothing written)."""
     args = parse_args(argv)
     _quiet(args.verbose)
+    from lightning_ghostnoise.analysis.outputs import write_json
     from lightning_ghostnoise.experiments.compare_run import fit_once
     from lightning_ghostnoise.experiments.data import DEFAULT_DATA_DIR, resolve_dataset
-    from lightning_ghostnoise.analysis.outputs import write_json
 
     data_dir = args.data_dir or DEFAULT_DATA_DIR
     try:
@@ -376,7 +385,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write_json(json_path, out)
     written = [json_path]
     if not args.no_plot:
-        from lightning_ghostnoise.experiments.compare_plots import plot_curves, plot_validation_vs_n
+        from lightning_ghostnoise.experiments.compare_plots import (
+            plot_curves,
+            plot_validation_vs_n,
+        )
 
         png = os.path.join(args.out_dir, "curves.png")
         plot_curves(runs, [r["label"] for r in report["shown"]], png, title=header)

@@ -97,7 +97,10 @@ def fit_once(args: argparse.Namespace, spec: "MethodSpec", seed: int, show_bar: 
     """Train one (method, seed) of a comparison and measure it; see :mod:`lightning_ghostnoise.experiments.compare`."""
     from lightning_ghostnoise import GhostNoise
     from lightning_ghostnoise.experiments.compare_methods import width_kwargs
-    from lightning_ghostnoise.experiments.data import DEFAULT_DATA_DIR, FashionMNISTDataModule
+    from lightning_ghostnoise.experiments.data import (
+        DEFAULT_DATA_DIR,
+        FashionMNISTDataModule,
+    )
     from lightning_ghostnoise.experiments.models import Classifier
 
     pl.seed_everything(seed, workers=True, verbose=False)

@@ -1,18 +1,22 @@
 """Tests of the data module, the idx reader, the models and the Classifier (fast, CPU)."""
 
-import gzip
 import os
-import struct
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from helpers.fake_data import write_idx
 from lightning.pytorch import Trainer
 
 from lightning_ghostnoise import apply_ghost_noise, ghost_layers
-from lightning_ghostnoise.data import DEFAULT_DATA_DIR, FASHION_MNIST_FILES, FashionMNISTDataModule, load_idx
-from lightning_ghostnoise.models import (
+from lightning_ghostnoise.experiments.data import (
+    DEFAULT_DATA_DIR,
+    FASHION_MNIST_FILES,
+    FashionMNISTDataModule,
+    load_idx,
+)
+from lightning_ghostnoise.experiments.models import (
     Classifier,
     SmallCNN,
     TinyTransformer,
@@ -24,17 +28,6 @@ from lightning_ghostnoise.models import (
 HAVE_FASHION = all(os.path.isfile(os.path.join(DEFAULT_DATA_DIR, f)) for f in FASHION_MNIST_FILES.values())
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning:lightning.pytorch.utilities._pytree")
 needs_fashion = pytest.mark.skipif(not HAVE_FASHION, reason=f"Fashion-MNIST not installed in {DEFAULT_DATA_DIR}")
-
-
-def _write_idx(path, array, code=0x08, compress=True, magic=None, shape=None):
-    shape = array.shape if shape is None else shape
-    header = (magic if magic is not None else struct.pack(">HBB", 0, code, len(shape))) + struct.pack(
-        f">{len(shape)}I", *shape
-    )
-    dtype = {0x08: ">u1", 0x0B: ">i2", 0x0D: ">f4"}[code]
-    raw = header + array.astype(dtype).tobytes()
-    with (gzip.open if compress else open)(path, "wb") as f:
-        f.write(raw)
 
 
 def _trainer(**kwargs):
@@ -55,7 +48,7 @@ def _trainer(**kwargs):
 def test_load_idx_roundtrip(tmp_path, compress):
     data = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     path = tmp_path / ("a.idx.gz" if compress else "a.idx")
-    _write_idx(path, data, compress=compress)
+    write_idx(path, data, compress=compress)
     out = load_idx(str(path))
     np.testing.assert_array_equal(out, data)
     assert out.dtype == np.uint8 and not out.flags.writeable
@@ -64,10 +57,10 @@ def test_load_idx_roundtrip(tmp_path, compress):
 
 def test_load_idx_other_dtypes(tmp_path):
     shorts = np.array([-3, 0, 1000], dtype=np.int16)
-    _write_idx(tmp_path / "s.gz", shorts, code=0x0B)
+    write_idx(tmp_path / "s.gz", shorts, code=0x0B)
     np.testing.assert_array_equal(load_idx(str(tmp_path / "s.gz")), shorts)
     floats = np.array([[0.5, -2.0]], dtype=np.float32)
-    _write_idx(tmp_path / "f.gz", floats, code=0x0D)
+    write_idx(tmp_path / "f.gz", floats, code=0x0D)
     out = load_idx(str(tmp_path / "f.gz"))
     assert out.dtype == np.float32 and out.dtype.isnative
     np.testing.assert_array_equal(out, floats)
@@ -75,18 +68,18 @@ def test_load_idx_other_dtypes(tmp_path):
 
 def test_load_idx_bad_magic(tmp_path):
     path = tmp_path / "bad.gz"
-    _write_idx(path, np.zeros((2, 2), np.uint8), magic=b"\x12\x34\x08\x02")
+    write_idx(path, np.zeros((2, 2), np.uint8), magic=b"\x12\x34\x08\x02")
     with pytest.raises(ValueError, match="bad idx magic number"):
         load_idx(str(path))
     path = tmp_path / "badtype.gz"
-    _write_idx(path, np.zeros((2, 2), np.uint8), magic=b"\x00\x00\x07\x02")
+    write_idx(path, np.zeros((2, 2), np.uint8), magic=b"\x00\x00\x07\x02")
     with pytest.raises(ValueError, match="bad idx magic number"):
         load_idx(str(path))
 
 
 def test_load_idx_size_mismatch_and_bad_gzip(tmp_path):
     path = tmp_path / "short.gz"
-    _write_idx(path, np.zeros(5, np.uint8), shape=(2, 3))
+    write_idx(path, np.zeros(5, np.uint8), shape=(2, 3))
     with pytest.raises(ValueError, match="size mismatch"):
         load_idx(str(path))
     path = tmp_path / "plain.gz"
@@ -180,7 +173,7 @@ def test_corrupt_file_is_an_error_not_a_fallback(tmp_path):
     for key, name in FASHION_MNIST_FILES.items():
         n = 3
         arr = np.zeros((n, 28, 28) if "images" in key else (n,), np.uint8)
-        _write_idx(tmp_path / name, arr, magic=b"\x00\x00\x08\x09" if key == "train_labels" else None)
+        write_idx(tmp_path / name, arr, magic=b"\x00\x00\x08\x09" if key == "train_labels" else None)
     dm = FashionMNISTDataModule(data_dir=str(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from lightning_ghostnoise.outputs import new_figure, save_figure, write_atomic, write_json
+from lightning_ghostnoise.analysis.outputs import (
+    new_figure,
+    save_figure,
+    write_atomic,
+    write_json,
+)
 
 
 def _umask() -> int:

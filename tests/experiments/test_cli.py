@@ -15,12 +15,18 @@ from torch.utils.data import DataLoader
 
 pytest.importorskip("jsonargparse")
 
+from helpers.tiny_lightning import make_dataset, one_thread  # noqa: E402, F401  (one_thread: autouse fixture)
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
-from helpers_lightning import make_dataset, one_thread  # noqa: E402, F401  (one_thread: autouse fixture)
 from lightning_ghostnoise import GhostNoise  # noqa: E402
 from lightning_ghostnoise.layers import GhostBatchNorm1d, GhostBatchNorm2d  # noqa: E402
-from lightning_ghostnoise.schedules import Constant, Cosine, Geometric, Piecewise, to_ghost_batch_size  # noqa: E402
+from lightning_ghostnoise.schedules import (  # noqa: E402
+    Constant,
+    Cosine,
+    Geometric,
+    Piecewise,
+    to_ghost_batch_size,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,6 @@ import csv
 import gzip
 import json
 import os
-import struct
 import sys
 import warnings
 from pathlib import Path
@@ -16,24 +15,25 @@ from typing import List
 import numpy as np
 import pytest
 import torch
+from helpers.fake_data import write_fake_fashion
 from torch import nn
 
 from lightning_ghostnoise import GhostNoise, apply_ghost_noise, ghost_layers
-from lightning_ghostnoise import data as data_module
-from lightning_ghostnoise.cli import build_lightning_cli
-from lightning_ghostnoise.cli import main as cli_main
-from lightning_ghostnoise.compare import method_specs, parse_args
-from lightning_ghostnoise.compare import main as compare_main
-from lightning_ghostnoise.compare_stats import format_table, summarize
-from lightning_ghostnoise.data import FASHION_MNIST_FILES
-from lightning_ghostnoise.models import WSConv2d, build_model
+from lightning_ghostnoise.experiments import data as data_module
+from lightning_ghostnoise.experiments.cli import build_lightning_cli
+from lightning_ghostnoise.experiments.cli import main as cli_main
+from lightning_ghostnoise.experiments.compare import main as compare_main
+from lightning_ghostnoise.experiments.compare import method_specs, parse_args
+from lightning_ghostnoise.experiments.compare_stats import format_table, summarize
+from lightning_ghostnoise.experiments.data import FASHION_MNIST_FILES
+from lightning_ghostnoise.experiments.models import WSConv2d, build_model
 from lightning_ghostnoise.surgery import SurgeryReport
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning:lightning.pytorch.utilities._pytree"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
 ]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--epochs", "1", "--width", "4", "--batch-size", "32", "--progress-bar", "off", "--seeds", "2"]
 
 
@@ -48,26 +48,10 @@ def _one_thread_and_clean_seed(monkeypatch: pytest.MonkeyPatch):
     torch.set_num_threads(threads)
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(">u1").tobytes())
-
-
 @pytest.fixture
 def fake_fashion(tmp_path: Path) -> Path:
     """A Fashion-MNIST folder in the real idx.gz format: 200 training and 50 test images with learnable labels."""
-    folder = tmp_path / "fashion"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 200), ("test", 50)):
-        labels = np.arange(n) % 10
-        images = rng.integers(0, 60, size=(n, 28, 28))
-        for i, y in enumerate(labels):  # a bright bar whose row encodes the class
-            images[i, 2 + 2 * y : 4 + 2 * y, :] = 250
-        prefix = "train" if split == "train" else "t10k"
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
-        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    folder = write_fake_fashion(tmp_path / "fashion", n_train=200, n_test=50)
     assert sorted(os.listdir(folder)) == sorted(FASHION_MNIST_FILES.values())
     return folder
 
@@ -363,3 +347,13 @@ def test_compare_vit_layernorm_with_analytic_gni(fake_fashion: Path, tmp_path: P
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     assert [r["label"] for r in results["summary"]] == ["LN", "LN+GNI(4)", "LN+analytic GNI(4)"]
     assert all(np.isfinite(r["curves"]["train_loss"]).all() for r in results["runs"])
+
+
+def test_list_flags_take_spaces_and_the_comma_spelling_with_a_deprecation(capsys) -> None:
+    spaced = parse_args(["--methods", "plain", "gni", "--ghost-batch-size", "8", "16", "--no-plot"])
+    assert capsys.readouterr().err == ""
+    commas = parse_args(["--methods", "plain,gni", "--ghost-batch-size", "8,16", "--no-plot"])
+    err = capsys.readouterr().err
+    assert [s.label for s in commas.specs] == [s.label for s in spaced.specs] == ["BN", "GNI(8)", "GNI(16)"]
+    assert "deprecated: comma-separated values for --ghost-batch-size; separate them with spaces: --ghost-batch-size 8 16" in err
+    assert "separate them with spaces: --methods plain gni" in err

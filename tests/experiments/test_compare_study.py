@@ -3,9 +3,7 @@ against scipy, method variants end to end, optimizer flags, and ``--resume`` ove
 
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 import warnings
 from pathlib import Path
 from typing import List
@@ -13,13 +11,18 @@ from typing import List
 import numpy as np
 import pytest
 import torch
+from helpers.fake_data import write_fake_fashion
 from scipy import stats
 
-from lightning_ghostnoise.compare import main as compare_main
-from lightning_ghostnoise.compare import method_specs, parse_args
-from lightning_ghostnoise.compare_stats import paired_difference, select_on_validation, summarize
-from lightning_ghostnoise.data import FashionMNISTDataModule
-from lightning_ghostnoise.models import Classifier, _WarmupCosine
+from lightning_ghostnoise.experiments.compare import main as compare_main
+from lightning_ghostnoise.experiments.compare import method_specs, parse_args
+from lightning_ghostnoise.experiments.compare_stats import (
+    paired_difference,
+    select_on_validation,
+    summarize,
+)
+from lightning_ghostnoise.experiments.data import FashionMNISTDataModule
+from lightning_ghostnoise.experiments.models import Classifier, _WarmupCosine
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning:lightning.pytorch.utilities._pytree"),
@@ -37,28 +40,10 @@ def _one_thread(monkeypatch: pytest.MonkeyPatch):
     torch.set_num_threads(threads)
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(">u1").tobytes())
-
-
 def _fashion(folder: Path, test_noise: int = 0) -> Path:
     """A Fashion-MNIST folder in the idx.gz format: 300 training, 60 test images with learnable labels;
     ``test_noise`` seeds a perturbation of the test images only."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 300), ("test", 60)):
-        labels = np.arange(n) % 10
-        images = rng.integers(0, 60, size=(n, 28, 28))
-        for i, y in enumerate(labels):
-            images[i, 2 + 2 * y : 4 + 2 * y, :] = 250
-        if split == "test" and test_noise:
-            images = np.random.default_rng(test_noise).integers(0, 256, size=images.shape)
-        prefix = "train" if split == "train" else "t10k"
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
-        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return folder
+    return write_fake_fashion(folder, n_train=300, n_test=60, test_noise=test_noise)
 
 
 def _run(argv: List[str]) -> int:
