@@ -3,7 +3,7 @@ from the layers' own draws, every layer path, the recorder's hooks."""
 
 import math
 
-import _noise_reference as ref
+from helpers import reference as ref
 import pytest
 import torch
 from torch import nn
@@ -90,17 +90,17 @@ def test_noise_rebuilds_the_output_of_the_triton_kernel_path(method, monkeypatch
     """The CUDA kernels (here in Triton's interpreter) compute the noise inside the kernel; the recorder's
     noise, recomputed from the input and the draws, still rebuilds their output."""
     pytest.importorskip("triton")
-    from lightning_ghostnoise import kernels
+    from lightning_ghostnoise import config
+    from lightning_ghostnoise.backends.triton import kernels
 
-    monkeypatch.setattr(kernels, "ALLOW_CPU", True)
-    monkeypatch.delenv("GHOSTNOISE_TRITON", raising=False)
     calls = []
     real = kernels.affine
     monkeypatch.setattr(kernels, "affine", lambda *a: calls.append(1) or real(*a))
     layer = GhostBatchNorm2d.from_module(_with_affine(nn.BatchNorm2d(3)), method=method, ghost_batch_size=4, strength=0.7)
     x = torch.randn(10, 3, 3, 4, generator=_gen(8)) * 2 + 1
     seen = {}
-    with NoiseRecorder([("0", layer)], lambda name, layer, noise: seen.__setitem__(name, noise)):
+    record = NoiseRecorder([("0", layer)], lambda name, layer, noise: seen.__setitem__(name, noise))
+    with config.use_backend("triton"), record:  # CPU tensors through Triton's interpreter (tests/conftest.py)
         seen["__out__"] = layer.train()(x).detach()  # with gradients recorded: the fused (kernel) path
     assert calls, "the kernel path was not taken"
     shift, scale = seen["0"].injected()
