@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ghostnoise.functional import counter_rng
+from lightning_ghostnoise import backends
 from lightning_ghostnoise import functional as GF
 from lightning_ghostnoise.distributed import gather_rows, sync_world
 from lightning_ghostnoise.layers.validation import (
@@ -61,7 +62,7 @@ class GhostNoiseMixin(nn.Module):
         scale_noise: apply the scale (variance) part of the noise.
         noise_eps: the epsilon inside GNI's noise scale (the paper's 1e-3).
         seed: the seed of the layer's own random generator (see :meth:`reseed`).
-        counter_rng: draw from the counter-based generator (:mod:`lightning_ghostnoise.counter_rng`)
+        counter_rng: draw from the counter-based generator (:mod:`lightning_ghostnoise.functional.counter_rng`)
             instead of the layer's ``torch.Generator``; always so under ``torch.compile``, where a
             generator attribute would break the graph. Same law, another (equally reproducible) stream.
         running_stats: where a BatchNorm layer's running statistics come from in training: ``"ghost"``
@@ -347,7 +348,7 @@ class GhostNoiseMixin(nn.Module):
 
         Analytic GNI's noise does not depend on the data: its per-sample moments are not computed."""
         noise_fn = GF.MomentFreeNoise(self._draw_noise) if self.method == "analytic" else self._draw_noise
-        return GF.normalized_noise(
+        return backends.normalized_noise(
             x,
             normalize,
             noise_fn,

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import Tensor, nn
 
-from lightning_ghostnoise import functional as GF
+from lightning_ghostnoise import backends
 from lightning_ghostnoise.distributed import global_batch_moments
 from lightning_ghostnoise.layers.base import _STRENGTH_BUFFER, GhostNoiseMixin
 from lightning_ghostnoise.layers.validation import check_floating
@@ -74,13 +74,13 @@ class _GhostBatchNorm(GhostNoiseMixin, nn.modules.batchnorm._BatchNorm):
                     "multiple of ghost_batch_size)."
                 )
             if self.method == "gbn":
-                return GF.ghost_batch_norm(x, self._ghost_batch_size, **settings, running_stats=self.running_stats)
-            return GF.exclusive_batch_norm(x, self._ghost_batch_size, **settings)
+                return backends.ghost_batch_norm(x, self._ghost_batch_size, **settings, running_stats=self.running_stats)
+            return backends.exclusive_batch_norm(x, self._ghost_batch_size, **settings)
         if world:
             settings["stats_fn"] = self._global_statistics(x.numel() // x.shape[1] * world[1], settings["running_mean"])
-            return GF.ghost_noise_batch_norm(x, self._draw_noise, **settings)
+            return backends.ghost_noise_batch_norm(x, self._draw_noise, **settings)
         # draws made up front: the fused CUDA kernels compute the noise from them in-kernel
-        return GF.ghost_noise_batch_norm(x, self._draws(x.shape[0], x.shape[1], x.device), **settings)
+        return backends.ghost_noise_batch_norm(x, self._draws(x.shape[0], x.shape[1], x.device), **settings)
 
     def _global_statistics(self, count: int, running_mean: Optional[Tensor]) -> Callable[[Tensor, Tensor], Tuple[Tensor, Tensor, int]]:
         """``stats_fn`` for ``sync=True``: the global batch's moments (``count`` values per channel)."""

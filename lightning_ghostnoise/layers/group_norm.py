@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_ghostnoise import functional as GF
+from lightning_ghostnoise import backends
 from lightning_ghostnoise.layers.base import GhostNoiseMixin
 from lightning_ghostnoise.layers.validation import check_floating
 
@@ -38,5 +38,5 @@ class GhostGroupNorm(GhostNoiseMixin, nn.GroupNorm):
             raise ValueError(
                 f"GhostGroupNorm needs a batch dimension: got an input of shape {tuple(x.shape)}, expected (B, C, *)."
             )
-        norm = GF.NativeGroupNorm(self.num_groups, self.eps)
+        norm = backends.NativeGroupNorm(self.num_groups, self.eps)
         return self._inject(x, norm, self.weight, self.bias, channel_dim=1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_ghostnoise import functional as GF
+from lightning_ghostnoise import backends
 from lightning_ghostnoise.layers.base import GhostNoiseMixin
 from lightning_ghostnoise.layers.validation import check_floating
 
@@ -48,5 +48,5 @@ class GhostLayerNorm(GhostNoiseMixin, nn.LayerNorm):
             raise ValueError(
                 f"GhostLayerNorm needs a batch dimension: got an input of shape {tuple(x.shape)}, expected (B, *, D)."
             )
-        norm = GF.NativeLayerNorm(self.normalized_shape, self.eps)
+        norm = backends.NativeLayerNorm(self.normalized_shape, self.eps)
         return self._inject(x, norm, self.weight, self.bias, channel_dim=-1)

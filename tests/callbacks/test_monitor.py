@@ -16,7 +16,7 @@ from torch import nn
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, Logger
 
-import _noise_reference as ref  # noqa: E402
+from helpers import reference as ref  # noqa: E402
 
 from lightning_ghostnoise import GhostNoise, GhostNoiseMonitor  # noqa: E402
 from lightning_ghostnoise.analysis import noise_stats as NS  # noqa: E402

@@ -21,7 +21,7 @@ from lightning_ghostnoise.layers import (
     ghost_class_for,
     is_ghost_layer,
 )
-from test_functional import (
+from helpers.reference import (
     affine_params,
     ref_apply,
     ref_batch_normalize,

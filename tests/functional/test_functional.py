@@ -16,6 +16,30 @@ import torch
 import torch.nn.functional as F
 
 from lightning_ghostnoise import functional as GF
+from lightning_ghostnoise.backends import torch_passes
+from lightning_ghostnoise.functional import affine as GFA
+from lightning_ghostnoise.functional import batch_norm as GFB
+from lightning_ghostnoise.functional import moments as GFM
+from lightning_ghostnoise.functional import noise as GFN
+
+from helpers.reference import (  # noqa: F401
+    _biased_moments,
+    _affine,
+    F64,
+    NOISE_EPS,
+    affine_params,
+    ref_apply,
+    ref_batch_normalize,
+    ref_gbn,
+    ref_gbn_strength,
+    ref_gni,
+    ref_gni_noise,
+    ref_groups,
+    ref_layer_normalize,
+    ref_sample_normalize,
+    ref_xbn,
+    varied_input,
+)
 
 
 class _LazyStats:
@@ -29,178 +53,6 @@ class _LazyStats:
 
 stats = _LazyStats()
 
-NOISE_EPS = 1e-3
-F64 = torch.float64
-
-
-# ---------------------------------------------------------------------------------------------------
-# plain references (float64, loops)
-# ---------------------------------------------------------------------------------------------------
-def _biased_moments(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    m = values.mean()
-    return m, ((values - m) ** 2).mean()
-
-
-def _affine(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], c: int) -> Tuple[float, float]:
-    g = 1.0 if weight is None else float(weight[c])
-    b = 0.0 if bias is None else float(bias[c])
-    return g, b
-
-
-def ref_batch_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-channel batch normalization (biased variance), no affine; differentiable, float64."""
-    x = x.to(F64)
-    outs = []
-    for c in range(x.shape[1]):
-        v = x[:, c]
-        m, var = _biased_moments(v.reshape(-1))
-        outs.append((v - m) / torch.sqrt(var + eps))
-    return torch.stack(outs, dim=1)
-
-
-def ref_layer_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dimension, no affine, loop over all leading positions; float64."""
-    x = x.to(F64)
-    flat = x.reshape(-1, x.shape[-1])
-    rows = []
-    for r in range(flat.shape[0]):
-        m, var = _biased_moments(flat[r])
-        rows.append((flat[r] - m) / torch.sqrt(var + eps))
-    return torch.stack(rows).reshape(x.shape)
-
-
-def ref_sample_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """GroupNorm(1, C): each sample normalized over all its (channel, spatial) values; float64."""
-    x = x.to(F64)
-    outs = []
-    for b in range(x.shape[0]):
-        m, var = _biased_moments(x[b].reshape(-1))
-        outs.append((x[b] - m) / torch.sqrt(var + eps))
-    return torch.stack(outs)
-
-
-def ref_gni_noise(x_hat: torch.Tensor, idx: torch.Tensor, channel_dim: int = 1, eps: float = NOISE_EPS):
-    """GNI's (shift, scale) per (sample, channel): pool the N*spatial normalized values of the drawn samples."""
-    xh = x_hat.detach().to(F64).movedim(channel_dim, 1)
-    B, C = xh.shape[:2]
-    flat = xh.reshape(B, C, -1)
-    N = idx.shape[1]
-    shift = torch.zeros(B, C, dtype=F64)
-    scale = torch.zeros(B, C, dtype=F64)
-    for c in range(C):
-        bm, bv = _biased_moments(flat[:, c, :].reshape(-1))
-        for b in range(B):
-            pool = torch.cat([flat[int(idx[b, j]), c, :] for j in range(N)])
-            gm, gv = _biased_moments(pool)
-            shift[b, c] = gm - bm
-            scale[b, c] = math.sqrt((float(gv) + eps) / (float(bv) + eps))
-    return shift, scale
-
-
-def ref_apply(
-    x_hat: torch.Tensor,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    weight=None,
-    bias=None,
-    strength: float = 1.0,
-    shift_noise: bool = True,
-    scale_noise: bool = True,
-    channel_dim: int = 1,
-) -> torch.Tensor:
-    """y = gamma * (x_hat - s*shift) / scale**s + beta, loop over (sample, channel)."""
-    xh = x_hat.to(F64).movedim(channel_dim, 1)
-    B, C = xh.shape[:2]
-    out = torch.empty_like(xh)
-    for b in range(B):
-        for c in range(C):
-            v = xh[b, c]
-            if shift_noise:
-                v = v - strength * float(shift[b, c])
-            if scale_noise:
-                v = v / float(scale[b, c]) ** strength
-            g, be = _affine(weight, bias, c)
-            out[b, c] = g * v + be
-    return out.movedim(1, channel_dim)
-
-
-def ref_gni(x_hat, idx, weight=None, bias=None, strength=1.0, shift_noise=True, scale_noise=True, channel_dim=1):
-    shift, scale = ref_gni_noise(x_hat, idx, channel_dim)
-    return ref_apply(x_hat, shift, scale, weight, bias, strength, shift_noise, scale_noise, channel_dim)
-
-
-def ref_groups(B: int, N: int) -> List[List[int]]:
-    """Consecutive ghost batches; the B mod N trailing samples join the last full one; B < N: one batch."""
-    if B < N:
-        return [list(range(B))]
-    groups = [list(range(k * N, (k + 1) * N)) for k in range(B // N)]
-    groups[-1].extend(range((B // N) * N, B))
-    return groups
-
-
-def ref_gbn(x: torch.Tensor, N: int, eps: float, weight=None, bias=None) -> torch.Tensor:
-    x = x.to(F64)
-    y = torch.empty_like(x)
-    for members in ref_groups(x.shape[0], N):
-        for c in range(x.shape[1]):
-            pool = torch.cat([x[i, c].reshape(-1) for i in members])
-            m, v = _biased_moments(pool)
-            g, be = _affine(weight, bias, c)
-            for i in members:
-                y[i, c] = g * (x[i, c] - m) / math.sqrt(float(v) + eps) + be
-    return y
-
-
-def ref_xbn(x: torch.Tensor, N: int, eps: float, weight=None, bias=None) -> torch.Tensor:
-    x = x.to(F64)
-    y = torch.empty_like(x)
-    for members in ref_groups(x.shape[0], N):
-        for i in members:
-            others = [j for j in members if j != i] or [i]
-            for c in range(x.shape[1]):
-                pool = torch.cat([x[j, c].reshape(-1) for j in others])
-                m, v = _biased_moments(pool)
-                g, be = _affine(weight, bias, c)
-                y[i, c] = g * (x[i, c] - m) / math.sqrt(float(v) + eps) + be
-    return y
-
-
-def ref_gbn_strength(x: torch.Tensor, N: int, eps: float, strength: float, shift_noise=True, scale_noise=True):
-    """GBN with strength s via DESIGN's formula: with x_hat = (x - mu_B)/std_B, GBN's implied noise is
-    shift = (mu_G - mu_B)/std_B and scale = std_G/std_B (std = sqrt(var + eps));
-    y = (x_hat - s*shift)/scale**s."""
-    x = x.to(F64)
-    y = torch.empty_like(x)
-    for c in range(x.shape[1]):
-        bm, bv = _biased_moments(x[:, c].reshape(-1))
-        std_b = math.sqrt(float(bv) + eps)
-        for members in ref_groups(x.shape[0], N):
-            gm, gv = _biased_moments(torch.cat([x[i, c].reshape(-1) for i in members]))
-            shift = (float(gm) - float(bm)) / std_b
-            scale = math.sqrt(float(gv) + eps) / std_b
-            for i in members:
-                v = (x[i, c] - bm) / std_b
-                if shift_noise:
-                    v = v - strength * shift
-                if scale_noise:
-                    v = v / scale**strength
-                y[i, c] = v
-    return y
-
-
-def varied_input(shape: Sequence[int], seed: int, dtype=torch.float32) -> torch.Tensor:
-    """Random data with per-sample and per-channel offsets/scales, so ghost statistics really differ."""
-    g = torch.Generator().manual_seed(seed)
-    B, C = shape[0], shape[1]
-    extra = (1,) * (len(shape) - 2)
-    offs = 0.7 * torch.randn((B, C) + extra, generator=g) + torch.linspace(-1, 2, C).view((1, C) + extra)
-    scales = 0.5 + torch.rand((B, 1) + extra, generator=g)
-    return (offs + scales * torch.randn(tuple(shape), generator=g)).to(dtype)
-
-
-def affine_params(C: int, seed: int = 7):
-    g = torch.Generator().manual_seed(seed)
-    return 1.0 + 0.5 * torch.randn(C, generator=g), 0.3 * torch.randn(C, generator=g)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -376,7 +228,7 @@ def test_ghost_statistics_compiled_matches_eager(B, N, exclusive):
     compiled = run(torch.compile(fn, backend="aot_eager", fullgraph=True))
     for got, want in zip(compiled, run(fn)):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
-    assert GF._ghost_matrix(B, N, exclusive, x) is not None  # eager: the matrix
+    assert GFB.ghost_matrix(B, N, exclusive, x) is not None  # eager: the matrix
 
 
 def test_ghost_noise_carries_no_gradient():
@@ -709,7 +561,7 @@ def test_sample_affine_and_its_input_gradient_in_every_layout(shape, channel_dim
     channels = shape[channel_dim]
     a, d = torch.randn(shape[0], channels, generator=gen), torch.randn(shape[0], channels, generator=gen)
     p, q = torch.randn(channels, generator=gen), torch.randn(channels, generator=gen)
-    assert GF._coefficients_inner_broadcast(x, channel_dim, grad) is two_ops
+    assert GFA.inner_broadcast(x, channel_dim, grad) is two_ops
 
     def per_position(t: torch.Tensor) -> torch.Tensor:  # (B, C) or (C,) -> the shape of x, by loops
         out = torch.empty(shape, dtype=F64)
@@ -729,17 +581,17 @@ def test_sample_affine_and_its_input_gradient_in_every_layout(shape, channel_dim
     y = GF.sample_affine(x, a, d, channel_dim)
     assert y.dtype == dtype and y.shape == x.shape
     torch.testing.assert_close(y.double(), x64 * a64 + d64, **tol)
-    grad_x = GF._affine_input_grad(grad, x, a, p, q, channel_dim)
+    grad_x = torch_passes.affine_input_grad(grad, x, a, p, q, channel_dim)
     assert grad_x.dtype == dtype
     torch.testing.assert_close(grad_x.double(), g64 * a64 + x64 * p64 + q64, **tol)
     # written into a scratch tensor of x's shape and dtype (the backward passes grad * x's memory) ...
     scratch = grad * x
-    into = GF._affine_input_grad(grad, x, a, p, q, channel_dim, out=scratch)
+    into = torch_passes.affine_input_grad(grad, x, a, p, q, channel_dim, out=scratch)
     assert into.data_ptr() == scratch.data_ptr()
     torch.testing.assert_close(into, grad_x, rtol=0, atol=0)
     # ... and a scratch that does not fit is left alone
     wrong = torch.zeros(shape, dtype=torch.float64)
-    other = GF._affine_input_grad(grad, x, a, p, q, channel_dim, out=wrong)
+    other = torch_passes.affine_input_grad(grad, x, a, p, q, channel_dim, out=wrong)
     assert other.data_ptr() != wrong.data_ptr() and other.dtype == dtype and not wrong.any()
     torch.testing.assert_close(other, grad_x, rtol=0, atol=0)
 
@@ -776,7 +628,7 @@ def test_analytic_draws_are_a_normal_then_a_gamma_from_the_generator(n):
 @pytest.mark.parametrize("n", [2, 3, 6, 17])
 def test_analytic_draws_counter_gamma_follows_its_law(n):
     """Counter draws (torch.compile): Gamma((N - 1) / 2) from exponentials (and a squared normal)."""
-    from lightning_ghostnoise import counter_rng
+    from lightning_ghostnoise.functional import counter_rng
 
     key = counter_rng.mix_key(torch.tensor(3))
     z, g = GF.analytic_draws(20_000, 2, n, key=key)
@@ -792,7 +644,7 @@ def test_analytic_draws_counter_gamma_follows_its_law(n):
 @pytest.mark.parametrize("n", [2, 16, 35])
 def test_analytic_counter_draws_compiled_equal_eager(n):
     """The counter draws traced by ``torch.compile`` are the eager ones (the compiled layers' noise)."""
-    from lightning_ghostnoise import counter_rng
+    from lightning_ghostnoise.functional import counter_rng
 
     key = counter_rng.mix_key(torch.tensor(5), 2)
     torch._dynamo.reset()
@@ -1140,9 +992,9 @@ def test_native_norm_path_with_a_non_contiguous_input(norm, shape, channel_dim, 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Make every CPU temporary above 1 KiB go through chunks of 4 KiB (see ``GF._batch_chunks``)."""
-    monkeypatch.setattr(GF, "_TEMPORARY_LIMIT", 1024)
-    monkeypatch.setattr(GF, "_CHUNK_BYTES", 4096)
+    """Make every CPU temporary above 1 KiB go through chunks of 4 KiB (see ``batch_chunks``)."""
+    monkeypatch.setattr(GFM, "_TEMPORARY_LIMIT", 1024)
+    monkeypatch.setattr(GFM, "_CHUNK_BYTES", 4096)
 
 
 @pytest.mark.parametrize(
@@ -1155,10 +1007,10 @@ def test_per_sample_moments_in_chunks_match_one_piece(shape, channel_dim, memory
     if memory_format is not None:
         x = x.to(memory_format=memory_format)
     whole = GF.per_sample_moments(x, channel_dim)
-    monkeypatch.setattr(GF, "_TEMPORARY_LIMIT", 1024)
-    monkeypatch.setattr(GF, "_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(GFM, "_TEMPORARY_LIMIT", 1024)
+    monkeypatch.setattr(GFM, "_CHUNK_BYTES", 4096)
     if dtype != torch.float64:  # (float64 takes var_mean, no temporary)
-        assert 1 < GF._batch_chunks(x, 4) < shape[0] and shape[0] % GF._batch_chunks(x, 4)
+        assert 1 < GFM.batch_chunks(x, 4) < shape[0] and shape[0] % GFM.batch_chunks(x, 4)
     chunked = GF.per_sample_moments(x, channel_dim)
     for got, want in zip(chunked, whole):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -1168,8 +1020,8 @@ def test_per_sample_moments_in_chunks_match_one_piece(shape, channel_dim, memory
 def test_ghost_matrix_is_cached_in_eager_mode_and_matches_a_loop(batch, n, exclusive, monkeypatch):
     """The ghost averaging matrix, built once per (batch, ghost batch size, kind, device, dtype)."""
     like = torch.zeros(batch, 3)
-    first = GF._ghost_matrix(batch, n, exclusive, like)
-    assert GF._ghost_matrix(batch, n, exclusive, like) is first  # cached
+    first = GFB.ghost_matrix(batch, n, exclusive, like)
+    assert GFB.ghost_matrix(batch, n, exclusive, like) is first  # cached
     # ghost_groups: consecutive samples; the remainder joins the last full ghost batch
     starts = list(range(0, max(batch // n, 1) * n, n))
     groups = [list(range(i, i + n)) for i in starts[:-1]] + [list(range(starts[-1], batch))]
@@ -1180,8 +1032,8 @@ def test_ghost_matrix_is_cached_in_eager_mode_and_matches_a_loop(batch, n, exclu
             for j in others:
                 expected[b, j] = 1.0 / len(others)
     torch.testing.assert_close(first, expected)
-    monkeypatch.setattr(GF, "_MATRIX_CACHE_MAX_BATCH", batch - 1)  # above the limit: built every time
-    assert GF._ghost_matrix(batch, n, exclusive, like) is not GF._ghost_matrix(batch, n, exclusive, like)
+    monkeypatch.setattr(GFB, "_MATRIX_CACHE_MAX_BATCH", batch - 1)  # above the limit: built every time
+    assert GFB.ghost_matrix(batch, n, exclusive, like) is not GFB.ghost_matrix(batch, n, exclusive, like)
 
 
 def test_cached_ghost_matrix_first_built_in_inference_mode_serves_training():
@@ -1189,7 +1041,7 @@ def test_cached_ghost_matrix_first_built_in_inference_mode_serves_training():
     step saves it for its backward."""
     from lightning_ghostnoise.layers import GhostBatchNorm2d
 
-    GF._cached_ghost_matrix.cache_clear()
+    GFB.cached_ghost_matrix.cache_clear()
     layer = GhostBatchNorm2d.from_module(torch.nn.BatchNorm2d(3), method="xbn", ghost_batch_size=2, seed=0).train()
     x = torch.randn(6, 3, 2, 2)
     with torch.inference_mode():
@@ -1218,8 +1070,8 @@ def test_no_chunks_under_torch_compile(small_chunks):
     """Chunks are for eager CPU temporaries: under ``torch.compile`` their loop would be unrolled into
     the graph (inductor plans its own buffers), so a traced layer takes the batch in one piece."""
     x = torch.randn(13, 9, 24)
-    assert GF._batch_chunks(x, 4) < 13
-    traced = torch.compile(lambda t: t * GF._batch_chunks(t, 4), backend="eager", fullgraph=True)
+    assert GFM.batch_chunks(x, 4) < 13
+    traced = torch.compile(lambda t: t * GFM.batch_chunks(t, 4), backend="eager", fullgraph=True)
     try:
         assert torch.equal(traced(x), x * 13)
     finally:
@@ -1240,7 +1092,7 @@ def test_native_backward_in_chunks_matches_one_piece(norm, shape, channel_dim, m
     draws = GF.GhostDraws(indices=GF.ghost_indices(shape[0], 3, generator=torch.Generator().manual_seed(7)))
 
     def run(fused, limit):
-        GF._TEMPORARY_LIMIT = limit
+        GFM._TEMPORARY_LIMIT = limit
         xr = x.detach().clone().requires_grad_(need != "params_only")
         wr = w.detach().clone().requires_grad_(need != "input_only") if affine else None
         br = b.detach().clone().requires_grad_(need != "input_only") if affine else None
@@ -1248,7 +1100,7 @@ def test_native_backward_in_chunks_matches_one_piece(norm, shape, channel_dim, m
         y.backward(grad)
         return [t.grad if t is not None else None for t in (xr, wr, br)]
 
-    assert 1 < GF._batch_chunks(x, 4) < shape[0]
+    assert 1 < GFM.batch_chunks(x, 4) < shape[0]
     chunked = run(None, 1024)
     whole = run(None, 1 << 40)
     plain = run(False, 1 << 40)
@@ -1318,11 +1170,21 @@ def test_docstring_examples_of_the_math_layers_and_surgery_run():
     """The short examples in the docstrings of functional, layers and surgery are doctests."""
     import doctest
 
-    from lightning_ghostnoise import layers, surgery
+    import importlib
+    import pkgutil
 
-    for module in (GF, layers, surgery):
+    from lightning_ghostnoise import backends, config, layers, surgery
+
+    for module in (GF, layers, surgery, config, backends):
         result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE, extraglobs={"torch": torch})
         assert result.attempted > 0 and result.failed == 0, module.__name__
+    for package in (GF, backends):  # every submodule of the math and the backends (Triton's: tests/backends)
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            if ".triton" in info.name:
+                continue
+            module = importlib.import_module(info.name)
+            result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE, extraglobs={"torch": torch})
+            assert result.failed == 0, module.__name__
 
 
 @pytest.mark.parametrize("fused", [None, False])
@@ -1341,7 +1203,7 @@ def test_moment_free_noise_skips_the_moments_and_gives_the_same_result(norm, sha
     def refuse(*args, **kwargs):
         raise AssertionError("per_sample_moments called for a moment-free noise")
 
-    monkeypatch.setattr(GF, "per_sample_moments", refuse)
+    monkeypatch.setattr(GFN, "per_sample_moments", refuse)
     for noise_fn in (reads, draws):
         got = _run_normalized(fused, x, w, b, grad, norm, channel_dim, noise_fn)
         for g, t in zip(got, want):

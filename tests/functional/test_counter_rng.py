@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from lightning_ghostnoise import counter_rng as CR
+from lightning_ghostnoise.functional import counter_rng as CR
 from lightning_ghostnoise import functional as GF
 
 
