@@ -13,14 +13,42 @@ per process, ``8 * k * B * C`` received).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from lightning_utilities.core.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_warn as _rank_zero_warn
 from torch import Tensor
 
+__all__ = ["gather_rows", "global_batch_moments", "rank_zero_warn", "sync_world"]
 
-__all__ = ["gather_rows", "global_batch_moments", "sync_world"]
+#: Environment variables that name the process's rank, in the order Lightning reads them.
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+def rank_zero_warn(message: str, **kwargs: Any) -> None:
+    """Warn on the process of rank 0 only, with or without Lightning imported.
+
+    ``lightning_utilities``' ``rank_zero_warn`` needs ``rank_zero_only.rank``, which importing
+    Lightning sets. Where it is unset (plain PyTorch), it is set here by Lightning's rule: the first of
+    ``RANK``, ``LOCAL_RANK``, ``SLURM_PROCID``, ``JSM_NAMESPACE_RANK`` in the environment, else 0. A
+    Trainer sets the real rank when it starts.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     rank_zero_warn("careful")
+        >>> [str(w.message) for w in caught]
+        ['careful']
+    """
+    if getattr(rank_zero_only, "rank", None) is None:
+        rank = next((os.environ[key] for key in _RANK_VARIABLES if key in os.environ), "0")
+        rank_zero_only.rank = int(rank)
+    # one frame more than lightning_utilities expects: the warning points at this function's caller
+    _rank_zero_warn(message, stacklevel=kwargs.pop("stacklevel", 4) + 1, **kwargs)
 
 
 def sync_world(group: Optional[Any] = None) -> Optional[Tuple[int, int]]:

@@ -21,10 +21,10 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
-from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_ghostnoise import functional as GF
+from lightning_ghostnoise.distributed import rank_zero_warn
 from lightning_ghostnoise.layers.base import GhostNoiseMixin, is_ghost_layer
 from lightning_ghostnoise.layers.batch_norm import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from lightning_ghostnoise.layers.group_norm import GhostGroupNorm

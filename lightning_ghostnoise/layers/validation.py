@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Literal, Optional, Tuple, cast
 
-from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_ghostnoise import functional as GF
+from lightning_ghostnoise.distributed import rank_zero_warn
 
 __all__ = [
     "MAX_STRENGTH",

@@ -497,16 +497,15 @@ def test_torch_compile_eager_backend(method, backend):
 def test_torch_compile_no_graph_break_channels_last_autocast(method, custom_ops, monkeypatch):
     """Channels last under bfloat16 autocast, with the input gradient traced: the layout in which an
     ``out=`` into a non-contiguous buffer broke the graph at every layer on the custom-op path."""
-    from lightning_ghostnoise import kernels
+    from lightning_ghostnoise import config
 
-    if custom_ops:  # GHOSTNOISE_COMPILED_KERNELS=1 (the kernels in Triton's interpreter without a GPU)
-        monkeypatch.setenv("GHOSTNOISE_COMPILED_KERNELS", "1")
-        monkeypatch.setattr(kernels, "ALLOW_CPU", True)
+    # custom ops: the compiled kernels (in Triton's interpreter without a GPU)
+    settings = dict(backend="triton", compiled_kernels=True) if custom_ops else {}
     model = apply_ghost_noise(_small_model(), ghost_batch_size=3, method=method).to(memory_format=torch.channels_last)
     x = make_input(4, B=6).to(memory_format=torch.channels_last)
     torch._dynamo.reset()
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with config.override(**settings), torch.autocast("cpu", dtype=torch.bfloat16):
             explanation = torch._dynamo.explain(model)(x)
     finally:
         torch._dynamo.reset()
@@ -523,7 +522,7 @@ def _partition_model(kind: str) -> nn.Module:
 
 # "aot_eager_decomp_partition" runs inductor's min-cut partitioner (which may recompute values in the
 # backward instead of saving them) without inductor's slow code generation. Before the key was pinned
-# (layers._saved_not_recomputed) it recomputed analytic GNI's draws from the advanced RNG state:
+# (layers.base._saved_not_recomputed) it recomputed analytic GNI's draws from the advanced RNG state:
 # a version-counter error here, silently wrong weight gradients under inductor.
 @pytest.mark.parametrize(
     "kind,method",
