@@ -11,6 +11,8 @@ Usage:
     python benchmarks/ab_revisions.py HEAD~3 --methods gni,analytic --cases layernorm:64,128,256
     python benchmarks/ab_revisions.py HEAD --cases resnet8 transformer --rounds 20
     python benchmarks/ab_revisions.py HEAD~1 --cases resnet8 --methods gni,gbn --compile
+    python benchmarks/ab_revisions.py main --cases batchnorm:8,16,4,4 --ghost-batch-size 4 --threads 1 --rounds 300
+        # host time of one layer call (tiny tensor: Python and dispatch only), the cost of a small model's eager GPU step
 
 Cases: ``layernorm:B,T,D``, ``groupnorm:G:B,C,H,W``, ``batchnorm:B,C,H,W`` (one layer, forward and
 backward), ``resnet8`` (small ResNet-8, 1x28x28, batch 128) and ``transformer`` (TinyTransformer
@@ -36,14 +38,15 @@ import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, List, Tuple
+from typing import Callable
 
 import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import train_step  # noqa: E402  (the same training step as overhead.py's)
+from overhead import train_step
+
 PACKAGE = "lightning_ghostnoise"
 RENAMED = PACKAGE + "_rev"
 
@@ -68,7 +71,7 @@ def export_revision(rev: str, into: Path) -> ModuleType:
     return importlib.import_module(RENAMED)
 
 
-def _layer_case(spec: str) -> Tuple[str, nn.Module, Tuple[int, ...]]:
+def _layer_case(spec: str) -> tuple[str, nn.Module, tuple[int, ...]]:
     kind, _, rest = spec.partition(":")
     if kind == "layernorm":
         shape = tuple(int(v) for v in rest.split(","))
@@ -80,12 +83,14 @@ def _layer_case(spec: str) -> Tuple[str, nn.Module, Tuple[int, ...]]:
     if kind == "batchnorm":
         shape = tuple(int(v) for v in rest.split(","))
         return f"BatchNorm2d {shape}", nn.BatchNorm2d(shape[1]), shape
-    raise SystemExit(f"unknown case {spec!r}: use layernorm:B,T,D, groupnorm:G:B,C,H,W, batchnorm:B,C,H,W, resnet8, transformer")
+    raise SystemExit(
+        f"unknown case {spec!r}: use layernorm:B,T,D, groupnorm:G:B,C,H,W, batchnorm:B,C,H,W, resnet8, transformer"
+    )
 
 
 def _steps(
-    spec: str, method: str, rev: ModuleType, bf16: bool = False, compile: bool = False
-) -> Tuple[str, Dict[str, Callable[[], None]]]:
+    spec: str, method: str, rev: ModuleType, bf16: bool = False, compile: bool = False, ghost_batch_size: int = 16
+) -> tuple[str, dict[str, Callable[[], None]]]:
     from lightning_ghostnoise import apply_ghost_noise
     from lightning_ghostnoise.models import TinyTransformer, small_resnet
 
@@ -100,8 +105,8 @@ def _steps(
         x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
         models = {
             "plain": base,
-            "rev": rev.apply_ghost_noise(copy.deepcopy(base), 16, method=method, seed=0),
-            "current": apply_ghost_noise(copy.deepcopy(base), 16, method=method, seed=0),
+            "rev": rev.apply_ghost_noise(copy.deepcopy(base), ghost_batch_size, method=method, seed=0),
+            "current": apply_ghost_noise(copy.deepcopy(base), ghost_batch_size, method=method, seed=0),
         }
         optims = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
         run = {k: torch.compile(m) if compile else m for k, m in models.items()}
@@ -109,8 +114,8 @@ def _steps(
     label, layer, shape = _layer_case(spec)
     layers = {
         "plain": layer,
-        "rev": rev.apply_ghost_noise(copy.deepcopy(layer), 16, method=method, seed=0),
-        "current": apply_ghost_noise(copy.deepcopy(layer), 16, method=method, seed=0),
+        "rev": rev.apply_ghost_noise(copy.deepcopy(layer), ghost_batch_size, method=method, seed=0),
+        "current": apply_ghost_noise(copy.deepcopy(layer), ghost_batch_size, method=method, seed=0),
     }
     if compile:
         layers = {k: torch.compile(m) for k, m in layers.items()}
@@ -128,12 +133,12 @@ def _steps(
     return label, {k: layer_step(k) for k in layers}
 
 
-def measure(steps: Dict[str, Callable[[], None]], rounds: int, seed: int = 0) -> Dict[str, float]:
+def measure(steps: dict[str, Callable[[], None]], rounds: int, seed: int = 0) -> dict[str, float]:
     """Median seconds per step, rounds in a shuffled order (seeded), after 3 warm-up steps each."""
     for step in steps.values():
         for _ in range(3):
             step()
-    times: Dict[str, List[float]] = {k: [] for k in steps}
+    times: dict[str, list[float]] = {k: [] for k in steps}
     order = random.Random(seed)
     for _ in range(rounds):
         keys = list(steps)
@@ -154,6 +159,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU) around the forward")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model or layer")
+    parser.add_argument("--ghost-batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -165,12 +171,15 @@ def main() -> None:
             _layer_case(spec)
     with tempfile.TemporaryDirectory() as tmp:
         rev = export_revision(args.rev, Path(tmp))
-        print(f"# torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, rounds={args.rounds}, rev={args.rev}", flush=True)
+        print(
+            f"# torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, rounds={args.rounds}, ghost_batch_size={args.ghost_batch_size}, rev={args.rev}",
+            flush=True,
+        )
         for spec in args.cases:
             for method in [m for m in args.methods.split(",") if m]:
                 if args.compile:  # a fresh cache per case: three variants of each module compile at once
                     torch._dynamo.reset()
-                label, steps = _steps(spec, method, rev, args.bf16, args.compile)
+                label, steps = _steps(spec, method, rev, args.bf16, args.compile, args.ghost_batch_size)
                 if args.compile:
                     label += " compiled"
                 med = measure(steps, args.rounds)

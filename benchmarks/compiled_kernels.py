@@ -40,20 +40,28 @@ import tempfile
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: inductor loads its kernels as Python
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ghostnoise_kernel_count_"))
 
-import argparse  # noqa: E402
-import collections  # noqa: E402
-import copy  # noqa: E402
-import re  # noqa: E402
-from typing import Callable, Counter, Dict, List, Tuple  # noqa: E402
+import argparse
+import collections
+import re
+from collections import Counter
+from typing import Callable
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from lightning_ghostnoise import apply_ghost_noise  # noqa: E402
-from lightning_ghostnoise.models import resnet18_cifar  # noqa: E402
+from lightning_ghostnoise import apply_ghost_noise
+from lightning_ghostnoise.models import resnet18_cifar
 
 METHODS = ("bn", "gni", "analytic", "gbn", "xbn")
-_NOT_LAUNCHES = ("empty", "empty_strided", "as_strided", "view", "reshape", "alias", "copy_")  # ATen calls that launch nothing (or BN does too)
+_NOT_LAUNCHES = (
+    "empty",
+    "empty_strided",
+    "as_strided",
+    "view",
+    "reshape",
+    "alias",
+    "copy_",
+)  # ATen calls that launch nothing (or BN does too)
 
 
 class _FakeDriver:
@@ -77,13 +85,10 @@ class _FakeDriver:
         raise AttributeError(f"the stand-in Triton driver has no {name!r}")
 
 
-def setup() -> List[str]:
+def setup() -> list[str]:
     """Configure inductor as described in the module docstring; returns the list the graph sources go to."""
-    import torch._inductor.codecache as codecache
-    import torch._inductor.config as config
-    import torch._inductor.ir as ir
     import torch._inductor.runtime.triton_heuristics as heuristics
-    import torch._inductor.scheduler as scheduler
+    from torch._inductor import codecache, config, ir, scheduler
     from triton.runtime.driver import driver
 
     driver.set_active(_FakeDriver())
@@ -92,7 +97,7 @@ def setup() -> List[str]:
     ir.is_cpu = lambda node: False  # realize thresholds: the GPU's
     scheduler.BaseSchedulerNode.is_cpu = lambda self: False  # loop reordering as on a GPU
     heuristics.CachingAutotuner.run = lambda self, *args, **kwargs: None  # no launch
-    sources: List[str] = []
+    sources: list[str] = []
     load = codecache.PyCodeCache.load_by_key_path.__func__
 
     def load_and_keep(cls: type, key: str, path: str, *args: object, **kwargs: object) -> object:
@@ -106,11 +111,11 @@ def setup() -> List[str]:
     return sources
 
 
-def record_saved() -> List[int]:
+def record_saved() -> list[int]:
     """Wrap inductor's partitioner; returns the list that gets the bytes each backward graph takes from the forward."""
-    import torch._inductor.compile_fx as compile_fx
+    from torch._inductor import compile_fx
 
-    saved: List[int] = []
+    saved: list[int] = []
     partition = compile_fx.min_cut_rematerialization_partition
 
     def partition_and_record(*args: object, **kwargs: object) -> object:
@@ -118,7 +123,11 @@ def record_saved() -> List[int]:
         values = [node.meta.get("val") for node in backward.graph.find_nodes(op="placeholder")]
         names = [node.name for node in backward.graph.find_nodes(op="placeholder")]
         saved.append(
-            sum(v.numel() * v.element_size() for v, name in zip(values, names) if isinstance(v, torch.Tensor) and not name.startswith("tangents"))
+            sum(
+                v.numel() * v.element_size()
+                for v, name in zip(values, names)
+                if isinstance(v, torch.Tensor) and not name.startswith("tangents")
+            )
         )
         return forward, backward
 
@@ -126,7 +135,7 @@ def record_saved() -> List[int]:
     return saved
 
 
-def count_launches(sources: List[str]) -> Counter[str]:
+def count_launches(sources: list[str]) -> Counter[str]:
     """Launches in the ``call`` functions of generated graph modules: ``triton``, ``extern:<name>``,
     ``aten:<name>`` (ATen fallbacks) and ``op:<name>`` (other custom ops)."""
     launches: Counter[str] = collections.Counter()
@@ -148,7 +157,7 @@ def count_launches(sources: List[str]) -> Counter[str]:
 
 
 def _single_layer_step(
-    plain: nn.Module, method: str, shape: Tuple[int, ...], ghost_batch_size: int, channels_last: bool = False
+    plain: nn.Module, method: str, shape: tuple[int, ...], ghost_batch_size: int, channels_last: bool = False
 ) -> Callable[[], None]:
     """Forward and backward of ``plain`` (``method`` "bn"/"ln") or its ghost version, compiled."""
     layer = plain if method in ("bn", "ln") else apply_ghost_noise(plain, ghost_batch_size, method=method)
@@ -218,7 +227,7 @@ def main() -> None:
         f"# torch {torch.__version__}, inductor's Triton code for an sm_90 target generated on CPU (no GPU), "
         f"{what}, ghost_batch_size={args.ghost_batch_size}, GHOSTNOISE_COMPILED_KERNELS={flag}"
     )
-    totals: Dict[str, int] = {}
+    totals: dict[str, int] = {}
     counters = torch._dynamo.utils.counters
     for method in methods.split(","):
         torch._dynamo.reset()

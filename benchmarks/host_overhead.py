@@ -46,7 +46,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--stub-kernels", action="store_true", help="CPU: Triton path with no-op launches")
-    parser.add_argument("--cprofile", metavar="METHOD", help="then profile this method's layer (cProfile, top functions)")
+    parser.add_argument(
+        "--cprofile", metavar="METHOD", help="then profile this method's layer (cProfile, top functions)"
+    )
+    parser.add_argument("--calls", type=int, default=300, help="timed calls per method (median)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.stub_kernels:
@@ -64,7 +67,7 @@ def main() -> None:
     for layer in layers.values():
         for _ in range(20):
             layer(x).backward(grad)
-    for _ in range(300):
+    for _ in range(args.calls):
         for name, layer in layers.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()  # an empty queue: the call below measures the host alone
@@ -86,10 +89,12 @@ def main() -> None:
         layer = layers[args.cprofile]
         profiler = cProfile.Profile()
         profiler.enable()
-        for _ in range(300):
+        for _ in range(args.calls):
             layer(x).backward(grad)
         profiler.disable()
-        print(f"# cProfile, method={args.cprofile}, 300 calls of fwd+bwd (times include the profiler's own cost)")
+        print(
+            f"# cProfile, method={args.cprofile}, {args.calls} calls of fwd+bwd (times include the profiler's own cost)"
+        )
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 

@@ -33,7 +33,8 @@ import os
 import random
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -68,7 +69,7 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
     return total
 
 
-def cpu_step_peak_bytes(step: Callable[[], None]) -> Optional[int]:
+def cpu_step_peak_bytes(step: Callable[[], None]) -> int | None:
     """CPU: the most memory torch held during ``step`` above what it held at its start, in bytes.
 
     Read from the profiler's allocation events (``profile_memory=True``), summed in time order;
@@ -86,7 +87,7 @@ def cpu_step_peak_bytes(step: Callable[[], None]) -> Optional[int]:
             held += e.nbytes()
             peak = max(peak, held)
         return peak
-    except Exception as err:  # pragma: no cover - reported, not hidden
+    except Exception as err:  # noqa: BLE001  (reported, not hidden: one failed measurement must not stop the others)
         print(f"  (CPU peak memory failed: {type(err).__name__}: {err})")
         return None
 
@@ -95,8 +96,8 @@ class Timings:
     """Interleaved timings: each round runs every step once, in a shuffled order (seeded), so that
     drifts of the machine hit all cases alike and no case always follows the same one."""
 
-    def __init__(self, steps: Dict[str, Callable[[], None]], repeats: int, device: torch.device) -> None:
-        self.times: Dict[str, List[float]] = {k: [] for k in steps}
+    def __init__(self, steps: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> None:
+        self.times: dict[str, list[float]] = {k: [] for k in steps}
         order = list(steps)
         shuffle = random.Random(0).shuffle
         for _ in range(repeats):
@@ -123,7 +124,7 @@ def build_models(
     methods: Sequence[str] = METHODS[1:],
     plain: str = "bn",
     plain_autograd: bool = False,
-) -> Dict[str, nn.Module]:
+) -> dict[str, nn.Module]:
     """The plain model under the name ``plain`` and one ghost copy per method; with ``plain_autograd``
     also each method with ``fused=False`` (named ``method~plain``), the A/B of the fused paths."""
     models = {plain: base}
@@ -160,18 +161,20 @@ def train_step(
     return step
 
 
-def graph_breaks(model: nn.Module, x: torch.Tensor) -> Optional[int]:
+def graph_breaks(model: nn.Module, x: torch.Tensor) -> int | None:
     try:
         import torch._dynamo as dynamo
 
         dynamo.reset()
         return int(dynamo.explain(model)(x).graph_break_count)
-    except Exception as err:  # pragma: no cover - reported, not hidden
+    except Exception as err:  # noqa: BLE001  (reported, not hidden: one failed measurement must not stop the others)
         print(f"  (graph break count failed: {type(err).__name__}: {err})")
         return None
 
 
-def _model_case(args: argparse.Namespace, device: torch.device) -> Tuple[nn.Module, Tuple[int, ...], str, str, List[str]]:
+def _model_case(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[nn.Module, tuple[int, ...], str, str, list[str]]:
     """``(model, input shape, label, plain name, methods)`` of the ``--model`` case on ``device``."""
     cuda = device.type == "cuda"
     size = args.image_size or (32 if cuda else 28)
@@ -184,7 +187,13 @@ def _model_case(args: argparse.Namespace, device: torch.device) -> Tuple[nn.Modu
         label = f"TinyTransformer d{dim}x{depth} {channels}x{size}x{size}/4"
         return base, shape, label, "ln", [m for m in args.methods if m in ("gni", "analytic")]
     if cuda:
-        return resnet18_cifar(num_classes=10, in_channels=3), shape, f"ResNet-18 3x{size}x{size}", "bn", list(args.methods)
+        return (
+            resnet18_cifar(num_classes=10, in_channels=3),
+            shape,
+            f"ResNet-18 3x{size}x{size}",
+            "bn",
+            list(args.methods),
+        )
     base = small_resnet(depth=8, width=16, in_channels=1, num_classes=10)
     return base, shape, f"small ResNet-8 1x{size}x{size}", "bn", list(args.methods)
 
@@ -196,12 +205,10 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
     torch.manual_seed(0)
     x = torch.randn(shape, device=device).to(memory_format=memory_format)
     y = torch.randint(0, 10, (shape[0],), device=device)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     for compiled in _modes(args):
         models = build_models(base, args.ghost_batch_size, methods, plain)
-        breaks: Dict[str, Optional[int]] = {}
+        breaks: dict[str, int | None] = {}
         if compiled:
             for k in list(models):
                 breaks[k] = graph_breaks(models[k], x)
@@ -217,7 +224,7 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
         if args.launch_ab and not compiled:
             for k in [k for k in models if k != plain]:
                 steps[k + "~tl"] = _with_triton_launch(steps[k])
-        skips: Dict[str, int] = {}
+        skips: dict[str, int] = {}
         for k, step in steps.items():  # warm-up (and compilation)
             before = _cudagraph_skips()
             for _ in range(3 if not compiled else 4):
@@ -225,7 +232,7 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
             skips[k] = _cudagraph_skips() - before
         timings = Timings(steps, args.repeats, device)
         medians = timings.medians
-        peaks: Dict[str, Dict[str, int]] = {k: {} for k in steps}  # "peak" (CUDA), "step_peak"
+        peaks: dict[str, dict[str, int]] = {k: {} for k in steps}  # "peak" (CUDA), "step_peak"
         for k, step in steps.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -243,7 +250,7 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
         if not compiled:
             for k, m in models.items():
                 with autocast:
-                    act[k] = saved_bytes(lambda: nn.functional.cross_entropy(m(x), y))
+                    act[k] = saved_bytes(lambda m=m: nn.functional.cross_entropy(m(x), y))
         mode = "eager"
         if compiled:
             mode = "compiled" if args.compile_mode in (None, "default") else f"compiled[{args.compile_mode}]"
@@ -252,8 +259,10 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
                 profile_step(f"{mode} method={k}", step)
         for k in models:
             parts = [
-                f"model {label} batch {shape[0]} {device.type} {mode}{' bf16' if args.bf16 else ''}"
-                f"{' channels_last' if args.channels_last else ''} method={k:<8}",
+                (
+                    f"model {label} batch {shape[0]} {device.type} {mode}{' bf16' if args.bf16 else ''}"
+                    f"{' channels_last' if args.channels_last else ''} method={k:<8}"
+                ),
                 f"step={medians[k] * 1e3:8.2f}ms",
             ]
             if act:
@@ -297,7 +306,7 @@ def _cudagraph_skips() -> int:
         from torch._dynamo.utils import counters
 
         return int(counters["inductor"]["cudagraph_skips"])
-    except Exception:  # pragma: no cover - an internal counter; reported as 0 when absent
+    except Exception:  # noqa: BLE001  (an internal counter; reported as 0 when absent)
         return 0
 
 
@@ -318,7 +327,9 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> None:
             continue
         channels_last = args.channels_last and len(shape) == 4
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        models = build_models(base.to(device=device, dtype=dtype), args.ghost_batch_size, methods, plain, args.plain_autograd)
+        models = build_models(
+            base.to(device=device, dtype=dtype), args.ghost_batch_size, methods, plain, args.plain_autograd
+        )
         x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=memory_format).requires_grad_()
         grad = torch.randn_like(x)
         for compiled in _modes(args):
@@ -326,13 +337,13 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> None:
                 torch._dynamo.reset()
             runners = {k: (torch.compile(m) if compiled else m) for k, m in models.items()}
 
-            def make(k: str) -> Callable[[], None]:
-                def step() -> None:
-                    runners[k](x).backward(grad)
+            def make(run: nn.Module, x: torch.Tensor = x, grad: torch.Tensor = grad) -> Callable[[], None]:
+                def layer_step() -> None:
+                    run(x).backward(grad)
 
-                return step
+                return layer_step
 
-            steps = {k: make(k) for k in models}
+            steps = {k: make(runners[k]) for k in models}
             for step in steps.values():
                 for _ in range(3):
                     step()
@@ -342,7 +353,7 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> None:
             for k in models:
                 memory = ""
                 if not compiled:
-                    memory = f"saved={saved_bytes(lambda: runners[k](x)) / 2**20:7.2f}MiB "
+                    memory = f"saved={saved_bytes(lambda run=runners[k], x=x: run(x)) / 2**20:7.2f}MiB "
                     if device.type == "cpu":
                         step_peak = cpu_step_peak_bytes(steps[k])
                         memory += f"step_peak={step_peak / 2**20:7.2f}MiB " if step_peak else ""
@@ -373,11 +384,11 @@ def profile_step(label: str, step: Callable[[], None], top: int = 6) -> None:
         print(f"profile {label} gpu_kernels={count} gpu_time={total / 1e3:.2f}ms", flush=True)
         for e in sorted(kernels, key=gpu_us, reverse=True)[:top]:
             print(f"    {gpu_us(e) / 1e3:7.3f}ms x{e.count:<4} {e.key[:90]}", flush=True)
-    except Exception as err:  # pragma: no cover - reported, not hidden
+    except Exception as err:  # noqa: BLE001  (reported, not hidden: one failed measurement must not stop the others)
         print(f"profile {label} failed: {type(err).__name__}: {err}")
 
 
-def _modes(args: argparse.Namespace) -> List[bool]:
+def _modes(args: argparse.Namespace) -> list[bool]:
     if args.compile_only:
         return [True]
     return [False, True] if args.compile else [False]
@@ -399,20 +410,29 @@ def main() -> None:
     )
     parser.add_argument("--ghost-batch-size", type=int, default=16)
     parser.add_argument(
-        "--model", choices=("resnet", "transformer"), default="resnet",
+        "--model",
+        choices=("resnet", "transformer"),
+        default="resnet",
         help="models: resnet (BatchNorm; CPU ResNet-8, CUDA ResNet-18) or transformer (LayerNorm; TinyTransformer, "
         "patch 4; CPU dim 128 x 4 blocks, CUDA dim 384 x 6)",
     )
     parser.add_argument(
-        "--bn-shape", type=lambda v: [int(p) for p in v.split(",")], nargs="+", default=None,
+        "--bn-shape",
+        type=lambda v: [int(p) for p in v.split(",")],
+        nargs="+",
+        default=None,
         help="layers: the BatchNorm2d cases' inputs B,C,H,W (default: one, batch,64,16,16)",
     )
     parser.add_argument(
-        "--ln-shape", type=lambda v: [int(p) for p in v.split(",")], default=None,
+        "--ln-shape",
+        type=lambda v: [int(p) for p in v.split(",")],
+        default=None,
         help="layers: the LayerNorm case's input B,T,D (default: batch/2,128,256)",
     )
     parser.add_argument(
-        "--methods", type=lambda v: [m for m in v.split(",") if m], default=list(METHODS[1:]),
+        "--methods",
+        type=lambda v: [m for m in v.split(",") if m],
+        default=list(METHODS[1:]),
         help="comma-separated methods to compare with plain BN (default: gni,gbn,xbn,analytic)",
     )
     parser.add_argument("--repeats", type=int, default=15)
@@ -424,7 +444,9 @@ def main() -> None:
         "--launch-ab", action="store_true", help="eager models: also each method with Triton's own launch path"
     )
     parser.add_argument(
-        "--plain-autograd", action="store_true", help="layers: also each method with fused=False (A/B of the fused paths)"
+        "--plain-autograd",
+        action="store_true",
+        help="layers: also each method with fused=False (A/B of the fused paths)",
     )
     parser.add_argument("--no-cudnn-benchmark", action="store_true", help="CUDA: leave cudnn.benchmark off")
     parser.add_argument("--profile", action="store_true", help="CUDA: kernel count and costliest kernels per step")
@@ -439,8 +461,14 @@ def main() -> None:
     if args.quick:
         args.repeats = 3
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    if device.type == "cpu":  # glibc's heap trimming sets how many fresh pages each step faults in (docs/performance.md)
-        tuned = [f"{k}={os.environ[k]}" for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES") if k in os.environ]
+    if (
+        device.type == "cpu"
+    ):  # glibc's heap trimming sets how many fresh pages each step faults in (docs/performance.md)
+        tuned = [
+            f"{k}={os.environ[k]}"
+            for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+            if k in os.environ
+        ]
         name += f", malloc {' '.join(tuned) if tuned else 'default'}"
     from lightning_ghostnoise import kernels, ops
 

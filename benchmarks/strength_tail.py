@@ -15,7 +15,9 @@ from lightning_ghostnoise import apply_ghost_noise
 
 
 def largest_output(method: str, ghost_batch_size: int, strength: float, batches: int = 100) -> float:
-    layer = apply_ghost_noise(nn.Sequential(nn.BatchNorm1d(64)), ghost_batch_size, method=method, strength=strength, seed=0)
+    layer = apply_ghost_noise(
+        nn.Sequential(nn.BatchNorm1d(64)), ghost_batch_size, method=method, strength=strength, seed=0
+    )
     layer.train()
     g = torch.Generator().manual_seed(0)
     worst = 0.0
