@@ -92,7 +92,7 @@ def _steps(
     spec: str, method: str, rev: ModuleType, bf16: bool = False, compile: bool = False, ghost_batch_size: int = 16
 ) -> tuple[str, dict[str, Callable[[], None]]]:
     from lightning_ghostnoise import apply_ghost_noise
-    from lightning_ghostnoise.models import TinyTransformer, small_resnet
+    from lightning_ghostnoise.experiments.models import TinyTransformer, small_resnet
 
     torch.manual_seed(0)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)

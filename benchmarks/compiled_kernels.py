@@ -25,7 +25,7 @@ plain BN (LN).
     python benchmarks/compiled_kernels.py --channels-last          # the same, channels-last input
     python benchmarks/compiled_kernels.py --model resnet18 --batch 64   # ResNet-18 step (slow: minutes)
     python benchmarks/compiled_kernels.py --model layernorm              # one LayerNorm(256) on (64, 128, 256)
-    GHOSTNOISE_COMPILED_KERNELS=1 python benchmarks/compiled_kernels.py  # the coefficient kernels as custom ops
+    python benchmarks/compiled_kernels.py --compiled-kernels       # the coefficient kernels as custom ops
 
 ``--model resnet18`` is channels last: that is how the custom-op path's graph break at every layer
 (an ``out=`` into a non-contiguous buffer, since fixed) showed up here, as 34 graphs and a
@@ -49,8 +49,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lightning_ghostnoise import apply_ghost_noise
-from lightning_ghostnoise.models import resnet18_cifar
+from lightning_ghostnoise import apply_ghost_noise, config
+from lightning_ghostnoise.experiments.models import resnet18_cifar
 
 METHODS = ("bn", "gni", "analytic", "gbn", "xbn")
 _NOT_LAUNCHES = (
@@ -202,6 +202,11 @@ def main() -> None:
     parser.add_argument("--model", choices=("layer", "layernorm", "resnet18"), default="layer")
     parser.add_argument("--shape", default="128,64,16,16", help="the layer's input (B, C, H, W)")
     parser.add_argument("--channels-last", action="store_true", help="layer: a channels-last input")
+    parser.add_argument(
+        "--compiled-kernels",
+        action="store_true",
+        help="the Triton coefficient kernels as custom ops (config.enable_compiled_kernels; or GHOSTNOISE_COMPILED_KERNELS=1)",
+    )
     parser.add_argument("--ln-shape", default="64,128,256", help="layernorm: the input (B, T, D)")
     parser.add_argument("--batch", type=int, default=64, help="resnet18: batch size (bf16 autocast, channels_last)")
     parser.add_argument("--ghost-batch-size", type=int, default=16)
@@ -209,20 +214,21 @@ def main() -> None:
     args = parser.parse_args()
     plain = "ln" if args.model == "layernorm" else "bn"
     methods = args.methods or ("ln,gni,analytic" if args.model == "layernorm" else ",".join(METHODS))
+    if args.compiled_kernels:
+        config.enable_compiled_kernels(True)
     sources = setup()
     saved = record_saved()
-    if os.environ.get("GHOSTNOISE_COMPILED_KERNELS", "0") == "1":
-        from lightning_ghostnoise import kernels
+    if config.compiled_kernels_enabled():  # GHOSTNOISE_COMPILED_KERNELS=1, or --compiled-kernels
+        from lightning_ghostnoise.backends.triton import launcher
 
-        kernels.ALLOW_CPU = True  # the custom ops take CPU tensors ...
-        kernels._launch = lambda *args, **kwargs: None  # ... and, like inductor's kernels, launch nothing
+        launcher.launch = lambda *args, **kwargs: None  # the custom ops, like inductor's kernels, launch nothing
     make = {"layer": layer_step, "layernorm": layernorm_step, "resnet18": resnet_step}[args.model]
     what = {
         "layer": f"BatchNorm2d layer {args.shape}{' channels_last' if args.channels_last else ''}",
         "layernorm": f"LayerNorm layer {args.ln_shape}",
         "resnet18": f"ResNet-18 batch {args.batch}",
     }[args.model]
-    flag = os.environ.get("GHOSTNOISE_COMPILED_KERNELS", "0")
+    flag = "1" if config.compiled_kernels_enabled() else "0"
     print(
         f"# torch {torch.__version__}, inductor's Triton code for an sm_90 target generated on CPU (no GPU), "
         f"{what}, ghost_batch_size={args.ghost_batch_size}, GHOSTNOISE_COMPILED_KERNELS={flag}"

@@ -23,23 +23,21 @@ import time
 
 import torch
 
-from lightning_ghostnoise import apply_ghost_noise
-
-
-class _NoLaunch:
-    """Stands in for a Triton kernel: ``kernel[grid](*args)`` does nothing."""
-
-    def __getitem__(self, grid: object) -> object:
-        return lambda *args, **kwargs: None
+from lightning_ghostnoise import apply_ghost_noise, config
 
 
 def stub_kernel_launches() -> None:
-    """Route CPU tensors through the Triton path of the layers, with every launch a no-op."""
-    from lightning_ghostnoise import kernels
+    """Route CPU tensors through the Triton backend, with every kernel launch a no-op (the launcher too)."""
+    from lightning_ghostnoise.backends import dispatch
+    from lightning_ghostnoise.backends.triton import launcher
 
-    for name in [n for n in dir(kernels) if n.startswith("_") and n.endswith("_kernel")]:
-        setattr(kernels, name, _NoLaunch())
-    kernels.ALLOW_CPU = True
+    if not hasattr(dispatch, "_INTERPRETER"):
+        raise SystemExit(
+            "--stub-kernels: lightning_ghostnoise.backends.dispatch._INTERPRETER is gone; update this script"
+        )
+    launcher.launch = lambda *args, **kwargs: None
+    dispatch._INTERPRETER = True  # the Triton backend takes CPU tensors, as under Triton's interpreter
+    config.set_backend("triton")
 
 
 def main() -> None:
@@ -78,10 +76,10 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, one thread"
     if args.stub_kernels:
         where += ", Triton path with no-op launches"
-    from lightning_ghostnoise import kernels
-
-    if kernels.available():
-        where += f", cached Triton launch {'on' if kernels.FAST_LAUNCH else 'off'}"
+    if device.type == "cuda" or args.stub_kernels:
+        where += (
+            f", backend {config.get_backend()}, cached Triton launch {'on' if config.settings().fast_launch else 'off'}"
+        )
     print(f"# torch {torch.__version__}, {where}, BatchNorm2d(16) on (8, 16, 4, 4) bf16 channels_last")
     for name, t in med.items():
         print(f"host layer fwd+bwd method={name:<8} {t * 1e6:7.0f}us ratio={t / med['bn']:.2f}")

@@ -39,8 +39,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lightning_ghostnoise import apply_ghost_noise
-from lightning_ghostnoise.models import TinyTransformer, resnet18_cifar, small_resnet
+from lightning_ghostnoise import apply_ghost_noise, config
+from lightning_ghostnoise.experiments.models import TinyTransformer, resnet18_cifar, small_resnet
 
 METHODS = ("bn", "gni", "gbn", "xbn", "analytic")
 
@@ -288,14 +288,13 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> None:
 
 def _with_triton_launch(step: Callable[[], None]) -> Callable[[], None]:
     """``step`` with the kernels launched through Triton's ``kernel[grid](...)`` (no cached launch)."""
-    from lightning_ghostnoise import kernels
 
     def run() -> None:
-        kernels.FAST_LAUNCH = False
+        config.enable_fast_launch(False)
         try:
             step()
         finally:
-            kernels.FAST_LAUNCH = True
+            config.enable_fast_launch(True)
 
     return run
 
@@ -470,12 +469,10 @@ def main() -> None:
             if k in os.environ
         ]
         name += f", malloc {' '.join(tuned) if tuned else 'default'}"
-    from lightning_ghostnoise import kernels, ops
-
-    setup = f"Triton {'available' if kernels.available() else 'off'}"
-    if kernels.available():
-        setup += f", cached launch {'on' if kernels.FAST_LAUNCH else 'off'}"
-        setup += f", in compiled graphs {'on' if ops.enabled() else 'off'} (GHOSTNOISE_COMPILED_KERNELS)"
+    setup = f"backend {config.get_backend()}, Triton {'installed' if config.triton_installed() else 'not installed'}"
+    if config.triton_installed():
+        setup += f", cached launch {'on' if config.settings().fast_launch else 'off'}"
+        setup += f", compiled kernels {'on' if config.compiled_kernels_enabled() else 'off'}"
     print(
         f"# torch {torch.__version__}, {name}, ghost_batch_size={args.ghost_batch_size}, repeats={args.repeats}, {setup}",
         flush=True,
