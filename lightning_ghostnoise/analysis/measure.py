@@ -18,7 +18,17 @@ Example:
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Union,
+    cast,
+)
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +37,11 @@ from lightning_ghostnoise.analysis.recorder import LayerNoise, NoiseRecorder
 from lightning_ghostnoise.analysis.report import NoiseAnalysis, _Accumulator
 from lightning_ghostnoise.layers import METHODS, GhostNoiseMixin
 
+if TYPE_CHECKING:
+    from lightning_ghostnoise.layers.validation import Method
+
 __all__ = ["analyze_noise"]
+
 
 def _inputs(data: Any, num_batches: int) -> List[Tensor]:
     if isinstance(data, Tensor):
@@ -131,7 +145,7 @@ def analyze_noise(
             continue
         for n in sizes:
             net = apply_ghost_noise(
-                copy.deepcopy(model), n, method, strength=1.0, seed=seed, include_types=None if method in ("gni", "analytic") else ["BatchNorm"],
+                copy.deepcopy(model), n, cast("Method", method), strength=1.0, seed=seed, include_types=None if method in ("gni", "analytic") else ["BatchNorm"],
                 include_names=include_names, exclude_names=exclude_names, warn=False,
             )  # fmt: skip
             layers = ghost_layers(net)

@@ -29,7 +29,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
@@ -234,7 +234,8 @@ def _train(net: nn.Module, loader: Any, steps: int, lr: float) -> Tuple[float, f
     """``steps`` plain SGD steps (momentum 0.9, weight decay 5e-4 on weights); returns the first and last loss."""
     decay = [p for p in net.parameters() if p.ndim > 1]
     rest = [p for p in net.parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": rest}], lr=lr, momentum=0.9)
+    groups: List[Dict[str, Any]] = [{"params": decay, "weight_decay": 5e-4}, {"params": rest}]
+    opt = torch.optim.SGD(groups, lr=lr, momentum=0.9)
     net.train()
     first = last = math.nan
     done = 0

@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -433,7 +433,7 @@ class Classifier(pl.LightningModule):
     def _step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> Tensor:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams["label_smoothing"])
         metric(logits, y)
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "train", batch_size=len(y))
         self.log(f"{stage}_acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
@@ -452,7 +452,7 @@ class Classifier(pl.LightningModule):
         total = self.trainer.estimated_stepping_batches
         if math.isfinite(total):
             return max(int(total), 1)
-        hint = self.hparams.max_epochs_hint
+        hint = self.hparams["max_epochs_hint"]
         if hint is None:
             return None
         loader = self.trainer.train_dataloader
@@ -467,7 +467,7 @@ class Classifier(pl.LightningModule):
         if warmup == 0:
             return 0
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
-        epochs = epochs or self.hparams.max_epochs_hint
+        epochs = epochs or self.hparams["max_epochs_hint"]
         if not epochs:
             rank_zero_warn("Classifier: warmup_epochs needs max_epochs (or max_epochs_hint) to count steps: no warm-up.")
             return 0
@@ -475,18 +475,19 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        decay, no_decay = [], []
+        decay: List[nn.Parameter] = []
+        no_decay: List[nn.Parameter] = []
         for p in self.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
         # no weight decay on norm-layer affines and biases (they are 1-d)
         optimizer = torch.optim.SGD(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr,
-            momentum=hp.momentum,
-            nesterov=hp.nesterov,
+            [{"params": decay, "weight_decay": hp["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp["lr"],
+            momentum=hp["momentum"],
+            nesterov=hp["nesterov"],
         )
-        if hp.scheduler == "none":
+        if hp["scheduler"] == "none":
             return optimizer
         total = self._total_steps()
         if total is None:
@@ -496,8 +497,8 @@ class Classifier(pl.LightningModule):
             )
             return optimizer
         warmup = self._warmup_steps(total)
-        if hp.scheduler == "cosine":
+        if hp["scheduler"] == "cosine":
             sched: Any = torch.optim.lr_scheduler.LambdaLR(optimizer, _WarmupCosine(warmup, total))
         else:
-            sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total + 1)
+            sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp["lr"], total_steps=total + 1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
