@@ -1,4 +1,4 @@
-"""Tests for lightning_ghostnoise.kernels: the Triton (CUDA) path against the PyTorch path and loop references.
+"""Tests for lightning_ghostnoise.backends.triton: the Triton (CUDA) path against the PyTorch path and loop references.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set in
 ``conftest.py``); with one they run natively on CUDA tensors. Either way each kernel is compared with
@@ -17,10 +17,13 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_ghostnoise import config
 from lightning_ghostnoise import functional as GF
-from lightning_ghostnoise import kernels
+from lightning_ghostnoise.backends import dispatch, torch_passes
+from lightning_ghostnoise.backends.triton import kernels, launcher
+from lightning_ghostnoise.backends.triton import layout as triton_layout
 from lightning_ghostnoise.layers import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
-from test_functional import affine_params, ref_batch_normalize, ref_gni, varied_input
+from helpers.reference import affine_params, ref_batch_normalize, ref_gni, varied_input
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(6, 5), (6, 5, 7), (6, 5, 3, 4), (5, 3, 2, 3, 2), (4, 40, 3, 3)]
@@ -29,8 +32,12 @@ SHAPES = [(6, 5), (6, 5, 7), (6, 5, 3, 4), (5, 3, 2, 3, 2), (4, 40, 3, 3)]
 @pytest.fixture
 def use_kernels(monkeypatch):
     """Route supported tensors through the kernels, on CPU too (interpreted)."""
-    monkeypatch.setattr(kernels, "ALLOW_CPU", True)
-    monkeypatch.delenv("GHOSTNOISE_TRITON", raising=False)
+    monkeypatch.setattr(config.settings(), "backend", "triton")
+
+
+def _supports(x):
+    """Whether a layer call with gradients on ``x`` runs on the Triton kernels."""
+    return dispatch.select(x, fused=True).backend == "triton"
 
 
 def _layouts(shape):
@@ -45,18 +52,18 @@ def _layouts(shape):
 
 def test_supports(use_kernels, monkeypatch):
     x = torch.randn(4, 3, 5, 5, device=DEVICE)
-    assert kernels.supports(x)
-    assert kernels.supports(x.to(memory_format=torch.channels_last))
-    assert kernels.supports(x.to(torch.bfloat16))
-    assert not kernels.supports(x.double())  # float64 keeps the PyTorch path
-    assert not kernels.supports(x[:, :, ::2])  # no (B, C, S) view
-    assert not kernels.supports(x[:, :, 0, 0].t().t()[:, ::2])  # a strided (B, C)
-    assert kernels.layout(x) == (4, 3, 25, 75, 25, 1)
-    assert kernels.layout(x.to(memory_format=torch.channels_last)) == (4, 3, 25, 75, 1, 3)
-    assert not kernels.supports(torch.randn(4, device=DEVICE))
-    assert not kernels.supports(torch.empty(0, 3, 4, device=DEVICE))
-    monkeypatch.setenv("GHOSTNOISE_TRITON", "0")
-    assert not kernels.supports(x)
+    assert _supports(x)
+    assert _supports(x.to(memory_format=torch.channels_last))
+    assert _supports(x.to(torch.bfloat16))
+    assert not _supports(x.double())  # float64 keeps the PyTorch path
+    assert not _supports(x[:, :, ::2])  # no (B, C, S) view
+    assert not _supports(x[:, :, 0, 0].t().t()[:, ::2])  # a strided (B, C)
+    assert triton_layout.strides(x) == (4, 3, 25, 75, 25, 1)
+    assert triton_layout.strides(x.to(memory_format=torch.channels_last)) == (4, 3, 25, 75, 1, 3)
+    assert not _supports(torch.randn(4, device=DEVICE))
+    assert not _supports(torch.empty(0, 3, 4, device=DEVICE))
+    monkeypatch.setattr(config.settings(), "backend", "torch")
+    assert not _supports(x)
 
 
 def test_environment_switch_turns_the_layers_kernels_off(use_kernels, monkeypatch):
@@ -67,14 +74,14 @@ def test_environment_switch_turns_the_layers_kernels_off(use_kernels, monkeypatc
     monkeypatch.setattr(kernels, "affine", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(4, 3, 2, 2, device=DEVICE)
     layer(x)
-    monkeypatch.setenv("GHOSTNOISE_TRITON", "0")
+    monkeypatch.setattr(config.settings(), "backend", "torch")
     layer(x)
     assert calls == [1]
 
 
 def test_cpu_tensors_take_pytorch_path_by_default():
-    assert not kernels.ALLOW_CPU
-    assert not kernels.supports(torch.randn(4, 3, 5, 5))
+    assert config.get_backend() == "auto"
+    assert not _supports(torch.randn(4, 3, 5, 5))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -82,7 +89,7 @@ def test_cpu_tensors_take_pytorch_path_by_default():
 def test_moments_match_per_sample_moments(use_kernels, shape, dtype):
     for x in _layouts(shape):
         x = (x + 100.0).to(dtype)  # a large mean: the kernel shifts by a pivot
-        mean, var = kernels.moments(x, kernels.layout(x))
+        mean, var = kernels.moments(x, triton_layout.strides(x))
         ref_mean, ref_var = GF.per_sample_moments(x.double())
         assert mean.dtype == torch.float32 and mean.shape == ref_mean.shape
         torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-5)
@@ -97,7 +104,7 @@ def test_affine_matches_sample_affine_and_keeps_layout(use_kernels, shape, dtype
     d = torch.randn(shape[:2], generator=g).to(DEVICE)
     for x in _layouts(shape):
         x = x.to(dtype)
-        y = kernels.affine(x, kernels.layout(x), torch.stack([a, d]))
+        y = kernels.affine(x, triton_layout.strides(x), torch.stack([a, d]))
         assert y.dtype == dtype and y.stride() == x.stride()
         ref = GF.sample_affine(x.double(), a.double(), d.double())
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
@@ -112,15 +119,15 @@ def test_channel_sums_and_input_grad_match_pytorch(use_kernels, shape):
     p_bc, q_bc = torch.randn(shape[:2], generator=g).to(DEVICE), torch.randn(shape[:2], generator=g).to(DEVICE)
     for x in _layouts(shape):
         grad_y = torch.randn(shape, generator=g).to(DEVICE)  # contiguous even when x is channels-last
-        lay = kernels.layout(x)
+        lay = triton_layout.strides(x)
         r0, r1 = kernels.channel_sums(grad_y, x, lay)
-        e0, e1, _ = GF._sample_channel_sums(grad_y.double(), x.double(), 1, torch.float64)
+        e0, e1, _ = torch_passes.sample_channel_sums(grad_y.double(), x.double(), 1, torch.float64)
         torch.testing.assert_close(r0.double(), e0, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r1.double(), e1, rtol=1e-5, atol=1e-5)
         for p, q in ((p_c, q_c), (p_bc, q_bc)):
             gx = kernels.affine_input_grad(grad_y, x, lay, a, torch.stack([p, q]))
             assert gx.stride() == x.stride()
-            ref = GF._affine_input_grad(grad_y.double(), x.double(), a.double(), p.double(), q.double(), 1)
+            ref = torch_passes.affine_input_grad(grad_y.double(), x.double(), a.double(), p.double(), q.double(), 1)
             torch.testing.assert_close(gx.double(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -144,8 +151,7 @@ GHOST = {nn.BatchNorm1d: GhostBatchNorm1d, nn.BatchNorm2d: GhostBatchNorm2d, nn.
 
 def _run(layer, x, monkeypatch, on: bool):
     """Forward and backward of a copy of ``layer`` with the kernels on or off: outputs, grads, stats."""
-    monkeypatch.setattr(kernels, "ALLOW_CPU", on)
-    monkeypatch.setenv("GHOSTNOISE_TRITON", "1" if on else "0")
+    monkeypatch.setattr(config.settings(), "backend", "triton" if on else "torch")
     calls = []
     real = kernels.channel_sums
     monkeypatch.setattr(kernels, "channel_sums", lambda *a: calls.append(1) or real(*a))
@@ -195,7 +201,7 @@ def test_layer_with_kernels_matches_pytorch_path(monkeypatch, method, N, strengt
 )  # fmt: skip
 def test_large_batch_statistics_launch_matches_pytorch_path(monkeypatch, method, N, shift, scale):
     """Above SPLIT_BATCH the batch statistics get a launch of their own: same results."""
-    monkeypatch.setattr(kernels, "SPLIT_BATCH", 4)
+    monkeypatch.setattr(config.settings(), "split_batch", 4)
     _check_layer_against_pytorch(monkeypatch, method, N, 0.8, shift, scale, True, True, (7, 5, 3, 4))
 
 
@@ -279,10 +285,10 @@ def test_kernel_path_refuses_double_backward(use_kernels):
 def test_kernels_compile_for_h100():
     """Triton compiles every kernel variant for sm_90 (no GPU needed): catches what the interpreter cannot."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, str(root / "tests" / "_compile_kernels.py")], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(root / "tests" / "helpers" / "compile_kernels.py")], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("compiled ") == 21
@@ -322,19 +328,19 @@ class _FakeKernel:
 @pytest.fixture
 def fast_launch(monkeypatch):
     """The launcher as on a GPU: device 0, stream 77, no launch hook."""
-    monkeypatch.setattr(kernels, "FAST_LAUNCH", True)
-    monkeypatch.setattr(kernels, "_current_device", lambda: 0)
-    monkeypatch.setattr(kernels, "_current_stream", lambda device: 77)
-    monkeypatch.setattr(kernels, "_launch_hook_set", lambda: False)
+    monkeypatch.setattr(config.settings(), "fast_launch", True)
+    monkeypatch.setattr(launcher, "_current_device", lambda: 0)
+    monkeypatch.setattr(launcher, "_current_stream", lambda device: 77)
+    monkeypatch.setattr(launcher, "_launch_hook_set", lambda: False)
 
 
 def test_launcher_reuses_the_compiled_kernel(fast_launch):
     fn = _FakeKernel()
     x = torch.zeros(8)
-    kernels._launch(fn, (3, 2), x, 32, 0.5, FLAG=True, BLOCK=64)  # first: through Triton (compiles)
+    launcher.launch(fn, (3, 2), x, 32, 0.5, FLAG=True, BLOCK=64)  # first: through Triton (compiles)
     assert fn.triton_calls == [((3, 2), (x, 32, 0.5), {"FLAG": True, "BLOCK": 64})]
     x2 = torch.ones(8)
-    kernels._launch(fn, (4,), x2, 32, 0.25, FLAG=True, BLOCK=64)  # same key (another tensor, float): direct
+    launcher.launch(fn, (4,), x2, 32, 0.25, FLAG=True, BLOCK=64)  # same key (another tensor, float): direct
     assert len(fn.triton_calls) == 1
     # as Triton's own launch: grid padded to 3 dims, stream, handles, no metadata or hooks, then every
     # argument in signature order (the constexprs after the others, whatever the keyword order)
@@ -342,14 +348,14 @@ def test_launcher_reuses_the_compiled_kernel(fast_launch):
 
 
 def test_launcher_cache_is_bounded(fast_launch, monkeypatch):
-    monkeypatch.setattr(kernels, "_CACHE_SIZE", 4)
+    monkeypatch.setattr(launcher, "_CACHE_SIZE", 4)
     fn = _FakeKernel()
     x = torch.zeros(8)
     for n in range(10):  # a new integer each call: a new key each time, through Triton
-        kernels._launch(fn, (1,), x, n, 0.5, BLOCK=64, FLAG=True)
-    launcher = kernels._LAUNCHERS[id(fn)]
-    assert len(fn.triton_calls) == 10 and 1 <= len(launcher.cache) <= 4
-    kernels._launch(fn, (1,), x, 9, 0.5, BLOCK=64, FLAG=True)  # the latest key is still cached
+        launcher.launch(fn, (1,), x, n, 0.5, BLOCK=64, FLAG=True)
+    kept = launcher._LAUNCHERS[id(fn)]
+    assert len(fn.triton_calls) == 10 and 1 <= len(kept.cache) <= 4
+    launcher.launch(fn, (1,), x, 9, 0.5, BLOCK=64, FLAG=True)  # the latest key is still cached
     assert len(fn.triton_calls) == 10 and len(fn.compiled.runs) == 1
 
 
@@ -370,9 +376,9 @@ def test_launcher_respecializes(fast_launch, change):
     fn = _FakeKernel()
     x = torch.zeros(8)
     base = dict(args=(x, 32, 0.5), meta=dict(FLAG=True, BLOCK=64))
-    kernels._launch(fn, (1,), *base["args"], **base["meta"])
+    launcher.launch(fn, (1,), *base["args"], **base["meta"])
     other = {**base, **change(x)}
-    kernels._launch(fn, (1,), *other["args"], **other["meta"])
+    launcher.launch(fn, (1,), *other["args"], **other["meta"])
     assert len(fn.triton_calls) == 2 and not fn.compiled.runs  # compiled anew, through Triton
 
 
@@ -380,36 +386,36 @@ def test_launcher_keeps_tritons_path(fast_launch, monkeypatch):
     x = torch.zeros(8)
     interpreted = _FakeKernel(returns_compiled=False)  # the interpreter returns no compiled kernel
     for _ in range(3):
-        kernels._launch(interpreted, (1,), x, 32, 0.5, BLOCK=64, FLAG=True)
+        launcher.launch(interpreted, (1,), x, 32, 0.5, BLOCK=64, FLAG=True)
     assert len(interpreted.triton_calls) == 3
     missing = _FakeKernel()  # a constexpr left to its default: not cached
     for _ in range(2):
-        kernels._launch(missing, (1,), x, 32, 0.5, BLOCK=64)
+        launcher.launch(missing, (1,), x, 32, 0.5, BLOCK=64)
     assert len(missing.triton_calls) == 2 and not missing.compiled.runs
     for setting in ("FAST_LAUNCH", "_launch_hook_set"):
         fn = _FakeKernel()
         with monkeypatch.context() as m:
             if setting == "FAST_LAUNCH":
-                m.setattr(kernels, "FAST_LAUNCH", False)
+                m.setattr(config.settings(), "fast_launch", False)
             else:
-                m.setattr(kernels, "_launch_hook_set", lambda: True)  # e.g. a profiler's launch hook
+                m.setattr(launcher, "_launch_hook_set", lambda: True)  # e.g. a profiler's launch hook
             for _ in range(2):
-                kernels._launch(fn, (1,), x, 32, 0.5, BLOCK=64, FLAG=True)
+                launcher.launch(fn, (1,), x, 32, 0.5, BLOCK=64, FLAG=True)
         assert len(fn.triton_calls) == 2 and not fn.compiled.runs
     before_cuda = _FakeKernel()
-    monkeypatch.setattr(kernels, "_current_device", lambda: -1)
+    monkeypatch.setattr(launcher, "_current_device", lambda: -1)
     for _ in range(2):
-        kernels._launch(before_cuda, (1,), x, 32, 0.5, BLOCK=64, FLAG=True)
+        launcher.launch(before_cuda, (1,), x, 32, 0.5, BLOCK=64, FLAG=True)
     assert len(before_cuda.triton_calls) == 2
 
 
 def test_launch_hooks_detected(monkeypatch):
     triton = pytest.importorskip("triton")
     if getattr(triton, "knobs", None) is None:
-        assert kernels._launch_hook_set()  # an older Triton: always its own launch path
+        assert launcher._launch_hook_set()  # an older Triton: always its own launch path
         return
     runtime = triton.knobs.runtime
-    assert not kernels._launch_hook_set()  # an empty hook chain (Triton >= 3.5) or None: no hook
+    assert not launcher._launch_hook_set()  # an empty hook chain (Triton >= 3.5) or None: no hook
 
     def hook(metadata):
         pass
@@ -418,13 +424,13 @@ def test_launch_hooks_detected(monkeypatch):
     if hasattr(chain, "add"):
         chain.add(hook)
         try:
-            assert kernels._launch_hook_set()
+            assert launcher._launch_hook_set()
         finally:
             chain.remove(hook)
     else:
         monkeypatch.setattr(runtime, "launch_enter_hook", hook)
-        assert kernels._launch_hook_set()
-    assert not kernels._launch_hook_set()
+        assert launcher._launch_hook_set()
+    assert not launcher._launch_hook_set()
 
 
 @pytest.mark.parametrize("method", ["gni", "gbn"])
@@ -433,7 +439,7 @@ def test_layers_launch_through_the_cache(use_kernels, monkeypatch, method):
     in the interpreter Triton's path."""
 
     def run(fast):
-        monkeypatch.setattr(kernels, "FAST_LAUNCH", fast)
+        monkeypatch.setattr(config.settings(), "fast_launch", fast)
         layer = GhostBatchNorm2d.from_module(_bn(nn.BatchNorm2d, 5), method=method, ghost_batch_size=4, seed=3).train()
         x = varied_input((8, 5, 3, 4), 1).to(DEVICE).requires_grad_()
         outs = []
@@ -443,10 +449,10 @@ def test_layers_launch_through_the_cache(use_kernels, monkeypatch, method):
             outs += [y, gx, layer.running_mean.clone(), layer.running_var.clone()]
         return outs
 
-    monkeypatch.setattr(kernels, "_LAUNCHERS", {})
+    monkeypatch.setattr(launcher, "_LAUNCHERS", {})
     fast = run(True)
-    entries = [v for launcher in kernels._LAUNCHERS.values() for v in launcher.cache.values()]
-    assert len(kernels._LAUNCHERS) == 6 and len(entries) == 6  # six kernels, one specialization each
+    entries = [v for launcher in launcher._LAUNCHERS.values() for v in launcher.cache.values()]
+    assert len(launcher._LAUNCHERS) == 6 and len(entries) == 6  # six kernels, one specialization each
     if DEVICE == "cuda":
         assert all(v is not False for v in entries)
     else:
@@ -456,13 +462,13 @@ def test_layers_launch_through_the_cache(use_kernels, monkeypatch, method):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Opt-in: the coefficient kernels as custom ops inside compiled graphs (lightning_ghostnoise.ops)
+# Opt-in: the coefficient kernels as custom ops inside compiled graphs (lightning_ghostnoise.backends.triton.custom_ops)
 # ---------------------------------------------------------------------------------------------------
 def _count_launches(monkeypatch):
     """Record the name of every Triton kernel launched."""
     calls = []
-    real = kernels._launch
-    monkeypatch.setattr(kernels, "_launch", lambda fn, *a, **k: calls.append(fn.__name__) or real(fn, *a, **k))
+    real = launcher.launch
+    monkeypatch.setattr(launcher, "launch", lambda fn, *a, **k: calls.append(fn.__name__) or real(fn, *a, **k))
     return calls
 
 
@@ -483,10 +489,10 @@ def _count_launches(monkeypatch):
     ],
 )
 def test_compiled_graph_calls_the_coefficient_ops(use_kernels, monkeypatch, method, backend, channels_last):
-    from lightning_ghostnoise import ops
-
-    monkeypatch.setenv("GHOSTNOISE_COMPILED_KERNELS", "1")
-    assert ops.enabled() and not ops.in_graph(torch.randn(4, 3, 2, 2))  # outside a compiled graph: no
+    config.enable_compiled_kernels(True)  # registers the custom ops
+    monkeypatch.setattr(config.settings(), "compiled_kernels", True)
+    with torch.enable_grad():  # outside a compiled graph: the eager kernels, not the ops
+        assert config.compiled_kernels_enabled() and dispatch.select(torch.randn(4, 3, 2, 2)).backend == "triton"
     torch._dynamo.reset()
     layer = GhostBatchNorm2d.from_module(_bn(nn.BatchNorm2d, 5), method=method, ghost_batch_size=4, seed=1).train()
     layer.counter_rng = True  # the eager reference draws from the generator the compiled graph uses
@@ -517,7 +523,7 @@ def test_compiled_graph_calls_the_coefficient_ops(use_kernels, monkeypatch, meth
 
 def test_coefficient_ops_opcheck(use_kernels):
     """The custom ops' schemas, fake (meta) implementations and declared mutations (torch.library.opcheck)."""
-    from lightning_ghostnoise import ops  # noqa: F401 - registers torch.ops.ghostnoise
+    from lightning_ghostnoise.backends.triton import custom_ops  # noqa: F401 - registers torch.ops.ghostnoise
 
     batch, channels = 8, 5
     mv = torch.stack([torch.randn(batch, channels), torch.rand(batch, channels) + 0.5]).to(DEVICE)

@@ -327,3 +327,21 @@ def test_yaml_schedule_below_the_method_minimum_is_rejected(tmp_path: Path, caps
         """,
     )
     _expect_cli_error(["--config", str(cfg)], capsys, "ghost_batch_size must be >= 2 for method 'xbn'", "Use a ghost batch size >= 2")
+
+
+def test_lightning_cli_reads_running_stats(monkeypatch, tmp_path):
+    pytest.importorskip("jsonargparse")
+    monkeypatch.setattr("sys.argv", ["cli"])
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    monkeypatch.delenv("PL_GLOBAL_SEED")
+    callbacks = """\
+        callbacks:
+          - class_path: lightning_ghostnoise.GhostNoise
+            init_args:
+              method: gbn
+              running_stats: batch
+        """
+    (cb,) = _ghost_callbacks(_cli(["--config", str(_write_config(tmp_path, callbacks))]))
+    assert cb.running_stats == "batch"
+    with pytest.raises(SystemExit):  # jsonargparse refuses a value outside the Literal
+        _cli(["--config", str(_write_config(tmp_path, callbacks.replace("batch", "full"), "bad.yaml"))])

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_ghostnoise import functional as GF
-from lightning_ghostnoise import kernels
+from lightning_ghostnoise import config
+from lightning_ghostnoise.backends.triton import ghost_statistics as kernels
 from lightning_ghostnoise.layers import (
     GhostBatchNorm1d,
     GhostBatchNorm2d,
@@ -343,8 +344,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture
 def use_kernels(monkeypatch):
     """Route supported tensors through the kernels, on CPU too (interpreted); record their running buffers."""
-    monkeypatch.setattr(kernels, "ALLOW_CPU", True)
-    monkeypatch.delenv("GHOSTNOISE_TRITON", raising=False)
+    monkeypatch.setattr(config.settings(), "backend", "triton")
     calls = []
     real = kernels.ghost_statistics_coefficients
 
@@ -385,8 +385,7 @@ def test_kernel_path_equals_pytorch_path(use_kernels, monkeypatch, running_stats
     x = make_batches(1, shape, 11)[0].to(DEVICE)
     out = {}
     for on in (True, False):
-        monkeypatch.setattr(kernels, "ALLOW_CPU", on)
-        monkeypatch.setenv("GHOSTNOISE_TRITON", "1" if on else "0")
+        monkeypatch.setattr(config.settings(), "backend", "triton" if on else "torch")
         module = copy.deepcopy(layer).to(DEVICE)
         module(x.clone().requires_grad_())
         out[on] = (module.running_mean, module.running_var)
@@ -399,10 +398,10 @@ def test_kernel_path_equals_pytorch_path(use_kernels, monkeypatch, running_stats
 def test_compiled_custom_op_path_running_stats_match_loop(use_kernels, monkeypatch, running_stats):
     """Inside a compiled graph with ``GHOSTNOISE_COMPILED_KERNELS=1`` (the custom ops, which leave the
     running statistics to the graph): the same buffers as the loop."""
-    from lightning_ghostnoise import ops
 
-    monkeypatch.setenv("GHOSTNOISE_COMPILED_KERNELS", "1")
-    assert ops.enabled()
+    config.enable_compiled_kernels(True)
+    monkeypatch.setattr(config.settings(), "compiled_kernels", True)
+    assert config.compiled_kernels_enabled()
     torch._dynamo.reset()
     shape = (13, 3, 4, 4)
     plain, layer = _layer(shape, 0.1, method="gbn", running_stats=running_stats)
@@ -438,23 +437,3 @@ def test_callback_running_stats_parameter():
     assert model[1].running_stats == "batch"
     GhostNoise(method="gbn")._apply(model, warn=False)
     assert model[1].running_stats == "ghost"
-
-
-def test_lightning_cli_reads_running_stats(monkeypatch, tmp_path):
-    pytest.importorskip("jsonargparse")
-    from test_cli import _cli, _ghost_callbacks, _write_config
-
-    monkeypatch.setattr("sys.argv", ["cli"])
-    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
-    monkeypatch.delenv("PL_GLOBAL_SEED")
-    callbacks = """\
-        callbacks:
-          - class_path: lightning_ghostnoise.GhostNoise
-            init_args:
-              method: gbn
-              running_stats: batch
-        """
-    (cb,) = _ghost_callbacks(_cli(["--config", str(_write_config(tmp_path, callbacks))]))
-    assert cb.running_stats == "batch"
-    with pytest.raises(SystemExit):  # jsonargparse refuses a value outside the Literal
-        _cli(["--config", str(_write_config(tmp_path, callbacks.replace("batch", "full"), "bad.yaml"))])

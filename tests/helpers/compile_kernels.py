@@ -1,5 +1,5 @@
 """Compile every Triton kernel for an sm_90 (H100) target without a GPU: catches errors that Triton's
-interpreter does not (types, layouts, code generation). Run by ``test_kernels.py`` in a subprocess,
+interpreter does not (types, layouts, code generation). Run by ``tests/backends/test_triton.py`` in a subprocess,
 with ``TRITON_INTERPRET`` unset so that the kernels are real JIT functions."""
 
 from __future__ import annotations
@@ -11,7 +11,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lightning_ghostnoise import kernels as K
+from types import SimpleNamespace
+
+from lightning_ghostnoise.backends.triton import common, ghost_statistics, gni, kernels, layout
+
+# every kernel and tile constant of the Triton backend, by name
+K = SimpleNamespace(
+    **{k: v for m in (common, gni, ghost_statistics, kernels) for k, v in vars(m).items() if k.endswith("_kernel")},
+    _SMALL_B=layout.SMALL_B,
+    _SMALL_C=layout.SMALL_C,
+)
 
 FLOATS = {"momentum", "unbias", "eps", "noise_eps", "count", "sqrt_n"}
 # pointers that are not float32: the data tensors in half precision, the ghost indices int64

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lightning_ghostnoise.backends.triton.launcher import launch as _launch
+from lightning_ghostnoise.backends.triton import launcher as _launcher
 from lightning_ghostnoise.backends.triton.layout import SMALL_B as _SMALL_B
 from lightning_ghostnoise.backends.triton.layout import SMALL_C as _SMALL_C
 from lightning_ghostnoise.backends.triton.layout import blocks as _blocks
@@ -88,5 +88,5 @@ def split_channel_moments(mv: Tensor) -> Tensor:
     """``(3, C)``: per channel the centre and the batch means of ``c`` and ``e`` (see the kernel)."""
     _, batch, channels = mv.shape
     cm = torch.empty(3, channels, device=mv.device, dtype=torch.float32)
-    _launch(_channel_moments_kernel, (_cdiv(channels, _SMALL_C),), mv, cm, batch, channels, BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C)
+    _launcher.launch(_channel_moments_kernel, (_cdiv(channels, _SMALL_C),), mv, cm, batch, channels, BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C)
     return cm

@@ -22,7 +22,7 @@ from lightning_ghostnoise.backends.triton.common import (  # noqa: F401  (jit he
     _update_running,
 )
 from lightning_ghostnoise.backends.triton.common import split_channel_moments as _split_channel_moments
-from lightning_ghostnoise.backends.triton.launcher import launch as _launch
+from lightning_ghostnoise.backends.triton import launcher as _launcher
 from lightning_ghostnoise.backends.triton.layout import SMALL_B as _SMALL_B
 from lightning_ghostnoise.backends.triton.layout import SMALL_C as _SMALL_C
 from lightning_ghostnoise.backends.triton.layout import blocks as _blocks
@@ -312,7 +312,7 @@ def ghost_statistics_coefficients(
     per_channel = torch.empty(4, channels, device=mv.device, dtype=torch.float32)
     has_running = running_mean is not None and running_var is not None
     cm = _split_channel_moments(mv) if batch > config.settings().split_batch else mv
-    _launch(_ghost_stats_coefficients_kernel, (_cdiv(channels, _SMALL_C), groups),
+    _launcher.launch(_ghost_stats_coefficients_kernel, (_cdiv(channels, _SMALL_C), groups),
         mv, cm, weight if weight is not None else mv, bias if bias is not None else mv,
         running_mean if has_running else mv, running_var if has_running else mv, strength, per_sample, per_channel,
         batch, channels, ghost_batch_size, groups, float(momentum), count / max(count - 1, 1), float(eps),
@@ -351,11 +351,11 @@ def ghost_statistics_input_coefficients(
     cg = torch.empty(4, channels, device=r.device, dtype=torch.float32)  # grad_w, grad_b, two channel sums
     split = batch > config.settings().split_batch
     if split:
-        _launch(_ghost_stats_channel_grads_kernel, (_cdiv(channels, _SMALL_C),),
+        _launcher.launch(_ghost_stats_channel_grads_kernel, (_cdiv(channels, _SMALL_C),),
             r, per_sample, per_channel, strength, cg, batch, channels, float(eps),
             SHIFT_NOISE=bool(shift_noise), SCALE_NOISE=bool(scale_noise), BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C,
         )  # fmt: skip
-    _launch(_ghost_stats_input_coefficients_kernel, (_cdiv(channels, _SMALL_C), groups),
+    _launcher.launch(_ghost_stats_input_coefficients_kernel, (_cdiv(channels, _SMALL_C), groups),
         r, mv, per_sample, per_channel, strength, pq, cg, batch, channels, ghost_batch_size, groups, float(count),
         float(eps), GRADS_GIVEN=split, EXCLUSIVE=bool(exclusive), SHIFT_NOISE=bool(shift_noise), SCALE_NOISE=bool(scale_noise),
         BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C,

@@ -24,7 +24,7 @@ from lightning_ghostnoise.backends.triton.common import (  # noqa: F401  (jit he
     _update_running,
 )
 from lightning_ghostnoise.backends.triton.common import split_channel_moments as _split_channel_moments
-from lightning_ghostnoise.backends.triton.launcher import launch as _launch
+from lightning_ghostnoise.backends.triton import launcher as _launcher
 from lightning_ghostnoise.backends.triton.layout import SMALL_B as _SMALL_B
 from lightning_ghostnoise.backends.triton.layout import SMALL_C as _SMALL_C
 from lightning_ghostnoise.backends.triton.layout import blocks as _blocks
@@ -186,7 +186,7 @@ def gni_coefficients(
     has_running = running_mean is not None and running_var is not None
     n = int(ghost_batch_size) if analytic else indices.shape[1]  # type: ignore[union-attr, arg-type]
     cm = _split_channel_moments(mv) if batch > config.settings().split_batch else mv
-    _launch(_gni_coefficients_kernel, (_cdiv(channels, _SMALL_C), _cdiv(batch, _SMALL_B)),
+    _launcher.launch(_gni_coefficients_kernel, (_cdiv(channels, _SMALL_C), _cdiv(batch, _SMALL_B)),
         mv, cm,
         mv if analytic else indices.contiguous(),  # type: ignore[union-attr]
         normal.float().contiguous() if analytic else mv,  # type: ignore[union-attr]
@@ -213,7 +213,7 @@ def gni_input_coefficients(r: Tensor, coef: Tensor, stats: Tensor, weight: Optio
     """
     _, batch, channels = r.shape
     out = torch.empty(4, channels, device=r.device, dtype=torch.float32)
-    _launch(_gni_input_coefficients_kernel, (_cdiv(channels, _SMALL_C),),
+    _launcher.launch(_gni_input_coefficients_kernel, (_cdiv(channels, _SMALL_C),),
         r, coef, stats, weight if weight is not None else stats, out, batch, channels, float(count),
         HAS_W=weight is not None, BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C,
     )  # fmt: skip

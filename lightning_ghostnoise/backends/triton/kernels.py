@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lightning_ghostnoise.backends.triton.launcher import launch as _launch
+from lightning_ghostnoise.backends.triton import launcher as _launcher
 from lightning_ghostnoise.backends.triton.layout import SMALL_B as _SMALL_B
 from lightning_ghostnoise.backends.triton.layout import SMALL_C as _SMALL_C
 from lightning_ghostnoise.backends.triton.layout import blocks as _blocks
@@ -113,7 +113,7 @@ def moments(x: Tensor, lay: Layout) -> Tensor:
     """
     mv = torch.empty(2, lay.b, lay.c, device=x.device, dtype=torch.float32)
     block_c, block_s = _blocks(lay.c, lay.s, lay.sc == 1)
-    _launch(_moments_kernel, (lay.b, _cdiv(lay.c, block_c)),
+    _launcher.launch(_moments_kernel, (lay.b, _cdiv(lay.c, block_c)),
         x, mv, lay.b, lay.c, lay.s, lay.sb, lay.sc, lay.ss, BLOCK_C=block_c, BLOCK_S=block_s
     )
     return mv
@@ -125,7 +125,7 @@ def affine(x: Tensor, lay: Layout, ad: Tensor) -> Tensor:
     y = torch.empty_like(x)  # x is dense: the same strides
     block_c, block_s = _blocks(lay.c, lay.s, lay.sc == 1)
     grid = (lay.b, _cdiv(lay.c, block_c), _cdiv(lay.s, block_s))
-    _launch(_affine_kernel, grid, x, y, ad, lay.b, lay.c, lay.s, lay.sb, lay.sc, lay.ss, BLOCK_C=block_c, BLOCK_S=block_s)
+    _launcher.launch(_affine_kernel, grid, x, y, ad, lay.b, lay.c, lay.s, lay.sb, lay.sc, lay.ss, BLOCK_C=block_c, BLOCK_S=block_s)
     return y
 
 
@@ -134,7 +134,7 @@ def channel_sums(grad_y: Tensor, x: Tensor, lay: Layout) -> Tensor:
     grad_y, g = _like(grad_y, lay)
     r = torch.empty(2, lay.b, lay.c, device=x.device, dtype=torch.float32)
     block_c, block_s = _blocks(lay.c, lay.s, lay.sc == 1)
-    _launch(_sums_kernel, (lay.b, _cdiv(lay.c, block_c)),
+    _launcher.launch(_sums_kernel, (lay.b, _cdiv(lay.c, block_c)),
         grad_y, x, r, lay.b, lay.c, lay.s, g.sb, g.sc, g.ss, lay.sb, lay.sc, lay.ss, BLOCK_C=block_c, BLOCK_S=block_s
     )
     return r
@@ -151,7 +151,7 @@ def affine_input_grad(grad_y: Tensor, x: Tensor, lay: Layout, a: Tensor, pq: Ten
     block_c, block_s = _blocks(lay.c, lay.s, lay.sc == 1)
     grid = (lay.b, _cdiv(lay.c, block_c), _cdiv(lay.s, block_s))
     per_sample = pq.dim() == 3
-    _launch(_input_grad_kernel, grid,
+    _launcher.launch(_input_grad_kernel, grid,
         grad_y, x, out, a, pq, lay.c, lay.s, lay.c if per_sample else 0, pq.numel() // 2,
         g.sb, g.sc, g.ss, lay.sb, lay.sc, lay.ss, BLOCK_C=block_c, BLOCK_S=block_s,
     )  # fmt: skip

@@ -74,10 +74,11 @@ def _hook_active(hook: object) -> bool:
 
 
 def _launch_hook_set() -> bool:
-    """Whether a launch hook is installed (or the internals are missing: Triton's path)."""
-    if not internals_present():
+    """Whether a launch hook is installed (or this Triton has no ``knobs``: Triton's path). Without the
+    torch internals :func:`_current_device` reads -1, which also keeps Triton's path."""
+    runtime = getattr(_KNOBS, "runtime", None)
+    if runtime is None:
         return True
-    runtime = _KNOBS.runtime  # type: ignore[union-attr]  # (internals_present checked it)
     return _hook_active(runtime.launch_enter_hook) or _hook_active(runtime.launch_exit_hook)
 
 
