@@ -1,48 +1,25 @@
-"""Correctness checks that need a CUDA GPU (CI has none): run on a GPU machine before releases.
+"""Correctness checks that need a CUDA GPU (CI has none): skipped without one.
 
-Prints one ``PASS``/``FAIL`` line per check and exits non-zero if any failed.
-
-    PYTHONPATH=. python benchmarks/cuda_checks.py            # all checks
-    PYTHONPATH=. python benchmarks/cuda_checks.py "sync,bf16"  # those whose name contains "sync" or "bf16" (case-sensitive)
+    pytest -m gpu tests/gpu
 """
 
 from __future__ import annotations
 
 import copy
-import sys
-import traceback
-from typing import Callable, List, Tuple
+from typing import List
 
+import pytest
 import torch
 from torch import nn
 
-from lightning_ghostnoise import apply_ghost_noise, ghost_layers
+from lightning_ghostnoise import apply_ghost_noise, backends, config, ghost_layers
 from lightning_ghostnoise import functional as GF
 from lightning_ghostnoise.seeding import derive_seed
 
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
 METHODS = ("gni", "gbn", "xbn", "analytic")
-CHECKS: List[Tuple[str, Callable[[], None]]] = []
-
-
-def check(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
-    def deco(fn: Callable[[], None]) -> Callable[[], None]:
-        CHECKS.append((name, fn))
-        return fn
-
-    return deco
-
-
-def run_checks() -> List[bool]:
-    results = []
-    for name, fn in CHECKS:
-        try:
-            fn()
-            print(f"PASS {name}", flush=True)
-            results.append(True)
-        except Exception:
-            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
-            results.append(False)
-    return results
+dev = torch.device("cuda")
 
 
 def small_net() -> nn.Module:
@@ -53,11 +30,10 @@ def small_net() -> nn.Module:
     )
 
 
-dev = torch.device("cuda")
 
 
-@check("no host-device synchronization while training (sync debug mode 'error'), every method, with per-step reseeding")
-def _no_sync() -> None:
+def test_no_sync() -> None:
+    """no host-device synchronization while training (sync debug mode 'error'), every method, with per-step reseeding."""
     for method in METHODS:
         model = apply_ghost_noise(small_net(), 8, method=method, seed=1).to(dev)
         x = torch.randn(32, 3, 16, 16, device=dev)
@@ -75,17 +51,17 @@ def _no_sync() -> None:
         torch.cuda.synchronize()
 
 
-@check("fused and plain-autograd paths agree on CUDA (outputs and gradients), every BN method")
-def _fused_matches() -> None:
+def test_fused_matches() -> None:
+    """fused and plain-autograd paths agree on CUDA (outputs and gradients), every BN method."""
     torch.manual_seed(0)
     x = (torch.randn(24, 8, 6, 6, device=dev) * 2 + 1).requires_grad_()
     w = torch.randn(8, device=dev, requires_grad=True)
     b = torch.randn(8, device=dev, requires_grad=True)
     idx = GF.ghost_indices(24, 6, generator=torch.Generator(dev).manual_seed(3))
     fns = {
-        "gbn": lambda f: GF.ghost_batch_norm(x, 6, None, None, w, b, strength=0.7, fused=f),
-        "xbn": lambda f: GF.exclusive_batch_norm(x, 6, None, None, w, b, fused=f),
-        "gni": lambda f: GF.ghost_noise_batch_norm(x, lambda m, v: GF.ghost_noise(m, v, idx), None, None, w, b, fused=f),
+        "gbn": lambda f: backends.ghost_batch_norm(x, 6, None, None, w, b, strength=0.7, fused=f),
+        "xbn": lambda f: backends.exclusive_batch_norm(x, 6, None, None, w, b, fused=f),
+        "gni": lambda f: backends.ghost_noise_batch_norm(x, lambda m, v: GF.ghost_noise(m, v, idx), None, None, w, b, fused=f),
     }
     g = torch.randn_like(x)
     for name, fn in fns.items():
@@ -97,13 +73,13 @@ def _fused_matches() -> None:
             torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4, msg=name)
 
 
-@check("LayerNorm/GroupNorm on CUDA: the native-statistics path, float32 and under bf16 autocast (a bf16 input, cast by autocast), agrees with plain autograd")
-def _normalized_native() -> None:
+def test_normalized_native() -> None:
+    """LayerNorm/GroupNorm on CUDA: the native-statistics path, float32 and under bf16 autocast (a bf16 input, cast by autocast), agrees with plain autograd."""
     torch.manual_seed(0)
     cases = [
-        (GF.NativeLayerNorm((32,)), (16, 10, 32), -1, None),
-        (GF.NativeGroupNorm(4), (16, 8, 5, 5), 1, None),
-        (GF.NativeGroupNorm(4), (16, 8, 5, 5), 1, torch.channels_last),
+        (backends.NativeLayerNorm((32,)), (16, 10, 32), -1, None),
+        (backends.NativeGroupNorm(4), (16, 8, 5, 5), 1, None),
+        (backends.NativeGroupNorm(4), (16, 8, 5, 5), 1, torch.channels_last),
     ]
     for norm, shape, channel_dim, fmt in cases:
         x = torch.randn(shape, device=dev) * 2 + 1
@@ -118,16 +94,16 @@ def _normalized_native() -> None:
             for fused in (None, False):
                 xr, wr, br = (t.clone().requires_grad_() for t in ((x.bfloat16() if autocast else x), w, b))
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                    y = GF.normalized_noise(xr, norm, GF.GhostDraws(indices=idx), wr, br, channel_dim=channel_dim, fused=fused)
+                    y = backends.normalized_noise(xr, norm, GF.GhostDraws(indices=idx), wr, br, channel_dim=channel_dim, fused=fused)
                 outs.append((y.float(), *(t.float() for t in torch.autograd.grad(y, (xr, wr, br), g.to(y.dtype)))))
             tol = 5e-2 if autocast else 1e-4
             for a, c in zip(*outs):
                 torch.testing.assert_close(a, c, rtol=tol, atol=tol, msg=f"{type(norm).__name__} autocast={autocast}")
 
 
-@check("counter-based generator (torch.compile's source) gives the same draws on CUDA as on CPU")
-def _counter_rng_device_independent() -> None:
-    from lightning_ghostnoise import counter_rng
+def test_counter_rng_device_independent() -> None:
+    """counter-based generator (torch.compile's source) gives the same draws on CUDA as on CPU."""
+    from lightning_ghostnoise.functional import counter_rng
 
     key_cpu = counter_rng.mix_key(torch.tensor(123456789012), 3)
     key_gpu = counter_rng.mix_key(torch.tensor(123456789012, device=dev), 3)
@@ -135,8 +111,8 @@ def _counter_rng_device_independent() -> None:
     torch.testing.assert_close(counter_rng.normal(key_cpu, (1000,)), counter_rng.normal(key_gpu, (1000,)).cpu())
 
 
-@check("bf16 autocast + channels_last on CUDA: finite, channels_last kept, every method")
-def _bf16() -> None:
+def test_bf16() -> None:
+    """bf16 autocast + channels_last on CUDA: finite, channels_last kept, every method."""
     for method in METHODS:
         layer = apply_ghost_noise(nn.BatchNorm2d(16), 8, method=method).to(dev)
         x = torch.randn(32, 16, 8, 8, device=dev).to(memory_format=torch.channels_last).requires_grad_()
@@ -147,8 +123,8 @@ def _bf16() -> None:
         assert y.is_contiguous(memory_format=torch.channels_last), method
 
 
-@check("torch.compile (inductor) on CUDA: every method runs and matches eager with the same draws")
-def _compile() -> None:
+def test_compile() -> None:
+    """torch.compile (inductor) on CUDA: every method runs and matches eager with the same draws."""
     for method in METHODS:
         model = apply_ghost_noise(small_net(), 8, method=method, seed=2).to(dev)
         x = torch.randn(32, 3, 16, 16, device=dev)
@@ -166,14 +142,14 @@ def _compile() -> None:
         y_c.sum().backward()
 
 
-@check("CUDA graphs: torch.compile(mode='reduce-overhead'), 3 SGD steps match eager, coefficient kernels in the graph on and off")
-def _cudagraphs() -> None:
-    import os
-
-    from lightning_ghostnoise import kernels
+def test_cudagraphs() -> None:
+    """CUDA graphs: torch.compile(mode='reduce-overhead'), 3 SGD steps match eager, coefficient kernels in the graph on and off."""
+    from lightning_ghostnoise.backends.triton import launcher
 
     for in_graph in ("1", "0"):
-        os.environ["GHOSTNOISE_COMPILED_KERNELS"] = in_graph
+        if in_graph == "1":
+            config.enable_compiled_kernels(True)
+        config.settings().compiled_kernels = in_graph == "1"
         for method in ("gni", "gbn"):
             torch._dynamo.reset()
             model = apply_ghost_noise(small_net(), 8, method=method, seed=2).to(dev)
@@ -183,14 +159,14 @@ def _cudagraphs() -> None:
             calls: List[bool] = []  # per coefficient-kernel launch: whether the compiled model was running
             active = [False]
             name = "_gni_coefficients_kernel" if method == "gni" else "_ghost_stats_coefficients_kernel"
-            real = kernels._launch
+            real = launcher.launch
 
             def launch(fn, *args, _real=real, _name=name, **meta):
                 if fn.__name__ == _name:
                     calls.append(active[0])
                 return _real(fn, *args, **meta)
 
-            kernels._launch = launch
+            launcher.launch = launch
             try:
                 compiled = torch.compile(model, mode="reduce-overhead")
                 opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, eager_model)]
@@ -212,12 +188,12 @@ def _cudagraphs() -> None:
                 # with the variable set the graph called the kernel (while recording); without, never
                 assert any(calls) == (in_graph == "1"), (method, in_graph, calls)
             finally:
-                kernels._launch = real
-    os.environ.pop("GHOSTNOISE_COMPILED_KERNELS")
+                launcher.launch = real
+    config.settings().compiled_kernels = False
 
 
-@check("Lightning fit on one GPU with GhostNoise (bf16-mixed), every method")
-def _lightning() -> None:
+def test_lightning() -> None:
+    """Lightning fit on one GPU with GhostNoise (bf16-mixed), every method."""
     import lightning.pytorch as pl
 
     from lightning_ghostnoise import GhostNoise
@@ -244,14 +220,19 @@ def _lightning() -> None:
         trainer.fit(M(), torch.utils.data.DataLoader(data, batch_size=32))
 
 
-if __name__ == "__main__":
-    print(f"# torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
-    # run the checks whose name contains one of these comma-separated texts
-    only = sys.argv[1].split(",") if len(sys.argv) > 1 else [""]
-    CHECKS[:] = [(name, fn) for name, fn in CHECKS if any(text in name for text in only)]
-    if not CHECKS:
-        print(f"no check's name contains any of {only} (case-sensitive): nothing ran", flush=True)
-        sys.exit(2)
-    results = run_checks()
-    print(f"cuda checks: {sum(results)} passed, {len(results) - sum(results)} failed")
-    sys.exit(0 if all(results) else 1)
+def test_fast_launch_takes_the_compiled_launcher_with_the_same_bits() -> None:
+    """The cached launch (Triton and torch internals) is taken on CUDA and gives the same bits as Triton's own."""
+    from lightning_ghostnoise.backends.triton import launcher
+
+    assert launcher.internals_present()
+    outs = []
+    for fast in (False, True):
+        with config.override(fast_launch=fast):
+            layer = apply_ghost_noise(nn.BatchNorm2d(16), 8, method="gbn").to(dev)
+            x = torch.randn(32, 16, 8, 8, device=dev, generator=torch.Generator(dev).manual_seed(0)).requires_grad_()
+            for _ in range(2):  # the second call goes through the cache
+                y = layer(x)
+            y.sum().backward()
+            outs.append((y.detach(), x.grad))
+    assert any(hit for kept in launcher._LAUNCHERS.values() for hit in kept.cache.values()), "fast path not taken"
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
