@@ -222,6 +222,7 @@ def main() -> None:
         from lightning_ghostnoise.backends.triton import launcher
 
         launcher.launch = lambda *args, **kwargs: None  # the custom ops, like inductor's kernels, launch nothing
+        config.set_backend("triton")  # CPU tensors take the Triton paths under TRITON_INTERPRET=1
     make = {"layer": layer_step, "layernorm": layernorm_step, "resnet18": resnet_step}[args.model]
     what = {
         "layer": f"BatchNorm2d layer {args.shape}{' channels_last' if args.channels_last else ''}",
