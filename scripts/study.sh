@@ -4,8 +4,10 @@
 # an interrupted study loses at most the run in progress.
 #
 #   bash scripts/study.sh bn    # ResNet-8 (BatchNorm): N sweep on validation, then the selected N on 5 seeds
-#   bash scripts/study.sh ln    # layer-normalized ResNet-8 (N sweep, 5 seeds) and the ViT (3 seeds)
+#   bash scripts/study.sh ln    # layer-normalized ResNet-8 and the ViT: N sweep on validation, then 5 seeds
 #
+# The two parts can run at the same time (one CPU thread each: OMP_NUM_THREADS=1); a second process on
+# the same stage with the methods and sizes in reverse order shares its work through the run files.
 # Outputs go to ${STUDY_DIR:-runs/study}/{bn-sweep,bn,ln-sweep,ln,vit}/ (results.json, plots, runs/).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -56,7 +58,11 @@ case "${1:-}" in
     mapfile -t picks < <(selected "$OUT/ln-sweep/results.json")
     reuse "$OUT/ln-sweep" "$OUT/ln"
     "$GN" compare --model resnet8_ln --methods plain "${picks[@]}" --seeds 5 "${COMMON[@]}" --out-dir "$OUT/ln"
-    "$GN" compare --model vit --methods plain gni --ghost-batch-size 16 --seeds 3 "${COMMON[@]}" --out-dir "$OUT/vit"
+    "$GN" compare --model vit --methods plain gni --ghost-batch-size 4 8 16 32 64 --seeds 2 "${COMMON[@]}" \
+      --out-dir "$OUT/vit-sweep"
+    mapfile -t picks < <(selected "$OUT/vit-sweep/results.json")
+    reuse "$OUT/vit-sweep" "$OUT/vit"
+    "$GN" compare --model vit --methods plain "${picks[@]}" --seeds 5 "${COMMON[@]}" --out-dir "$OUT/vit"
     ;;
   *)
     echo "usage: bash scripts/study.sh bn|ln" >&2
