@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from lightning_ghostnoise import backends
 from lightning_ghostnoise.layers.base import GhostNoiseMixin
-from lightning_ghostnoise.layers.validation import check_floating
+from lightning_ghostnoise.layers.validation import check_batched_input
 
 __all__ = ["GhostGroupNorm"]
 
@@ -33,10 +33,6 @@ class GhostGroupNorm(GhostNoiseMixin, nn.GroupNorm):
     def forward(self, x: Tensor) -> Tensor:
         if not self._noise_active():
             return super().forward(x)
-        check_floating(x)
-        if x.dim() < 2:
-            raise ValueError(
-                f"GhostGroupNorm needs a batch dimension: got an input of shape {tuple(x.shape)}, expected (B, C, *)."
-            )
+        check_batched_input(x, "GhostGroupNorm", "(B, C, *)")
         norm = backends.NativeGroupNorm(self.num_groups, self.eps)
         return self._inject(x, norm, self.weight, self.bias, channel_dim=1)

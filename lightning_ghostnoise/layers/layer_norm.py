@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from lightning_ghostnoise import backends
 from lightning_ghostnoise.layers.base import GhostNoiseMixin
-from lightning_ghostnoise.layers.validation import check_floating
+from lightning_ghostnoise.layers.validation import check_batched_input
 
 __all__ = ["GhostLayerNorm"]
 
@@ -43,10 +43,6 @@ class GhostLayerNorm(GhostNoiseMixin, nn.LayerNorm):
     def forward(self, x: Tensor) -> Tensor:
         if not self._noise_active():
             return super().forward(x)
-        check_floating(x)
-        if x.dim() < 2:
-            raise ValueError(
-                f"GhostLayerNorm needs a batch dimension: got an input of shape {tuple(x.shape)}, expected (B, *, D)."
-            )
+        check_batched_input(x, "GhostLayerNorm", "(B, *, D)")
         norm = backends.NativeLayerNorm(self.normalized_shape, self.eps)
         return self._inject(x, norm, self.weight, self.bias, channel_dim=-1)

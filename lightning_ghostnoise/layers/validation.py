@@ -27,6 +27,7 @@ __all__ = [
     "METHODS",
     "Method",
     "RunningStats",
+    "check_batched_input",
     "check_floating",
     "check_method_applies",
     "default_running_stats",
@@ -237,3 +238,18 @@ def check_floating(x: Tensor) -> None:
     """
     if not x.is_floating_point():
         raise TypeError(f"ghost noise layers need a floating point input, got dtype {x.dtype}.")
+
+
+def check_batched_input(x: Tensor, layer: str, expected: str) -> None:
+    """Refuse an input of a per-sample norm layer in training that is not floating point (``TypeError``)
+    or has no batch dimension (``ValueError``: the noise mixes samples across the batch).
+
+    Example:
+        >>> import torch
+        >>> check_batched_input(torch.zeros(2, 3), "GhostLayerNorm", "(B, *, D)")
+    """
+    check_floating(x)
+    if x.dim() < 2:
+        raise ValueError(
+            f"{layer} needs a batch dimension: got an input of shape {tuple(x.shape)}, expected {expected}."
+        )
