@@ -45,7 +45,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import train_step
+from overhead import train_step  # noqa: E402  (the sibling script, importable once its folder is on sys.path)
 
 PACKAGE = "lightning_ghostnoise"
 RENAMED = PACKAGE + "_rev"

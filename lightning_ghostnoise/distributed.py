@@ -46,7 +46,7 @@ def rank_zero_warn(message: str, **kwargs: Any) -> None:
     """
     if getattr(rank_zero_only, "rank", None) is None:
         rank = next((os.environ[key] for key in _RANK_VARIABLES if key in os.environ), "0")
-        setattr(rank_zero_only, "rank", int(rank))  # what importing Lightning does
+        rank_zero_only.rank = int(rank)  # what importing Lightning does
     # one frame more than lightning_utilities expects: the warning points at this function's caller
     _rank_zero_warn(message, stacklevel=kwargs.pop("stacklevel", 4) + 1, **kwargs)
 
@@ -96,4 +96,3 @@ def global_batch_moments(
     g_c = total[:channels] / samples
     g_var = (total[channels:] / samples - g_c * g_c).clamp_min(0)
     return g_c + centre, g_var
-

@@ -165,8 +165,15 @@ def test_drawn_seed_is_saved_and_restored(tmp_path):
     os.environ.pop("PL_GLOBAL_SEED", None)
     torch.manual_seed(0)
     model = Net()
-    trainer = pl.Trainer(max_steps=2, callbacks=[cb], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=2,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, StatefulLoader(*_data(), batch_size=16))

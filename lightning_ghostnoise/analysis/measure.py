@@ -133,14 +133,18 @@ def analyze_noise(
         raise ValueError(f"analyze_noise: mode must be 'live' or 'isolated', got {mode!r}.")
     device = _device(model)
     inputs = [x.to(device) for x in _inputs(data, num_batches)]
-    result = NoiseAnalysis(meta={"mode": mode, "batches": len(inputs), "batch_size": int(inputs[0].shape[0]), "seed": seed})
+    result = NoiseAnalysis(
+        meta={"mode": mode, "batches": len(inputs), "batch_size": int(inputs[0].shape[0]), "seed": seed}
+    )
     for method in methods:
         targets, _ = find_norm_layers(
             model, ["BatchNorm"] if method in ("gbn", "xbn") else None, None, include_names, exclude_names
         )
         if not targets:
             result.skipped[method] = (
-                "no BatchNorm layer (GBN and XBN split batch statistics)" if method in ("gbn", "xbn") else "no norm layer"
+                "no BatchNorm layer (GBN and XBN split batch statistics)"
+                if method in ("gbn", "xbn")
+                else "no norm layer"
             )
             continue
         for n in sizes:
@@ -153,7 +157,7 @@ def analyze_noise(
 
             def sink(name: str, layer: GhostNoiseMixin, noise: Optional[LayerNoise]) -> None:
                 if noise is not None:
-                    acc.setdefault(name, _Accumulator()).add(layer, noise)
+                    acc.setdefault(name, _Accumulator()).add(layer, noise)  # noqa: B023  (called within this iteration)
 
             net.train()
             with torch.no_grad(), NoiseRecorder(layers, sink, plain_output=mode == "isolated"):
@@ -172,4 +176,3 @@ def analyze_noise(
     order = {name: i for i, name in enumerate(result.layers)}
     result.summaries.sort(key=lambda s: (s.ghost_batch_size, order.get(s.layer, 0), methods.index(s.method)))
     return result
-

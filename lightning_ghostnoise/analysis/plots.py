@@ -67,7 +67,9 @@ def plot_histograms(
         >>> r = analyze_noise(nn.Sequential(nn.BatchNorm1d(4)), torch.randn(64, 4), [4], ["gni"])
         >>> plot_histograms(r, "/tmp/hist.png", 4)  # doctest: +SKIP
     """
-    methods = [m for m in (methods or analysis.methods) if (m, ghost_batch_size, analysis.layers[0]) in analysis.samples]
+    methods = [
+        m for m in (methods or analysis.methods) if (m, ghost_batch_size, analysis.layers[0]) in analysis.samples
+    ]
     if not methods:
         raise ValueError(f"plot_histograms: no results for ghost_batch_size={ghost_batch_size}.")
     layers = list(layers or analysis.layers)
@@ -76,7 +78,10 @@ def plot_histograms(
     n = ghost_batch_size
     for row, name in enumerate(layers):
         shift_all = torch.cat([analysis.samples[(m, n, name)][0] for m in methods if (m, n, name) in analysis.samples])
-        lim = max(float(shift_all.abs().quantile(0.999)) if shift_all.numel() < 16_000_000 else 4 / math.sqrt(n), 3 / math.sqrt(n))
+        lim = max(
+            float(shift_all.abs().quantile(0.999)) if shift_all.numel() < 16_000_000 else 4 / math.sqrt(n),
+            3 / math.sqrt(n),
+        )
         scale_all = torch.cat([analysis.samples[(m, n, name)][1] for m in methods if (m, n, name) in analysis.samples])
         top = max(float(scale_all.quantile(0.999)) if scale_all.numel() < 16_000_000 else 2.0, 1.5)
         ax_shift, ax_scale = axes[row]
@@ -84,7 +89,13 @@ def plot_histograms(
             if (m, n, name) not in analysis.samples:
                 continue
             z, s = analysis.samples[(m, n, name)]
-            kw = dict(bins=100, density=True, histtype="step", color=_COLORS.get(m), label=m.upper() if m != "analytic" else "analytic")
+            kw = dict(
+                bins=100,
+                density=True,
+                histtype="step",
+                color=_COLORS.get(m),
+                label=m.upper() if m != "analytic" else "analytic",
+            )
             ax_shift.hist(z.clamp(-lim, lim).numpy(), range=(-lim, lim), **kw)
             ax_scale.hist(s.clamp(0, top).numpy(), range=(0, top), **kw)
         xs = torch.linspace(-lim, lim, 400, dtype=torch.float64)
@@ -95,9 +106,23 @@ def plot_histograms(
         if "gni" in methods:
             g = analysis.summary("gni", n, name)
             if math.isfinite(g.n_eff_shift) and math.isfinite(g.n_eff_scale) and g.n_eff_scale > 1:
-                ax_shift.plot(xs.numpy(), _normal_pdf(xs, 1 / g.n_eff_shift).numpy(), color="0.45", lw=1.2, label="GNI law at N_eff")
-                ax_scale.plot(ss.numpy(), _scale_pdf(ss, g.n_eff_scale, g.scale2_mean_predicted).numpy(), color="0.45", lw=1.2, label="GNI law at N_eff")
-                row_title += f"  (C={g.channels}, {g.positions} positions; N_eff {g.n_eff_shift:.0f} / {g.n_eff_scale:.0f})"
+                ax_shift.plot(
+                    xs.numpy(),
+                    _normal_pdf(xs, 1 / g.n_eff_shift).numpy(),
+                    color="0.45",
+                    lw=1.2,
+                    label="GNI law at N_eff",
+                )
+                ax_scale.plot(
+                    ss.numpy(),
+                    _scale_pdf(ss, g.n_eff_scale, g.scale2_mean_predicted).numpy(),
+                    color="0.45",
+                    lw=1.2,
+                    label="GNI law at N_eff",
+                )
+                row_title += (
+                    f"  (C={g.channels}, {g.positions} positions; N_eff {g.n_eff_shift:.0f} / {g.n_eff_scale:.0f})"
+                )
         ax_shift.set_title(row_title, fontsize=8, loc="left")
         ax_shift.tick_params(labelsize=7)
         ax_scale.tick_params(labelsize=7)
@@ -144,12 +169,22 @@ def plot_noise_vs_n(
     for i, name in enumerate(layers):
         ax = axes[i // ncols][i % ncols]
         for m in analysis.methods:
-            pts = [(s.ghost_batch_size, getattr(s, quantity)) for s in analysis.summaries if s.method == m and s.layer == name]
+            pts = [
+                (s.ghost_batch_size, getattr(s, quantity))
+                for s in analysis.summaries
+                if s.method == m and s.layer == name
+            ]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, "o-", ms=3, lw=1, color=_COLORS.get(m), label=m.upper() if m != "analytic" else "analytic")
+                ax.plot(
+                    xs, ys, "o-", ms=3, lw=1, color=_COLORS.get(m), label=m.upper() if m != "analytic" else "analytic"
+                )
         ax.plot(sizes, [NS.law_moments(n)[quantity].item() for n in sizes], "k--", lw=1, label="law at N")
-        eff = [(s.ghost_batch_size, s.law_eff.get(quantity)) for s in analysis.summaries if s.method == "gni" and s.layer == name]
+        eff = [
+            (s.ghost_batch_size, s.law_eff.get(quantity))
+            for s in analysis.summaries
+            if s.method == "gni" and s.layer == name
+        ]
         eff = [(n, v) for n, v in eff if v is not None and math.isfinite(v) and v > 0]
         if eff:
             xs, ys = zip(*eff)

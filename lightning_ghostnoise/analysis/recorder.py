@@ -297,5 +297,3 @@ class NoiseRecorder:
             self._warn_once(name, "its forward made no draws the recorder could see.")
             return
         self.sink(name, layer, layer_noise(layer, x, draws))
-
-

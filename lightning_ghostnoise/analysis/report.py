@@ -260,4 +260,3 @@ class NoiseAnalysis:
                 f"{f(s.ks_scale[0])} {f(s.ks_scale_eff[0], 8)}"
             )
         return "\n".join(lines)
-

@@ -146,7 +146,9 @@ class GhostNoise(Callback):
     # ------------------------------------------------------------------ helpers
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(method=self.method, include_names=self.include_names, include_types=self.include_types)
+        return self._generate_state_key(
+            method=self.method, include_names=self.include_names, include_types=self.include_types
+        )
 
     @property
     def base_seed(self) -> Optional[int]:
@@ -334,7 +336,9 @@ class GhostNoise(Callback):
         for index, layer in enumerate(self._layers):
             layer.reseed(derive_seed(self._base_seed or 0, rank, counter, index))
         if self.log_values and trainer.logger is not None:
-            pl_module.log("ghostnoise/ghost_batch_size", float(self._current["ghost_batch_size"]), on_step=True, on_epoch=False)
+            pl_module.log(
+                "ghostnoise/ghost_batch_size", float(self._current["ghost_batch_size"]), on_step=True, on_epoch=False
+            )
             pl_module.log("ghostnoise/strength", float(self._current["strength"]), on_step=True, on_epoch=False)
 
     def _hide_buffers_from_ddp(self, pl_module: "pl.LightningModule") -> None:
@@ -342,7 +346,7 @@ class GhostNoise(Callback):
         names = {f"{name}.{buf}" if name else buf for name, _ in ghost_layers(pl_module) for buf in GHOST_BUFFERS}
         existing = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []))
         self._ddp_ignored = sorted(names - existing)
-        setattr(pl_module, "_ddp_params_and_buffers_to_ignore", sorted(existing | names))
+        pl_module._ddp_params_and_buffers_to_ignore = sorted(existing | names)
 
     def _revert(self, pl_module: "pl.LightningModule") -> None:
         revert_ghost_noise(pl_module)
@@ -350,7 +354,7 @@ class GhostNoise(Callback):
         ignored = getattr(pl_module, "_ddp_params_and_buffers_to_ignore", None)
         if ignored is not None and self._ddp_ignored:
             kept = [n for n in ignored if n not in set(self._ddp_ignored)]
-            setattr(pl_module, "_ddp_params_and_buffers_to_ignore", kept)
+            pl_module._ddp_params_and_buffers_to_ignore = kept
             self._ddp_ignored = []
 
     @override

@@ -93,7 +93,9 @@ class NoiseStatistics(Metric):
         s = scale.detach().reshape(-1).to(torch.float64)
         log_s = s.clamp_min(torch.finfo(torch.float64).tiny).log()
         self.count[index] += z.numel()
-        self.sums[index] += torch.stack([z.sum(), z.square().sum(), s.sum(), s.square().sum(), log_s.sum(), log_s.square().sum()])
+        self.sums[index] += torch.stack(
+            [z.sum(), z.square().sum(), s.sum(), s.square().sum(), log_s.sum(), log_s.square().sum()]
+        )
         self.shift_hist[index] += self._histogram(z)
         self.log_scale_hist[index] += self._histogram(log_s)
         self.minima[index] = torch.minimum(self.minima[index], torch.stack([z.min(), log_s.min()]))
@@ -108,7 +110,9 @@ class NoiseStatistics(Metric):
         none = self.count == 0
         out = {}
         for j, name in enumerate(("shift", "scale", "log_scale")):
-            out[f"{name}_mean"] = torch.where(none, torch.full_like(mean[:, j], 1.0 if name == "scale" else 0.0), mean[:, j])
+            out[f"{name}_mean"] = torch.where(
+                none, torch.full_like(mean[:, j], 1.0 if name == "scale" else 0.0), mean[:, j]
+            )
             out[f"{name}_std"] = torch.where(none, torch.zeros_like(var[:, j]), var[:, j].sqrt())
         return out
 
@@ -222,7 +226,9 @@ class GhostNoiseMonitor(Callback):
 
     # ------------------------------------------------------------------ hooks
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if not self.every_n_steps or step % self.every_n_steps or step == self._last_step or self._recorder is not None:
             return
@@ -266,7 +272,9 @@ class GhostNoiseMonitor(Callback):
         if not trainer.is_global_zero:
             return
         scalars = {
-            f"{self.prefix}{name}/{stat}": float(values[stat].reshape(-1)[i]) for i, name in enumerate(self._names) for stat in STATISTICS
+            f"{self.prefix}{name}/{stat}": float(values[stat].reshape(-1)[i])
+            for i, name in enumerate(self._names)
+            for stat in STATISTICS
         }
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=self._step)

@@ -72,7 +72,9 @@ def _json_dict(text: str) -> Dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f'expected a JSON object such as \'{{"width": 16}}\', got {text!r} ({err})') from None
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object such as '{{\"width\": 16}}', got {text!r} ({err})"
+        ) from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
@@ -90,35 +92,94 @@ def build_parser() -> argparse.ArgumentParser:
             "scale^2 ~ chi2(N-1)/N and with the law at the effective ghost batch size, and write PNG plots and a JSON."
         ),
     )
-    p.add_argument("--model", default=None,
-                   help="model name of lightning_ghostnoise.experiments.models.MODELS (default: resnet8, or the checkpoint's)")
-    p.add_argument("--model-kwargs", type=_json_dict, default=None,
-                   help='JSON object of model constructor arguments, e.g. \'{"width": 16}\' (default: the checkpoint\'s, or none)')
-    p.add_argument("--checkpoint", default=None,
-                   help="a Lightning checkpoint of lightning_ghostnoise.experiments.models.Classifier, or a saved state_dict of the model")
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
-                   help="Fashion-MNIST folder (default: %(default)s; without it: scikit-learn's digits, with a warning)")
-    p.add_argument("--batch-size", type=positive_int("--batch-size", 2), default=256,
-                   help="samples per analyzed batch (default: %(default)s)")
-    p.add_argument("--batches", type=positive_int("--batches"), default=4, help="batches to analyze (default: %(default)s)")
-    p.add_argument("--modes", action=ListFlag, item=_mode, default=["live", "isolated"], metavar="MODE",
-                   help="live (ghost noise in every layer), isolated (each layer on the plain network's input), or both "
-                        "(default: live isolated)")
-    p.add_argument("--ghost-batch-size", action=ListFlag, item=_ghost_n, default=[4, 8, 16, 32, 64], metavar="N",
-                   help="ghost batch size(s) N, each >= 2 (default: 4 8 16 32 64)")
-    p.add_argument("--ghost-batch-sizes", dest="ghost_batch_size", action=ListFlag, item=_ghost_n,
-                   replaced_by="--ghost-batch-size", help=argparse.SUPPRESS)
-    p.add_argument("--methods", action=ListFlag, item=_method, default=list(METHODS), metavar="METHOD",
-                   help=f"methods among {' '.join(METHODS)} (default: all)")
-    p.add_argument("--out-dir", default="ghostnoise_analysis", help="where the PNGs and the JSON go (default: %(default)s)")
-    p.add_argument("--seed", type=positive_int("--seed", 0), default=0, help="seed of data order, training and noise (default: 0)")
-    p.add_argument("--train-steps", type=positive_int("--train-steps", 0), default=None,
-                   help="plain-BN SGD steps before the analysis (default: 200 without --checkpoint, 0 with one)")
-    p.add_argument("--train-batch-size", type=positive_int("--train-batch-size", 2), default=128,
-                   help="batch size of those steps (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model name of lightning_ghostnoise.experiments.models.MODELS (default: resnet8, or the checkpoint's)",
+    )
+    p.add_argument(
+        "--model-kwargs",
+        type=_json_dict,
+        default=None,
+        help="JSON object of model constructor arguments, e.g. '{\"width\": 16}' (default: the checkpoint's, or none)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a Lightning checkpoint of lightning_ghostnoise.experiments.models.Classifier, or a saved state_dict of the model",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        help="Fashion-MNIST folder (default: %(default)s; without it: scikit-learn's digits, with a warning)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int("--batch-size", 2),
+        default=256,
+        help="samples per analyzed batch (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batches", type=positive_int("--batches"), default=4, help="batches to analyze (default: %(default)s)"
+    )
+    p.add_argument(
+        "--modes",
+        action=ListFlag,
+        item=_mode,
+        default=["live", "isolated"],
+        metavar="MODE",
+        help="live (ghost noise in every layer), isolated (each layer on the plain network's input), or both "
+        "(default: live isolated)",
+    )
+    p.add_argument(
+        "--ghost-batch-size",
+        action=ListFlag,
+        item=_ghost_n,
+        default=[4, 8, 16, 32, 64],
+        metavar="N",
+        help="ghost batch size(s) N, each >= 2 (default: 4 8 16 32 64)",
+    )
+    p.add_argument(
+        "--ghost-batch-sizes",
+        dest="ghost_batch_size",
+        action=ListFlag,
+        item=_ghost_n,
+        replaced_by="--ghost-batch-size",
+        help=argparse.SUPPRESS,
+    )
+    p.add_argument(
+        "--methods",
+        action=ListFlag,
+        item=_method,
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"methods among {' '.join(METHODS)} (default: all)",
+    )
+    p.add_argument(
+        "--out-dir", default="ghostnoise_analysis", help="where the PNGs and the JSON go (default: %(default)s)"
+    )
+    p.add_argument(
+        "--seed", type=positive_int("--seed", 0), default=0, help="seed of data order, training and noise (default: 0)"
+    )
+    p.add_argument(
+        "--train-steps",
+        type=positive_int("--train-steps", 0),
+        default=None,
+        help="plain-BN SGD steps before the analysis (default: 200 without --checkpoint, 0 with one)",
+    )
+    p.add_argument(
+        "--train-batch-size",
+        type=positive_int("--train-batch-size", 2),
+        default=128,
+        help="batch size of those steps (default: %(default)s)",
+    )
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of those steps (default: %(default)s)")
-    p.add_argument("--hist-ghost-batch-size", type=positive_int("--hist-ghost-batch-size", 2), default=None,
-                   help="the N of the histogram figure (default: 16 if analyzed, else the middle one)")
+    p.add_argument(
+        "--hist-ghost-batch-size",
+        type=positive_int("--hist-ghost-batch-size", 2),
+        default=None,
+        help="the N of the histogram figure (default: 16 if analyzed, else the middle one)",
+    )
     p.add_argument("--dpi", type=positive_int("--dpi", 20), default=100, help="PNG resolution (default: %(default)s)")
     p.add_argument("--no-plot", action="store_true", help="write the JSON only (no matplotlib needed)")
     p.add_argument("--no-plots", dest="no_plot", action=DeprecatedSwitch, replaced_by="--no-plot")
@@ -148,12 +209,16 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         sizes = args.ghost_batch_size
         args.hist_ghost_batch_size = 16 if 16 in sizes else sizes[len(sizes) // 2]
     elif args.hist_ghost_batch_size not in args.ghost_batch_size:
-        p.error(f"--hist-ghost-batch-size {args.hist_ghost_batch_size} is not among --ghost-batch-size {args.ghost_batch_size}")
+        p.error(
+            f"--hist-ghost-batch-size {args.hist_ghost_batch_size} is not among --ghost-batch-size {args.ghost_batch_size}"
+        )
     if not args.no_plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            p.error("the plots need matplotlib: pip install 'lightning-ghostnoise[plot]', or pass --no-plot for the JSON only")
+            p.error(
+                "the plots need matplotlib: pip install 'lightning-ghostnoise[plot]', or pass --no-plot for the JSON only"
+            )
 
 
 class CheckpointError(ValueError):
@@ -206,7 +271,7 @@ def load_model(
                 "'state_dict') nor a state_dict (a dict of tensors)."
             )
         if state and all(k.startswith("model.") for k in state):
-            state = {k[len("model."):]: v for k, v in state.items()}  # Classifier keeps the network as .model
+            state = {k[len("model.") :]: v for k, v in state.items()}  # Classifier keeps the network as .model
     name = model or (hparams.get("model") if isinstance(hparams.get("model"), str) else None) or "resnet8"
     kwargs = dict(model_kwargs if model_kwargs is not None else (hparams.get("model_kwargs") or {}))
     extra = {k: hparams[k] for k in ("num_classes", "in_channels") if isinstance(hparams.get(k), int)}
@@ -284,7 +349,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.train_steps:
         print(f"Training {args.train_steps} plain SGD steps (batch {args.train_batch_size}, lr {args.lr}):", flush=True)
         first, last = _train(net, train_dm.train_dataloader(), args.train_steps, args.lr)
-    data_dm = FashionMNISTDataModule(args.data_dir, batch_size=args.batch_size, seed=derive_seed(args.seed, 1) % 2**32, drop_last=True)
+    data_dm = FashionMNISTDataModule(
+        args.data_dir, batch_size=args.batch_size, seed=derive_seed(args.seed, 1) % 2**32, drop_last=True
+    )
     data_dm.setup("fit")
     loader = data_dm.train_dataloader()
     if len(loader) < args.batches:
@@ -324,7 +391,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         seconds=round(time.time() - t0, 1),
     )
     json_path = os.path.join(args.out_dir, _JSON)
-    write_json(json_path, {"meta": meta, **{mode: r.to_dict() for mode, r in results.items()}}, indent=1, allow_nan=False)
+    write_json(
+        json_path, {"meta": meta, **{mode: r.to_dict() for mode, r in results.items()}}, indent=1, allow_nan=False
+    )
     written = [json_path]
     n = args.hist_ghost_batch_size
     for mode, result in results.items():

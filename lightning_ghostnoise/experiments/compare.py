@@ -72,60 +72,120 @@ def _parser() -> argparse.ArgumentParser:
             "2 CPU cores; e.g. --subset 0 --epochs 15 trains on all 60k images."
         ),
     )
-    p.add_argument("--model", default="resnet8", choices=sorted(MODELS),
-                   help="bundled model; resnet8_ln and vit are layer-normalized (default: resnet8)")
-    p.add_argument("--methods", action=ListFlag, default=None, metavar="METHOD",
-                   help=f"from {', '.join(COMPARE_METHODS)}, and the variants gni:shift, gni:scale, analytic:shift, "
-                        "analytic:scale, gbn:batch; METHOD@N runs that method at N only (e.g. gni@16); plain is the "
-                        "model's own BN or LN "
-                        "(default: plain gbn gni for a BatchNorm model, plain gni for a layer-normalized one)")
-    p.add_argument("--ghost-batch-size", action=ListFlag, item=positive_int("--ghost-batch-size"), default=[16], metavar="N",
-                   help="ghost batch size(s) N; every ghost method runs with each (default: 16)")
-    p.add_argument("--select", choices=("val", "none"), default=None,
-                   help="val: per method, report the N with the best mean validation accuracy (needs --val-size); "
-                        "none: report every N (default: val with --val-size and several N, else none)")
+    p.add_argument(
+        "--model",
+        default="resnet8",
+        choices=sorted(MODELS),
+        help="bundled model; resnet8_ln and vit are layer-normalized (default: resnet8)",
+    )
+    p.add_argument(
+        "--methods",
+        action=ListFlag,
+        default=None,
+        metavar="METHOD",
+        help=f"from {', '.join(COMPARE_METHODS)}, and the variants gni:shift, gni:scale, analytic:shift, "
+        "analytic:scale, gbn:batch; METHOD@N runs that method at N only (e.g. gni@16); plain is the "
+        "model's own BN or LN "
+        "(default: plain gbn gni for a BatchNorm model, plain gni for a layer-normalized one)",
+    )
+    p.add_argument(
+        "--ghost-batch-size",
+        action=ListFlag,
+        item=positive_int("--ghost-batch-size"),
+        default=[16],
+        metavar="N",
+        help="ghost batch size(s) N; every ghost method runs with each (default: 16)",
+    )
+    p.add_argument(
+        "--select",
+        choices=("val", "none"),
+        default=None,
+        help="val: per method, report the N with the best mean validation accuracy (needs --val-size); "
+        "none: report every N (default: val with --val-size and several N, else none)",
+    )
     p.add_argument("--strength", type=float, default=1.0, help="noise strength s, in [0, 1] (default: 1)")
     p.add_argument("--epochs", type=positive_int("--epochs"), default=20, help="epochs per run (default: 20)")
-    p.add_argument("--eval-every", type=positive_int("--eval-every"), default=5, metavar="K",
-                   help="evaluate validation and test sets every K epochs for the curves, and always after the last "
-                        "(default: 5)")
-    p.add_argument("--subset", type=positive_int("--subset", 0), default=2000,
-                   help="class-balanced training subset (picked from what the validation split leaves); 0: all "
-                        "images (default: 2000)")
-    p.add_argument("--val-size", type=positive_int("--val-size", 0), default=0, metavar="K",
-                   help="hold out K class-balanced training images for validation, the same for every method and "
-                        "seed; 0: none (default: 0)")
-    p.add_argument("--split-seed", type=positive_int("--split-seed", 0), default=0,
-                   help="seed of the validation split (default: 0)")
-    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=128, help="training batch size (default: 128)")
+    p.add_argument(
+        "--eval-every",
+        type=positive_int("--eval-every"),
+        default=5,
+        metavar="K",
+        help="evaluate validation and test sets every K epochs for the curves, and always after the last (default: 5)",
+    )
+    p.add_argument(
+        "--subset",
+        type=positive_int("--subset", 0),
+        default=2000,
+        help="class-balanced training subset (picked from what the validation split leaves); 0: all "
+        "images (default: 2000)",
+    )
+    p.add_argument(
+        "--val-size",
+        type=positive_int("--val-size", 0),
+        default=0,
+        metavar="K",
+        help="hold out K class-balanced training images for validation, the same for every method and "
+        "seed; 0: none (default: 0)",
+    )
+    p.add_argument(
+        "--split-seed",
+        type=positive_int("--split-seed", 0),
+        default=0,
+        help="seed of the validation split (default: 0)",
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int("--batch-size"), default=128, help="training batch size (default: 128)"
+    )
     p.add_argument("--width", type=positive_int("--width"), default=None, help="model width (default: the model's own)")
     p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate, cosine decay to 0 (default: 0.1)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default: 5e-4)")
-    p.add_argument("--warmup-epochs", type=float, default=0.0,
-                   help="linear learning-rate warm-up over this many epochs before the cosine decay (default: 0)")
+    p.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=0.0,
+        help="linear learning-rate warm-up over this many epochs before the cosine decay (default: 0)",
+    )
     p.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (default: 0)")
     p.add_argument("--augment", action="store_true", help="random crop (pad 2) and horizontal flip")
     p.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
-    p.add_argument("--seeds", type=positive_int("--seeds"), default=3, help="seeds per method: seed .. seed+seeds-1 (default: 3)")
-    p.add_argument("--data-dir", default=None,
-                   help="Fashion-MNIST folder with the four idx.gz files (default: /usr/share/datasets/fashion-mnist; "
-                        "when the default folder is absent, scikit-learn's digits stand in, said clearly)")
-    p.add_argument("--out-dir", default="runs/compare", help="where results.json, the plots and runs/ go (default: runs/compare)")
-    p.add_argument("--resume", action="store_true",
-                   help="reuse finished runs in OUT_DIR/runs whose configuration matches (an interrupted comparison "
-                        "loses only the run in progress; a damaged run file is retrained)")
+    p.add_argument(
+        "--seeds", type=positive_int("--seeds"), default=3, help="seeds per method: seed .. seed+seeds-1 (default: 3)"
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="Fashion-MNIST folder with the four idx.gz files (default: /usr/share/datasets/fashion-mnist; "
+        "when the default folder is absent, scikit-learn's digits stand in, said clearly)",
+    )
+    p.add_argument(
+        "--out-dir", default="runs/compare", help="where results.json, the plots and runs/ go (default: runs/compare)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse finished runs in OUT_DIR/runs whose configuration matches (an interrupted comparison "
+        "loses only the run in progress; a damaged run file is retrained)",
+    )
     p.add_argument("--no-plot", action="store_true", help="skip the plots (no matplotlib needed)")
     p.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu, gpu, auto (default: cpu)")
     p.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-mixed (default: 32-true)")
-    p.add_argument("--num-workers", type=positive_int("--num-workers", 0), default=0, help="DataLoader workers (default: 0)")
-    p.add_argument("--progress-bar", choices=("auto", "on", "off"), default="auto",
-                   help="Lightning's progress bar: auto shows it on a terminal and prints a line per epoch otherwise")
+    p.add_argument(
+        "--num-workers", type=positive_int("--num-workers", 0), default=0, help="DataLoader workers (default: 0)"
+    )
+    p.add_argument(
+        "--progress-bar",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="Lightning's progress bar: auto shows it on a terminal and prints a line per epoch otherwise",
+    )
     p.add_argument("--verbose", action="store_true", help="keep Lightning's own messages")
     return p
 
 
-def _check_number(p: argparse.ArgumentParser, flag: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+def _check_number(
+    p: argparse.ArgumentParser, flag: str, value: float, low: float, high: float, low_open: bool = False
+) -> None:
     ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
     if not ok:
         bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
@@ -175,8 +235,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            p.error("the plots need matplotlib (pip install matplotlib, or the package's `plot` extra); "
-                    "or pass --no-plot.")
+            p.error(
+                "the plots need matplotlib (pip install matplotlib, or the package's `plot` extra); or pass --no-plot."
+            )
     if len(args.specs) > 1 and any(s.method == "plain" for s in args.specs):
         try:
             import scipy  # noqa: F401
@@ -236,8 +297,11 @@ def _load_run(path: str, config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             raise KeyError(f"no {', '.join(missing)}")
         return result  # type: ignore[no-any-return]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        print(f"ghostnoise compare: {path} is damaged ({type(err).__name__}: {err}); training this run again.",
-              file=sys.stderr, flush=True)
+        print(
+            f"ghostnoise compare: {path} is damaged ({type(err).__name__}: {err}); training this run again.",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
 
 

@@ -89,8 +89,11 @@ class _Record(pl.Callback):
                 line += f", {split} acc {acc:.2%}"
             self.eval_seconds += time.perf_counter() - t
         if not self.show_bar:
-            print(f"  {self.prefix} epoch {epoch}: train loss {c['train_loss'][-1]:.4f}{line} "
-                  f"({self.train_seconds[-1]:.1f} s)", flush=True)
+            print(
+                f"  {self.prefix} epoch {epoch}: train loss {c['train_loss'][-1]:.4f}{line} "
+                f"({self.train_seconds[-1]:.1f} s)",
+                flush=True,
+            )
 
 
 def fit_once(args: argparse.Namespace, spec: "MethodSpec", seed: int, show_bar: bool, prefix: str) -> Dict[str, Any]:

@@ -167,28 +167,46 @@ def format_table(rows: Sequence[Dict[str, Any]], baseline_label: Optional[str] =
     95% CI, the paired t-test p-value and the wins."""
     has_val = any("val_acc_mean" in r for r in rows)
     base = baseline_label or "baseline"
-    head = ["method"] + (["val acc"] if has_val else []) + [
-        "test acc", "train acc", "gap (pp)", "test loss", f"test - {base} (pp) [95% CI]", "p", "wins",
-        "train s/epoch",
-    ]
+    head = (
+        ["method"]
+        + (["val acc"] if has_val else [])
+        + [
+            "test acc",
+            "train acc",
+            "gap (pp)",
+            "test loss",
+            f"test - {base} (pp) [95% CI]",
+            "p",
+            "wins",
+            "train s/epoch",
+        ]
+    )
     body = []
     for r in rows:
         diff, p, wins = _paired_cells(r.get("paired"))
-        cells = [r["label"]] + ([_pct(r, "val_acc")] if has_val else []) + [
-            _pct(r, "test_acc"),
-            _pct(r, "train_acc"),
-            f"{r['gap_mean'] * 100:.2f} +- {r['gap_std'] * 100:.2f}",
-            f"{r['test_loss_mean']:.3f} +- {r['test_loss_std']:.3f}" if "test_loss_mean" in r else "-",
-            diff,
-            p,
-            wins,
-            f"{r['train_seconds_per_epoch']:.2f}",
-        ]
+        cells = (
+            [r["label"]]
+            + ([_pct(r, "val_acc")] if has_val else [])
+            + [
+                _pct(r, "test_acc"),
+                _pct(r, "train_acc"),
+                f"{r['gap_mean'] * 100:.2f} +- {r['gap_std'] * 100:.2f}",
+                f"{r['test_loss_mean']:.3f} +- {r['test_loss_std']:.3f}" if "test_loss_mean" in r else "-",
+                diff,
+                p,
+                wins,
+                f"{r['train_seconds_per_epoch']:.2f}",
+            ]
+        )
         body.append(cells)
     widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(head)]
 
     def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+        return (
+            "| "
+            + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            + " |"
+        )
 
     sep = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
     return "\n".join([line(head), sep] + [line(b) for b in body])

@@ -167,9 +167,7 @@ def load_fashion_mnist(data_dir: str = DEFAULT_DATA_DIR) -> Dict[str, np.ndarray
                 f"{labels.shape} {labels.dtype} (expected (n, rows, cols) uint8 and (n,) uint8)."
             )
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"{data_dir}: {split} has {images.shape[0]} images but {labels.shape[0]} labels."
-            )
+            raise ValueError(f"{data_dir}: {split} has {images.shape[0]} images but {labels.shape[0]} labels.")
         if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
             raise ValueError(f"{data_dir}: {split} labels go up to {int(labels.max())}, expected 0..9.")
     return out
@@ -310,7 +308,9 @@ def _balanced_quota(labels: np.ndarray, total: int, rng: np.random.Generator) ->
     return quota
 
 
-def _stratified_pick(labels: np.ndarray, pool: np.ndarray, quota: Dict[int, int], rng: np.random.Generator) -> np.ndarray:
+def _stratified_pick(
+    labels: np.ndarray, pool: np.ndarray, quota: Dict[int, int], rng: np.random.Generator
+) -> np.ndarray:
     """Sorted indices (from ``pool``) with ``quota[c]`` random members of each class ``c``."""
     picked: List[np.ndarray] = []
     for c in sorted(quota):

@@ -90,9 +90,13 @@ class ListFlag(argparse.Action):
         flag = self.replaced_by or option_string or self.dest
         texts: List[str] = [values] if isinstance(values, str) else [str(v) for v in values or ()]
         if self.replaced_by is not None:
-            deprecation(f"{option_string} is now {self.replaced_by}; write {self.replaced_by} {' '.join(self._split(texts))}.")
+            deprecation(
+                f"{option_string} is now {self.replaced_by}; write {self.replaced_by} {' '.join(self._split(texts))}."
+            )
         elif any("," in text for text in texts):
-            deprecation(f"comma-separated values for {flag}; separate them with spaces: {flag} {' '.join(self._split(texts))}.")
+            deprecation(
+                f"comma-separated values for {flag}; separate them with spaces: {flag} {' '.join(self._split(texts))}."
+            )
         out: List[Any] = []
         for text in self._split(texts):
             try:

@@ -292,7 +292,9 @@ class TinyTransformer(nn.Module):
         self.vocab_size = vocab_size
         if vocab_size is None:
             if image_size % patch_size:
-                raise ValueError(f"TinyTransformer: image_size {image_size} is not a multiple of patch_size {patch_size}.")
+                raise ValueError(
+                    f"TinyTransformer: image_size {image_size} is not a multiple of patch_size {patch_size}."
+                )
             self.embed: nn.Module = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
             tokens = (image_size // patch_size) ** 2
         else:
@@ -469,7 +471,9 @@ class Classifier(pl.LightningModule):
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
         epochs = epochs or self.hparams["max_epochs_hint"]
         if not epochs:
-            rank_zero_warn("Classifier: warmup_epochs needs max_epochs (or max_epochs_hint) to count steps: no warm-up.")
+            rank_zero_warn(
+                "Classifier: warmup_epochs needs max_epochs (or max_epochs_hint) to count steps: no warm-up."
+            )
             return 0
         return min(int(round(total * warmup / epochs)), total)
 

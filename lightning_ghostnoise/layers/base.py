@@ -24,10 +24,10 @@ from typing import Any, Callable, ClassVar, Optional, Tuple, Type, TypeVar
 import torch
 from torch import Tensor, nn
 
-from lightning_ghostnoise.functional import counter_rng
 from lightning_ghostnoise import backends
 from lightning_ghostnoise import functional as GF
 from lightning_ghostnoise.distributed import gather_rows, sync_world
+from lightning_ghostnoise.functional import counter_rng
 from lightning_ghostnoise.layers.validation import (
     METHODS,
     RunningStats,
@@ -339,10 +339,17 @@ class GhostNoiseMixin(nn.Module):
             shift, scale = draws(mean, var)
             return shift[first : first + batch], scale[first : first + batch]
         both = gather_rows(torch.cat([mean, var], 1), self.process_group)
-        return GF.ghost_noise(both[:, :channels], both[:, channels:], draws.indices[first : first + batch], eps=self.noise_eps)
+        return GF.ghost_noise(
+            both[:, :channels], both[:, channels:], draws.indices[first : first + batch], eps=self.noise_eps
+        )
 
     def _inject(
-        self, x: Tensor, normalize: Callable[[Tensor], Tensor], weight: Optional[Tensor], bias: Optional[Tensor], channel_dim: int
+        self,
+        x: Tensor,
+        normalize: Callable[[Tensor], Tensor],
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        channel_dim: int,
     ) -> Tensor:
         """GNI after a per-sample normalization (LayerNorm, GroupNorm): ``normalize``, noise, then the affine.
 
@@ -366,7 +373,11 @@ class GhostNoiseMixin(nn.Module):
             f"method={self.method}, ghost_batch_size={self._ghost_batch_size}, strength={self._strength_value:g}"
             + ("" if self.shift_noise else ", shift_noise=False")
             + ("" if self.scale_noise else ", scale_noise=False")
-            + (f", running_stats={self.running_stats}" if self.running_stats != default_running_stats(self.method) else "")
+            + (
+                f", running_stats={self.running_stats}"
+                if self.running_stats != default_running_stats(self.method)
+                else ""
+            )
         )
 
     def extra_repr(self) -> str:

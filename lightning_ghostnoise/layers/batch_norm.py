@@ -74,7 +74,9 @@ class _GhostBatchNorm(GhostNoiseMixin, nn.modules.batchnorm._BatchNorm):
                     "multiple of ghost_batch_size)."
                 )
             if self.method == "gbn":
-                return backends.ghost_batch_norm(x, self._ghost_batch_size, **settings, running_stats=self.running_stats)
+                return backends.ghost_batch_norm(
+                    x, self._ghost_batch_size, **settings, running_stats=self.running_stats
+                )
             return backends.exclusive_batch_norm(x, self._ghost_batch_size, **settings)
         if world:
             settings["stats_fn"] = self._global_statistics(x.numel() // x.shape[1] * world[1], settings["running_mean"])
@@ -82,7 +84,9 @@ class _GhostBatchNorm(GhostNoiseMixin, nn.modules.batchnorm._BatchNorm):
         # draws made up front: the fused CUDA kernels compute the noise from them in-kernel
         return backends.ghost_noise_batch_norm(x, self._draws(x.shape[0], x.shape[1], x.device), **settings)
 
-    def _global_statistics(self, count: int, running_mean: Optional[Tensor]) -> Callable[[Tensor, Tensor], Tuple[Tensor, Tensor, int]]:
+    def _global_statistics(
+        self, count: int, running_mean: Optional[Tensor]
+    ) -> Callable[[Tensor, Tensor], Tuple[Tensor, Tensor, int]]:
         """``stats_fn`` for ``sync=True``: the global batch's moments (``count`` values per channel)."""
         group = self.process_group
 

@@ -54,8 +54,7 @@ __all__ = [
 _NORM_BASES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 _GHOST_CLASSES: Dict[Type[nn.Module], Type[GhostNoiseMixin]] = {
-    cls._base: cls
-    for cls in (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, GhostLayerNorm, GhostGroupNorm)
+    cls._base: cls for cls in (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, GhostLayerNorm, GhostGroupNorm)
 }
 
 #: Layer type names accepted by ``include_types`` / ``exclude_types`` (case-insensitive).

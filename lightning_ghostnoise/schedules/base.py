@@ -47,9 +47,7 @@ def _epoch_int(owner: str, name: str, value: Any) -> int:
         try:
             value = int(value.strip())
         except ValueError:
-            raise TypeError(
-                f"{owner}: `{name}` must be a whole epoch number, got the string {original!r}."
-            ) from None
+            raise TypeError(f"{owner}: `{name}` must be a whole epoch number, got the string {original!r}.") from None
     if not _is_real(value):
         raise TypeError(f"{owner}: `{name}` must be a whole epoch number, got {type(original).__name__} {original!r}.")
     if isinstance(value, float) and not value.is_integer():
@@ -77,7 +75,6 @@ def _check_value_for(kind: str, value: float, where: str) -> None:
         raise ValueError(
             f"{where} can produce strength={value!r}, but the strength must be >= 0 (0 disables ghost noise)."
         )
-
 
 
 # --------------------------------------------------------------------------- #

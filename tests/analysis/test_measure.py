@@ -76,7 +76,9 @@ def test_predicted_moments_are_exact_for_gni_on_correlated_non_gaussian_maps():
     exact for draws with replacement), here for skewed per-sample components plus correlated positions."""
     g = _gen(30)
     batch, channels, n = 128, 6, 8
-    per_sample = torch.empty(batch, channels, 1, 1).exponential_(generator=g) * torch.linspace(0.3, 2, channels).reshape(1, -1, 1, 1)
+    per_sample = torch.empty(batch, channels, 1, 1).exponential_(generator=g) * torch.linspace(
+        0.3, 2, channels
+    ).reshape(1, -1, 1, 1)
     x = per_sample + torch.randn(batch, channels, 5, 5, generator=g).cumsum(-1) * 0.3
     layer = GhostBatchNorm2d.from_module(nn.BatchNorm2d(channels), method="gni", ghost_batch_size=n, seed=3)
     shifts, scales2 = [], []

@@ -19,10 +19,16 @@ def test_ks_matches_scipy():
     cases = [
         (torch.randn(300, generator=g, dtype=torch.float64), NS.normal_cdf, scipy_stats.norm.cdf),
         (torch.randn(2000, generator=g, dtype=torch.float64) * 1.1 + 0.05, NS.normal_cdf, scipy_stats.norm.cdf),
-        (torch.randn(50, generator=g, dtype=torch.float64) / 4, lambda v: NS.shift_cdf(v, 16),
-         lambda v: scipy_stats.norm.cdf(v, scale=0.25)),
-        (torch.rand(5000, generator=g, dtype=torch.float64) * 2, lambda v: NS.chi2_scale_cdf(v, 8),
-         lambda v: scipy_stats.chi2.cdf(8 * v**2, 7)),
+        (
+            torch.randn(50, generator=g, dtype=torch.float64) / 4,
+            lambda v: NS.shift_cdf(v, 16),
+            lambda v: scipy_stats.norm.cdf(v, scale=0.25),
+        ),
+        (
+            torch.rand(5000, generator=g, dtype=torch.float64) * 2,
+            lambda v: NS.chi2_scale_cdf(v, 8),
+            lambda v: scipy_stats.chi2.cdf(8 * v**2, 7),
+        ),
         (torch.randn(400, generator=g, dtype=torch.float64) * 1.15, NS.normal_cdf, scipy_stats.norm.cdf),  # p ~ 0.03
         (torch.randn(100, generator=g, dtype=torch.float64) + 0.3, NS.normal_cdf, scipy_stats.norm.cdf),  # p ~ 0.01
     ]

@@ -3,9 +3,9 @@ from the layers' own draws, every layer path, the recorder's hooks."""
 
 import math
 
-from helpers import reference as ref
 import pytest
 import torch
+from helpers import reference as ref
 from torch import nn
 
 from lightning_ghostnoise import apply_ghost_noise, ghost_layers
@@ -45,7 +45,9 @@ def _record(model: nn.Module, x: torch.Tensor) -> dict:
 @pytest.mark.parametrize("fused", [True, False])
 def test_gbn_xbn_decomposition_reproduces_the_layer(method, batch, n, fused):
     """BN output + measured noise == the GBN/XBN layer's output, and the noise equals a plain loop's."""
-    layer = GhostBatchNorm2d.from_module(_with_affine(nn.BatchNorm2d(3)), method=method, ghost_batch_size=n, fused=fused)
+    layer = GhostBatchNorm2d.from_module(
+        _with_affine(nn.BatchNorm2d(3)), method=method, ghost_batch_size=n, fused=fused
+    )
     x = torch.randn(batch, 3, 4, 5, generator=_gen(batch)) * 2 + 1
     model = nn.Sequential(layer).train()
     seen = _record(model, x)
@@ -53,19 +55,24 @@ def test_gbn_xbn_decomposition_reproduces_the_layer(method, batch, n, fused):
     shift, scale = ref.ghost_statistics_noise(x, n, method == "xbn", layer.eps)
     torch.testing.assert_close(noise.shift.double(), shift, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(noise.scale.double(), scale, rtol=1e-4, atol=1e-5)
-    rebuilt = ref.with_noise(ref.batch_normalized(x, layer.eps), noise.shift.double(), noise.scale.double(),
-                             layer.weight, layer.bias, 1.0)
+    rebuilt = ref.with_noise(
+        ref.batch_normalized(x, layer.eps), noise.shift.double(), noise.scale.double(), layer.weight, layer.bias, 1.0
+    )
     torch.testing.assert_close(seen["__out__"].double(), rebuilt, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("strength", [0.5, 1.0])
 def test_gbn_with_strength_is_bn_plus_scaled_noise(strength):
-    layer = GhostBatchNorm2d.from_module(_with_affine(nn.BatchNorm2d(4)), method="gbn", ghost_batch_size=4, strength=strength)
+    layer = GhostBatchNorm2d.from_module(
+        _with_affine(nn.BatchNorm2d(4)), method="gbn", ghost_batch_size=4, strength=strength
+    )
     x = torch.randn(16, 4, 3, 3, generator=_gen(1))
     seen = _record(nn.Sequential(layer).train(), x)
     noise = seen["0"]
     shift, scale = noise.injected()
-    rebuilt = ref.with_noise(ref.batch_normalized(x, layer.eps), shift.double(), scale.double(), layer.weight, layer.bias, 1.0)
+    rebuilt = ref.with_noise(
+        ref.batch_normalized(x, layer.eps), shift.double(), scale.double(), layer.weight, layer.bias, 1.0
+    )
     torch.testing.assert_close(seen["__out__"].double(), rebuilt, rtol=1e-4, atol=1e-4)
 
 
@@ -73,7 +80,9 @@ def test_gbn_with_strength_is_bn_plus_scaled_noise(strength):
 def test_gni_noise_is_the_layers_with_the_same_draws(fused):
     """The recorder's GNI noise equals a plain loop over samples with the layer's own draws, and rebuilds its output."""
     batch, n, seed = 12, 5, 1234
-    layer = GhostBatchNorm2d.from_module(_with_affine(nn.BatchNorm2d(3)), method="gni", ghost_batch_size=n, seed=seed, fused=fused)
+    layer = GhostBatchNorm2d.from_module(
+        _with_affine(nn.BatchNorm2d(3)), method="gni", ghost_batch_size=n, seed=seed, fused=fused
+    )
     x = torch.randn(batch, 3, 3, 4, generator=_gen(2)) * 3 - 1
     seen = _record(nn.Sequential(layer).train(), x)
     indices = torch.randint(0, batch, (batch, n), generator=_gen(seed))  # the layer's first draw after seeding
@@ -96,7 +105,9 @@ def test_noise_rebuilds_the_output_of_the_triton_kernel_path(method, monkeypatch
     calls = []
     real = kernels.affine
     monkeypatch.setattr(kernels, "affine", lambda *a: calls.append(1) or real(*a))
-    layer = GhostBatchNorm2d.from_module(_with_affine(nn.BatchNorm2d(3)), method=method, ghost_batch_size=4, strength=0.7)
+    layer = GhostBatchNorm2d.from_module(
+        _with_affine(nn.BatchNorm2d(3)), method=method, ghost_batch_size=4, strength=0.7
+    )
     x = torch.randn(10, 3, 3, 4, generator=_gen(8)) * 2 + 1
     seen = {}
     record = NoiseRecorder([("0", layer)], lambda name, layer, noise: seen.__setitem__(name, noise))
@@ -104,13 +115,17 @@ def test_noise_rebuilds_the_output_of_the_triton_kernel_path(method, monkeypatch
         seen["__out__"] = layer.train()(x).detach()  # with gradients recorded: the fused (kernel) path
     assert calls, "the kernel path was not taken"
     shift, scale = seen["0"].injected()
-    rebuilt = ref.with_noise(ref.batch_normalized(x, layer.eps), shift.double(), scale.double(), layer.weight, layer.bias, 1.0)
+    rebuilt = ref.with_noise(
+        ref.batch_normalized(x, layer.eps), shift.double(), scale.double(), layer.weight, layer.bias, 1.0
+    )
     torch.testing.assert_close(seen["__out__"].double(), rebuilt, rtol=1e-4, atol=1e-4)
 
 
 def test_analytic_noise_is_the_layers_with_the_same_draws():
     batch, n, seed = 10, 6, 77
-    layer = GhostBatchNorm1d.from_module(_with_affine(nn.BatchNorm1d(5)), method="analytic", ghost_batch_size=n, seed=seed)
+    layer = GhostBatchNorm1d.from_module(
+        _with_affine(nn.BatchNorm1d(5)), method="analytic", ghost_batch_size=n, seed=seed
+    )
     x = torch.randn(batch, 5, generator=_gen(3))
     seen = _record(nn.Sequential(layer).train(), x)
     g = _gen(seed)
@@ -118,8 +133,14 @@ def test_analytic_noise_is_the_layers_with_the_same_draws():
     gamma = torch._standard_gamma(torch.full((batch, 5), (n - 1) / 2), generator=g)
     torch.testing.assert_close(seen["0"].shift, normal / math.sqrt(n))
     torch.testing.assert_close(seen["0"].scale, torch.sqrt(2 * gamma / n))
-    rebuilt = ref.with_noise(ref.batch_normalized(x, layer.eps), seen["0"].shift.double(), seen["0"].scale.double(),
-                             layer.weight, layer.bias, 1.0)
+    rebuilt = ref.with_noise(
+        ref.batch_normalized(x, layer.eps),
+        seen["0"].shift.double(),
+        seen["0"].scale.double(),
+        layer.weight,
+        layer.bias,
+        1.0,
+    )
     torch.testing.assert_close(seen["__out__"].double(), rebuilt, rtol=1e-4, atol=1e-4)
 
 

@@ -12,23 +12,23 @@ import lightning.pytorch as pl
 import lightning_utilities.core.rank_zero as rank_zero_module
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import nn
-
-from helpers.tiny_lightning import one_thread  # noqa: F401  (autouse fixture)
 from helpers.tiny_lightning import (
     BATCHES_PER_EPOCH,
     BNModel,
     ConfigureModelBN,
     LinearModel,
     make_trainer,
+    one_thread,  # noqa: F401  (autouse fixture)
     optimizer_param_ids,
     param_ids,
     state_tensors,
     states_equal,
 )
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
 from lightning_ghostnoise import GhostNoise, apply_ghost_noise, ghost_layers, set_ghost_batch_size, set_strength
 from lightning_ghostnoise.layers import GhostBatchNorm1d, GhostBatchNorm2d
 from lightning_ghostnoise.schedules import Linear, Piecewise, to_ghost_batch_size
@@ -220,7 +220,9 @@ class _SeedProbe(pl.Callback):
         self.ghost = ghost
         self.rows: List[Tuple[int, int, int, List[int]]] = []
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         # runs after GhostNoise.on_train_batch_start (callbacks run in list order)
         counter = trainer.fit_loop.epoch_loop.batch_progress.total.ready
         seeds = [layer.seed for _, layer in ghost_layers(pl_module)]
@@ -416,12 +418,21 @@ class FrozenBN1(BNModel):
         with torch.no_grad():
             h1 = self.conv1(x)
             eval_out = nn.functional.batch_norm(
-                h1, self.bn1.running_mean, self.bn1.running_var, self.bn1.weight, self.bn1.bias, False, 0.0, self.bn1.eps
+                h1,
+                self.bn1.running_mean,
+                self.bn1.running_var,
+                self.bn1.weight,
+                self.bn1.bias,
+                False,
+                0.0,
+                self.bn1.eps,
             )
             self.bn1_checks.append(torch.equal(self.bn1(h1), eval_out))
             # bn2 in train mode: the ghost layer's output differs from plain batch norm
             h2 = self.conv2(torch.relu(eval_out))
-            plain_train = nn.functional.batch_norm(h2, None, None, self.bn2.weight, self.bn2.bias, True, 0.0, self.bn2.eps)
+            plain_train = nn.functional.batch_norm(
+                h2, None, None, self.bn2.weight, self.bn2.bias, True, 0.0, self.bn2.eps
+            )
             self.bn2_noisy.append(not torch.allclose(self.bn2(h2), plain_train, atol=1e-6))
         return super().training_step(batch, batch_idx)
 
@@ -537,7 +548,11 @@ def test_scheduled_values_are_logged(tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path, name="logs")
     model = BNModel()
     make_trainer(
-        tmp_path, [GhostNoise(ghost_batch_size=gbs, strength=strength)], logger=logger, log_every_n_steps=1, max_epochs=2
+        tmp_path,
+        [GhostNoise(ghost_batch_size=gbs, strength=strength)],
+        logger=logger,
+        log_every_n_steps=1,
+        max_epochs=2,
     ).fit(model)
     rows = _read_csv_metrics(logger.log_dir)
     assert rows and "ghostnoise/strength" in rows[0] and "ghostnoise/ghost_batch_size" in rows[0]
@@ -604,10 +619,12 @@ class _ValueRecorder(pl.Callback):
         self.rows: List[Tuple[int, int, float, int]] = []
         self.info: Dict[str, Any] = {}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         layers = [layer for _, layer in ghost_layers(pl_module)]
         assert len(layers) == 2
-        assert len({(l.strength, l.ghost_batch_size) for l in layers}) == 1
+        assert len({(g.strength, g.ghost_batch_size) for g in layers}) == 1
         self.rows.append((trainer.current_epoch, batch_idx, layers[0].strength, layers[0].ghost_batch_size))
         self.info = {"steps": trainer.num_training_batches, "max_epochs": trainer.max_epochs}
 
@@ -689,7 +706,7 @@ def test_compile_does_not_recompile_per_strength_or_ghost_batch_size() -> None:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
         model = apply_ghost_noise(model, ghost_batch_size=4, method="gni", strength=0.1)
-        (_, layer), = ghost_layers(model)
+        ((_, layer),) = ghost_layers(model)
         # under torch.compile the draws come from the counter-based generator; the eager reference
         # below uses it too, so both see the same noise
         layer.counter_rng = True

@@ -9,14 +9,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List
 
+import lightning.pytorch as pl
 import pytest
 import torch
-from torch import nn
-
-import lightning.pytorch as pl
-from lightning.pytorch.loggers import CSVLogger, Logger
-
 from helpers import reference as ref  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger, Logger
+from torch import nn
 
 from lightning_ghostnoise import GhostNoise, GhostNoiseMonitor  # noqa: E402
 from lightning_ghostnoise.analysis import noise_stats as NS  # noqa: E402
@@ -57,8 +55,13 @@ def _loader(shape, n_batches: int, batch: int = 16, seed: int = 0):
 
 def _trainer(tmp_path, callbacks, steps: int, logger: Any = None) -> pl.Trainer:
     return pl.Trainer(
-        accelerator="cpu", max_steps=steps, callbacks=callbacks, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        max_steps=steps,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
         logger=logger if logger is not None else CSVLogger(str(tmp_path), name="logs", version=0),
         log_every_n_steps=1,
     )
@@ -69,7 +72,9 @@ def _rows(path: Path) -> Dict[int, Dict[str, float]]:
     with open(path) as f:
         for row in csv.DictReader(f):
             values = {  # the monitor's ghostnoise/<layer>/<statistic> (GhostNoise logs ghostnoise/strength, ...)
-                k: float(v) for k, v in row.items() if v not in ("", None) and k.startswith("ghostnoise/") and k.count("/") == 2
+                k: float(v)
+                for k, v in row.items()
+                if v not in ("", None) and k.startswith("ghostnoise/") and k.count("/") == 2
             }
             if values:
                 out.setdefault(int(row["step"]), {}).update(values)
@@ -80,9 +85,12 @@ def _stats(shift: torch.Tensor, scale: torch.Tensor) -> Dict[str, float]:
     shift, scale = shift.reshape(-1).double(), scale.reshape(-1).double()
     log_scale = scale.log()
     return {
-        "shift_mean": float(shift.mean()), "shift_std": float(shift.std(unbiased=False)),
-        "scale_mean": float(scale.mean()), "scale_std": float(scale.std(unbiased=False)),
-        "log_scale_mean": float(log_scale.mean()), "log_scale_std": float(log_scale.std(unbiased=False)),
+        "shift_mean": float(shift.mean()),
+        "shift_std": float(shift.std(unbiased=False)),
+        "scale_mean": float(scale.mean()),
+        "scale_std": float(scale.std(unbiased=False)),
+        "log_scale_mean": float(log_scale.mean()),
+        "log_scale_std": float(log_scale.std(unbiased=False)),
     }
 
 
@@ -122,7 +130,9 @@ def test_monitor_logs_what_the_layer_injects_at_its_strength(tmp_path):
     for values in rows.values():
         assert values["ghostnoise/bn/shift_std"] == pytest.approx(0.5 / math.sqrt(n), rel=0.1)
         # log(scale**0.5) = 0.5 log(scale): half the law's std of log(scale) at N = 8, sqrt(trigamma(3.5)) / 2
-        assert values["ghostnoise/bn/log_scale_std"] == pytest.approx(0.5 * float(NS.law_moments(n)["log_scale_std"]), rel=0.1)
+        assert values["ghostnoise/bn/log_scale_std"] == pytest.approx(
+            0.5 * float(NS.law_moments(n)["log_scale_std"]), rel=0.1
+        )
         assert abs(values["ghostnoise/bn/shift_mean"]) < 0.02
 
 
@@ -192,7 +202,10 @@ def test_histograms_go_to_loggers_that_take_them(tmp_path):
     trainer.fit(Net(), _loader((3, 4, 4), 3))
     hist = logger.experiment.histograms
     assert [(h["tag"], h["global_step"]) for h in hist] == [
-        ("ghostnoise/bn/shift", 0), ("ghostnoise/bn/log_scale", 0), ("ghostnoise/bn/shift", 2), ("ghostnoise/bn/log_scale", 2)
+        ("ghostnoise/bn/shift", 0),
+        ("ghostnoise/bn/log_scale", 0),
+        ("ghostnoise/bn/shift", 2),
+        ("ghostnoise/bn/log_scale", 2),
     ]
     for h in hist:
         assert sum(h["bucket_counts"]) == h["num"] == 16 * 3
@@ -223,9 +236,15 @@ def test_noise_statistics_states_merge_like_one_metric():
 
 def test_ddp_two_processes_log_the_merged_statistics(tmp_path):
     """2-process gloo DDP: rank 0 logs the statistics of both ranks' noise, not its own."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
+    }
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path), "2"], env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(tmp_path), "2"], env=env, capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     inputs = [torch.load(tmp_path / f"rank{r}.pt")["bn_in"] for r in range(2)]
     noise = [ref.ghost_statistics_noise(x, 4, False, 1e-5) for x in inputs]

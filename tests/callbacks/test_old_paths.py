@@ -12,11 +12,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.tiny_lightning import make_dataset, one_thread  # noqa: F401  (one_thread: autouse fixture)
 from lightning.pytorch.cli import LightningCLI
 from torch import nn
 from torch.utils.data import DataLoader
 
-from helpers.tiny_lightning import make_dataset, one_thread  # noqa: F401  (one_thread: autouse fixture)
 from lightning_ghostnoise.callbacks import GhostNoise, GhostNoiseMonitor
 from lightning_ghostnoise.layers import GhostBatchNorm2d, convert
 from lightning_ghostnoise.schedules import Linear
@@ -103,7 +103,11 @@ class CLIData(pl.LightningDataModule):
 
 @pytest.mark.parametrize(
     "class_path",
-    ["lightning_ghostnoise.callback.GhostNoise", "lightning_ghostnoise.callbacks.GhostNoise", "lightning_ghostnoise.GhostNoise"],
+    [
+        "lightning_ghostnoise.callback.GhostNoise",
+        "lightning_ghostnoise.callbacks.GhostNoise",
+        "lightning_ghostnoise.GhostNoise",
+    ],
 )
 def test_callback_class_paths_work_in_lightning_cli(class_path: str, tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"

@@ -12,15 +12,15 @@ from typing import Any, List, Tuple
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers.tiny_lightning import BATCHES_PER_EPOCH, BNModel, make_dataset, make_trainer, one_thread  # noqa: F401
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from helpers.tiny_lightning import BATCHES_PER_EPOCH, BNModel, make_dataset, make_trainer, one_thread  # noqa: F401
 from lightning_ghostnoise import GhostNoise, apply_ghost_noise, set_ghost_batch_size, set_strength
 from lightning_ghostnoise import functional as GF
-from lightning_ghostnoise.layers import validation as GL
 from lightning_ghostnoise.layers import GhostBatchNorm1d, GhostBatchNorm2d, GhostGroupNorm, GhostLayerNorm
+from lightning_ghostnoise.layers import validation as GL
 from lightning_ghostnoise.schedules import (
     Constant,
     Cosine,
@@ -95,7 +95,13 @@ def test_fraction_schedule_without_run_length_fails_at_setup(tmp_path: Path) -> 
     with pytest.raises(MisconfigurationException) as info:
         trainer.fit(model)
     message = str(info.value)
-    for needle in ("unit='fraction'", "strength=WarmUp", "Trainer(max_epochs=...)", "Trainer(max_steps=...)", "unit='epoch'"):
+    for needle in (
+        "unit='fraction'",
+        "strength=WarmUp",
+        "Trainer(max_epochs=...)",
+        "Trainer(max_steps=...)",
+        "unit='epoch'",
+    ):
         assert needle in message, message
     assert not model.losses  # failed before the first step
     assert type(model.bn1) is nn.BatchNorm2d
@@ -175,7 +181,9 @@ BELOW_TWO: List[Tuple[Schedule, float]] = [
 
 @pytest.mark.parametrize("method", ["xbn", "analytic"])
 @pytest.mark.parametrize("schedule, low", BELOW_TWO, ids=lambda v: type(v).__name__)
-def test_schedule_below_the_method_minimum_is_refused_at_construction(method: str, schedule: Schedule, low: float) -> None:
+def test_schedule_below_the_method_minimum_is_refused_at_construction(
+    method: str, schedule: Schedule, low: float
+) -> None:
     """Most of these start at a valid size and would fail only when the value drops, mid-training."""
     with pytest.raises(ValueError) as info:
         GhostNoise(ghost_batch_size=schedule, method=method)
@@ -321,7 +329,9 @@ def test_layer_norm_gni_keeps_a_bad_sample_to_itself(make: Any, fused: bool, bad
     assert finite_rows.tolist() == [True, True, True, False, True, True, True, True]
 
 
-def _pooled_reference(mean: torch.Tensor, var: torch.Tensor, idx: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _pooled_reference(
+    mean: torch.Tensor, var: torch.Tensor, idx: torch.Tensor, eps: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ghost noise over the finite (sample, channel) moments only, one value at a time."""
     m2 = var + mean**2
     ok = torch.isfinite(mean) & torch.isfinite(m2)

@@ -8,18 +8,38 @@ import torch
 from lightning_ghostnoise import apply_ghost_noise
 from lightning_ghostnoise.experiments.analyze import build_parser, load_model, main
 
-_TINY = ["--model-kwargs", '{"width": 4}', "--batch-size", "32", "--batches", "1", "--ghost-batch-size", "4", "8",
-         "--train-steps", "2", "--train-batch-size", "16"]
+_TINY = [
+    "--model-kwargs",
+    '{"width": 4}',
+    "--batch-size",
+    "32",
+    "--batches",
+    "1",
+    "--ghost-batch-size",
+    "4",
+    "8",
+    "--train-steps",
+    "2",
+    "--train-batch-size",
+    "16",
+]
 
 
 def test_command_writes_plots_and_json(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(_TINY + ["--out-dir", str(out), "--dpi", "30"]) == 0
     names = sorted(os.listdir(out))
-    assert names == sorted([
-        "noise_analysis.json", "histograms_N8.png", "shift_std_vs_n.png", "log_scale_std_vs_n.png",
-        "histograms_N8_isolated.png", "shift_std_vs_n_isolated.png", "log_scale_std_vs_n_isolated.png",
-    ])
+    assert names == sorted(
+        [
+            "noise_analysis.json",
+            "histograms_N8.png",
+            "shift_std_vs_n.png",
+            "log_scale_std_vs_n.png",
+            "histograms_N8_isolated.png",
+            "shift_std_vs_n_isolated.png",
+            "log_scale_std_vs_n_isolated.png",
+        ]
+    )
     data = json.loads((out / "noise_analysis.json").read_text())
     assert data["meta"]["train_steps"] == 2 and data["meta"]["model"] == "resnet8"
     assert {r["mode"] for r in data["live"]["results"]} == {"live"}
@@ -52,8 +72,10 @@ def test_command_validates_before_any_work(tmp_path, capsys):
 
 def test_command_reads_checkpoints_and_explains_bad_ones(tmp_path, capsys):
     net, info = load_model(None, "resnet8", {"width": 4})
-    lightning_like = {"state_dict": {f"model.{k}": v for k, v in net.state_dict().items()},
-                      "hyper_parameters": {"model": "resnet8", "model_kwargs": {"width": 4}, "num_classes": 10}}
+    lightning_like = {
+        "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()},
+        "hyper_parameters": {"model": "resnet8", "model_kwargs": {"width": 4}, "num_classes": 10},
+    }
     torch.save(lightning_like, tmp_path / "a.ckpt")
     loaded, info = load_model(str(tmp_path / "a.ckpt"))
     assert info["name"] == "resnet8" and info["kwargs"] == {"width": 4}
@@ -76,9 +98,13 @@ def test_command_reads_checkpoints_and_explains_bad_ones(tmp_path, capsys):
 
 
 def test_list_flags_are_space_separated_and_old_spellings_still_work(capsys):
-    new = build_parser().parse_args(["--ghost-batch-size", "4", "16", "--methods", "gni", "GBN", "--modes", "live", "--no-plot"])
+    new = build_parser().parse_args(
+        ["--ghost-batch-size", "4", "16", "--methods", "gni", "GBN", "--modes", "live", "--no-plot"]
+    )
     assert capsys.readouterr().err == ""
-    old = build_parser().parse_args(["--ghost-batch-sizes", "4,16", "--methods", "gni,gbn", "--modes", "live", "--no-plots"])
+    old = build_parser().parse_args(
+        ["--ghost-batch-sizes", "4,16", "--methods", "gni,gbn", "--modes", "live", "--no-plots"]
+    )
     err = capsys.readouterr().err
     for attr in ("ghost_batch_size", "methods", "modes", "no_plot"):
         assert getattr(old, attr) == getattr(new, attr), attr
@@ -92,8 +118,25 @@ def test_list_flags_are_space_separated_and_old_spellings_still_work(capsys):
 
 
 def test_old_spellings_run_the_command_with_a_deprecation_message(tmp_path, capsys):
-    argv = ["--model-kwargs", '{"width": 4}', "--batch-size", "32", "--batches", "1", "--ghost-batch-sizes", "4,8",
-            "--methods", "gni", "--modes", "live", "--train-steps", "0", "--no-plots", "--out-dir", str(tmp_path / "o")]
+    argv = [
+        "--model-kwargs",
+        '{"width": 4}',
+        "--batch-size",
+        "32",
+        "--batches",
+        "1",
+        "--ghost-batch-sizes",
+        "4,8",
+        "--methods",
+        "gni",
+        "--modes",
+        "live",
+        "--train-steps",
+        "0",
+        "--no-plots",
+        "--out-dir",
+        str(tmp_path / "o"),
+    ]
     assert main(argv) == 0
     assert "deprecated: --ghost-batch-sizes is now --ghost-batch-size" in capsys.readouterr().err
     data = json.loads((tmp_path / "o" / "noise_analysis.json").read_text())

@@ -326,7 +326,9 @@ def test_yaml_schedule_below_the_method_minimum_is_rejected(tmp_path: Path, caps
                 init_args: {start_value: 8, end_value: 1, start: 5, end: 10}
         """,
     )
-    _expect_cli_error(["--config", str(cfg)], capsys, "ghost_batch_size must be >= 2 for method 'xbn'", "Use a ghost batch size >= 2")
+    _expect_cli_error(
+        ["--config", str(cfg)], capsys, "ghost_batch_size must be >= 2 for method 'xbn'", "Use a ghost batch size >= 2"
+    )
 
 
 def test_lightning_cli_reads_running_stats(monkeypatch, tmp_path):

@@ -141,7 +141,17 @@ def test_eval_every_changes_only_the_curves(fake_fashion: Path, tmp_path: Path) 
 def test_compare_falls_back_to_digits_and_says_so(tmp_path: Path, monkeypatch, capsys) -> None:
     missing = tmp_path / "no-fashion-here"
     monkeypatch.setattr(data_module, "DEFAULT_DATA_DIR", str(missing))
-    argv = TINY + ["--seeds", "1", "--subset", "100", "--model", "resnet8_ln", "--out-dir", str(tmp_path / "o"), "--no-plot"]
+    argv = TINY + [
+        "--seeds",
+        "1",
+        "--subset",
+        "100",
+        "--model",
+        "resnet8_ln",
+        "--out-dir",
+        str(tmp_path / "o"),
+        "--no-plot",
+    ]
     assert _run(argv) == 0
     captured = capsys.readouterr()
     assert "Fashion-MNIST is not installed" in captured.err and "digits" in captured.err
@@ -210,16 +220,33 @@ def test_bad_flags_exit_with_a_message(argv: List[str], needle: str, capsys) -> 
 def test_method_specs_per_norm_family() -> None:
     assert [s.label for s in method_specs("resnet8", None, [16])] == ["BN", "GBN(16)", "GNI(16)"]
     assert [s.label for s in method_specs("resnet8_ln", None, [16])] == ["LN", "LN+GNI(16)"]
-    assert [s.label for s in method_specs("vit", ["plain", "analytic"], [4, 8])] == ["LN", "LN+analytic GNI(4)", "LN+analytic GNI(8)"]
+    assert [s.label for s in method_specs("vit", ["plain", "analytic"], [4, 8])] == [
+        "LN",
+        "LN+analytic GNI(4)",
+        "LN+analytic GNI(8)",
+    ]
     specs = method_specs("resnet8", ["GNI", "gni", "plain"], [8, 8])
     assert [s.key for s in specs] == ["gni8", "plain"]  # case-insensitive, duplicates dropped, order kept
 
 
 def test_summary_and_table() -> None:
     runs = [
-        {"label": lab, "method": m, "ghost_batch_size": n, "test_acc": t, "train_acc": 1.0, "gap": 1.0 - t,
-         "train_seconds_per_epoch": 2.0, "eval_seconds": 1.0, "seed": s}
-        for lab, m, n, t, s in (("BN", "plain", None, 0.80, 0), ("BN", "plain", None, 0.90, 1), ("GNI(16)", "gni", 16, 0.85, 0))
+        {
+            "label": lab,
+            "method": m,
+            "ghost_batch_size": n,
+            "test_acc": t,
+            "train_acc": 1.0,
+            "gap": 1.0 - t,
+            "train_seconds_per_epoch": 2.0,
+            "eval_seconds": 1.0,
+            "seed": s,
+        }
+        for lab, m, n, t, s in (
+            ("BN", "plain", None, 0.80, 0),
+            ("BN", "plain", None, 0.90, 1),
+            ("GNI(16)", "gni", 16, 0.85, 0),
+        )
     ]
     rows = summarize(runs, ["BN", "GNI(16)"])
     assert rows[0]["test_acc_mean"] == pytest.approx(0.85) and rows[0]["test_acc_std"] == pytest.approx(0.0707107)
@@ -277,7 +304,14 @@ def test_fit_with_the_bundled_schedule_config(fake_fashion: Path, tmp_path: Path
 
 @pytest.mark.parametrize("config", ["resnet_bn.yaml", "resnet_ln_gni.yaml", "vit_gni.yaml"])
 def test_bundled_configs_parse(config: str, fake_fashion: Path) -> None:
-    argv = ["--config", str(ROOT / "configs" / config), "--data.data_dir", str(fake_fashion), "--trainer.logger", "false"]
+    argv = [
+        "--config",
+        str(ROOT / "configs" / config),
+        "--data.data_dir",
+        str(fake_fashion),
+        "--trainer.logger",
+        "false",
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cli = build_lightning_cli(argv, run=False)
@@ -327,7 +361,9 @@ def test_resnet8_ln_is_group_normalized_and_takes_gni() -> None:
     assert not torch.allclose(noisy, plain, atol=1e-3)  # training: ghost noise on the GroupNorms
 
 
-def test_compare_without_data_and_without_scikit_learn_says_what_to_install(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_compare_without_data_and_without_scikit_learn_says_what_to_install(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
     monkeypatch.setattr(data_module, "DEFAULT_DATA_DIR", str(tmp_path / "missing"))
     monkeypatch.setitem(sys.modules, "sklearn", None)  # makes `import sklearn...` raise ImportError
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
@@ -355,5 +391,8 @@ def test_list_flags_take_spaces_and_the_comma_spelling_with_a_deprecation(capsys
     commas = parse_args(["--methods", "plain,gni", "--ghost-batch-size", "8,16", "--no-plot"])
     err = capsys.readouterr().err
     assert [s.label for s in commas.specs] == [s.label for s in spaced.specs] == ["BN", "GNI(8)", "GNI(16)"]
-    assert "deprecated: comma-separated values for --ghost-batch-size; separate them with spaces: --ghost-batch-size 8 16" in err
+    assert (
+        "deprecated: comma-separated values for --ghost-batch-size; separate them with spaces: --ghost-batch-size 8 16"
+        in err
+    )
     assert "separate them with spaces: --methods plain gni" in err

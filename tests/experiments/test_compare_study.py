@@ -108,8 +108,13 @@ def test_selection_reads_validation_only() -> None:
     def row(label: str, method: str, val: float, test: float) -> dict:
         return {"label": label, "method": method, "variant": None, "val_acc_mean": val, "test_acc_mean": test}
 
-    rows = [row("BN", "plain", 0.9, 0.9), row("GNI(8)", "gni", 0.91, 0.99), row("GNI(16)", "gni", 0.93, 0.80),
-            row("GBN(8)", "gbn", 0.92, 0.5), row("GBN(16)", "gbn", 0.92, 0.99)]
+    rows = [
+        row("BN", "plain", 0.9, 0.9),
+        row("GNI(8)", "gni", 0.91, 0.99),
+        row("GNI(16)", "gni", 0.93, 0.80),
+        row("GBN(8)", "gbn", 0.92, 0.5),
+        row("GBN(16)", "gbn", 0.92, 0.99),
+    ]
     assert select_on_validation(rows) == {("gni", None): "GNI(16)", ("gbn", None): "GBN(8)"}  # ties: the first
     for r in rows:
         r["test_acc_mean"] = 1.0 - r["test_acc_mean"]
@@ -119,17 +124,45 @@ def test_selection_reads_validation_only() -> None:
 
 
 def test_summarize_keeps_validation_and_test_loss() -> None:
-    runs = [{"label": "BN", "method": "plain", "ghost_batch_size": None, "seed": s, "val_acc": v, "val_loss": 0.1,
-             "test_acc": 0.8, "test_loss": 0.5 + s, "train_acc": 1.0, "gap": 0.2, "train_seconds_per_epoch": 1.0,
-             "eval_seconds": 1.0} for s, v in enumerate((0.7, 0.9))]
+    runs = [
+        {
+            "label": "BN",
+            "method": "plain",
+            "ghost_batch_size": None,
+            "seed": s,
+            "val_acc": v,
+            "val_loss": 0.1,
+            "test_acc": 0.8,
+            "test_loss": 0.5 + s,
+            "train_acc": 1.0,
+            "gap": 0.2,
+            "train_seconds_per_epoch": 1.0,
+            "eval_seconds": 1.0,
+        }
+        for s, v in enumerate((0.7, 0.9))
+    ]
     row = summarize(runs, ["BN", "missing"])[0]
     assert row["val_acc_mean"] == pytest.approx(0.8) and row["test_loss_mean"] == pytest.approx(1.0)
 
 
 # --------------------------------------------------------------------------- end to end
 def test_sweep_selects_on_validation_and_never_on_test(tmp_path: Path, capsys) -> None:
-    argv = TINY + ["--seeds", "2", "--val-size", "60", "--subset", "200", "--methods", "plain", "gni",
-                   "--ghost-batch-size", "2", "8", "--eval-every", "1"]
+    argv = TINY + [
+        "--seeds",
+        "2",
+        "--val-size",
+        "60",
+        "--subset",
+        "200",
+        "--methods",
+        "plain",
+        "gni",
+        "--ghost-batch-size",
+        "2",
+        "8",
+        "--eval-every",
+        "1",
+    ]
     outs = []
     for name, noise in (("clean", 0), ("noisy", 5)):
         folder = _fashion(tmp_path / name, test_noise=noise)
@@ -139,7 +172,9 @@ def test_sweep_selects_on_validation_and_never_on_test(tmp_path: Path, capsys) -
     clean, noisy = outs
     # other test images change the test numbers, not the validation numbers, nor the choice
     assert [r["test_loss"] for r in clean["runs"]] != [r["test_loss"] for r in noisy["runs"]]
-    assert [(r["val_acc"], r["val_loss"]) for r in clean["runs"]] == [(r["val_acc"], r["val_loss"]) for r in noisy["runs"]]
+    assert [(r["val_acc"], r["val_loss"]) for r in clean["runs"]] == [
+        (r["val_acc"], r["val_loss"]) for r in noisy["runs"]
+    ]
     assert clean["selection"] == noisy["selection"] and len(clean["selection"]) == 1
     chosen = next(iter(clean["selection"].values()))
     gni_rows = [r for r in clean["summary"] if r["method"] == "gni"]
@@ -159,9 +194,32 @@ def test_sweep_selects_on_validation_and_never_on_test(tmp_path: Path, capsys) -
 
 def test_variants_and_optimizer_flags_end_to_end(tmp_path: Path) -> None:
     folder = _fashion(tmp_path / "f")
-    argv = TINY + ["--seeds", "1", "--subset", "100", "--data-dir", str(folder), "--out-dir", str(tmp_path / "o"),
-                   "--methods", "plain", "gni:shift", "analytic:scale", "gbn:batch", "gbn", "--ghost-batch-size", "4",
-                   "--warmup-epochs", "0.5", "--label-smoothing", "0.1", "--momentum", "0.8", "--weight-decay", "0"]
+    argv = TINY + [
+        "--seeds",
+        "1",
+        "--subset",
+        "100",
+        "--data-dir",
+        str(folder),
+        "--out-dir",
+        str(tmp_path / "o"),
+        "--methods",
+        "plain",
+        "gni:shift",
+        "analytic:scale",
+        "gbn:batch",
+        "gbn",
+        "--ghost-batch-size",
+        "4",
+        "--warmup-epochs",
+        "0.5",
+        "--label-smoothing",
+        "0.1",
+        "--momentum",
+        "0.8",
+        "--weight-decay",
+        "0",
+    ]
     assert _run(argv) == 0
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     labels = [r["label"] for r in results["runs"]]
@@ -214,8 +272,19 @@ def test_study_flags_are_validated(argv: List[str], needle: str, capsys) -> None
 def test_resume_retrains_a_damaged_run_file_and_keeps_the_others(tmp_path: Path, capsys) -> None:
     folder = _fashion(tmp_path / "f")
     out_dir = tmp_path / "o"
-    argv = TINY + ["--seeds", "2", "--subset", "100", "--methods", "plain", "--data-dir", str(folder),
-                   "--out-dir", str(out_dir), "--resume"]
+    argv = TINY + [
+        "--seeds",
+        "2",
+        "--subset",
+        "100",
+        "--methods",
+        "plain",
+        "--data-dir",
+        str(folder),
+        "--out-dir",
+        str(out_dir),
+        "--resume",
+    ]
     assert _run(argv) == 0
     first = json.loads((out_dir / "results.json").read_text())
     files = sorted((out_dir / "runs").glob("*.json"))
@@ -231,8 +300,9 @@ def test_resume_retrains_a_damaged_run_file_and_keeps_the_others(tmp_path: Path,
     json.loads(files[0].read_text())  # whole again
     files[1].write_text(json.dumps({"config": "wrong shape"}))
     assert _run(argv) == 0  # a file of another configuration is retrained silently
-    files[1].write_text(json.dumps({"config": json.loads(files[0].read_text())["config"] | {"seed": 1},
-                                    "result": {"label": "BN"}}))
+    files[1].write_text(
+        json.dumps({"config": json.loads(files[0].read_text())["config"] | {"seed": 1}, "result": {"label": "BN"}})
+    )
     assert _run(argv) == 0
     assert "is damaged" in capsys.readouterr().err
 

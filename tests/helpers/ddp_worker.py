@@ -13,11 +13,10 @@ import sys
 import warnings
 from datetime import timedelta
 
-import torch
-from torch import nn
-
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
 
 from lightning_ghostnoise import GhostNoise
 from lightning_ghostnoise.layers import is_ghost_layer
@@ -85,13 +84,13 @@ def main() -> None:
     else:
         rank = int(os.environ.get("LOCAL_RANK", 0))
         local = GLOBAL_BATCH // world
-        data = torch.utils.data.TensorDataset(x[rank * local : (rank + 1) * local], y[rank * local : (rank + 1) * local])
+        data = torch.utils.data.TensorDataset(
+            x[rank * local : (rank + 1) * local], y[rank * local : (rank + 1) * local]
+        )
         batch = local
         cb = GhostNoise(ghost_batch_size=4, seed=123, sync=True)
         steps = 1
-    strategy = (
-        DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60)) if world > 1 else "auto"
-    )
+    strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60)) if world > 1 else "auto"
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=world,

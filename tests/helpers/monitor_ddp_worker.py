@@ -13,12 +13,11 @@ import sys
 import warnings
 from datetime import timedelta
 
-import torch
-from torch import nn
-
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
 
 from lightning_ghostnoise import GhostNoise
 from lightning_ghostnoise.callbacks import GhostNoiseMonitor
@@ -49,8 +48,10 @@ class Net(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def on_train_end(self) -> None:
-        torch.save({"bn_in": self.inputs[0], "world": self.trainer.world_size},
-                   os.path.join(self.out_dir, f"rank{self.trainer.global_rank}.pt"))
+        torch.save(
+            {"bn_in": self.inputs[0], "world": self.trainer.world_size},
+            os.path.join(self.out_dir, f"rank{self.trainer.global_rank}.pt"),
+        )
 
 
 def data(rank: int):
@@ -58,7 +59,9 @@ def data(rank: int):
     if rank == 0:
         x = torch.randn(BATCH, 3, 6, 6, generator=g)
     else:
-        x = torch.randn(BATCH, 3, 1, 1, generator=g).expand(BATCH, 3, 6, 6) * 3 + 0.1 * torch.randn(BATCH, 3, 6, 6, generator=g)
+        x = torch.randn(BATCH, 3, 1, 1, generator=g).expand(BATCH, 3, 6, 6) * 3 + 0.1 * torch.randn(
+            BATCH, 3, 6, 6, generator=g
+        )
     return torch.utils.data.TensorDataset(x.contiguous(), torch.randint(0, 3, (BATCH,), generator=g))
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import zlib
-
 import copy
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ from lightning_ghostnoise.layers import (
     GhostLayerNorm,
     is_ghost_layer,
 )
-from lightning_ghostnoise.seeding import derive_seed
 from lightning_ghostnoise.layers.convert import (
     SurgeryReport,
     apply_ghost_noise,
@@ -28,6 +26,7 @@ from lightning_ghostnoise.layers.convert import (
     set_ghost_batch_size,
     set_strength,
 )
+from lightning_ghostnoise.seeding import derive_seed
 
 METHODS = ("gni", "gbn", "xbn", "analytic")
 
@@ -187,7 +186,10 @@ def test_default_replaces_every_norm_layer():
         (dict(include_types=["BatchNorm"]), BN_NAMES),
         (dict(exclude_types=["LayerNorm", "GroupNorm"]), BN_NAMES),
         (dict(exclude_types=["BatchNorm"]), ["encoder.0.norm2", "encoder.1.norm2", "ln"]),
-        (dict(include_names=["encoder.*"]), ["encoder.0.norm1", "encoder.0.norm2", "encoder.1.norm1", "encoder.1.norm2"]),
+        (
+            dict(include_names=["encoder.*"]),
+            ["encoder.0.norm1", "encoder.0.norm2", "encoder.1.norm1", "encoder.1.norm2"],
+        ),
         (dict(include_names=["encoder.1.*", "bn"]), ["bn", "encoder.1.norm1", "encoder.1.norm2"]),
         (dict(exclude_names=["*.norm2", "ln"]), BN_NAMES),
         (dict(include_names=["encoder.*"], exclude_names=["*norm2"]), ["encoder.0.norm1", "encoder.1.norm1"]),
@@ -260,12 +262,16 @@ def test_applying_twice_reconfigures_without_stacking():
     assert sum(1 for n, _ in layer.named_buffers() if n == "_ghost_strength") == 1
     assert len(ghost_layers(twice)) == len(ALL_NORMS)  # no new layers appeared
     # each BatchNorm behaves exactly as the second configuration applied to a plain copy
-    direct = apply_ghost_noise(copy.deepcopy(base), ghost_batch_size=3, method="gbn", strength=0.5, seed=2, include_types=["BatchNorm"])
+    direct = apply_ghost_noise(
+        copy.deepcopy(base), ghost_batch_size=3, method="gbn", strength=0.5, seed=2, include_types=["BatchNorm"]
+    )
     x = torch.randn(7, 4, 3, 3)
     direct_bn = direct.bn
     torch.testing.assert_close(twice.bn(x), direct_bn(x), rtol=0, atol=0)
     # GNI layers reconfigured with a new seed and size draw the same noise as a direct application
-    a = apply_ghost_noise(apply_ghost_noise(copy.deepcopy(base), ghost_batch_size=4, seed=1), ghost_batch_size=5, seed=9)
+    a = apply_ghost_noise(
+        apply_ghost_noise(copy.deepcopy(base), ghost_batch_size=4, seed=1), ghost_batch_size=5, seed=9
+    )
     b = apply_ghost_noise(copy.deepcopy(base), ghost_batch_size=5, seed=9)
     a.train()
     b.train()
@@ -295,9 +301,9 @@ def test_layers_get_distinct_derived_seeds():
 def test_set_strength_and_ghost_batch_size_on_model():
     model = apply_ghost_noise(Net(), ghost_batch_size=4)
     set_strength(model, 0.25)
-    assert all(l.strength == 0.25 for _, l in ghost_layers(model))
+    assert all(g.strength == 0.25 for _, g in ghost_layers(model))
     set_ghost_batch_size(model, 6)
-    assert all(l.ghost_batch_size == 6 for _, l in ghost_layers(model))
+    assert all(g.ghost_batch_size == 6 for _, g in ghost_layers(model))
     with pytest.raises(ValueError, match="strength must be"):
         set_strength(model, -1.0)
 
@@ -388,11 +394,11 @@ def test_failed_apply_leaves_model_untouched(kwargs, err, match, pre_applied):
     if pre_applied:
         model = apply_ghost_noise(model, ghost_batch_size=5, strength=0.75)
     snap = _snapshot(model)
-    settings = [(l.method, l.ghost_batch_size, l.strength) for _, l in ghost_layers(model)]
+    settings = [(g.method, g.ghost_batch_size, g.strength) for _, g in ghost_layers(model)]
     with pytest.raises(err, match=match):
         apply_ghost_noise(model, **kwargs)
     assert _same(model, snap)
-    assert [(l.method, l.ghost_batch_size, l.strength) for _, l in ghost_layers(model)] == settings
+    assert [(g.method, g.ghost_batch_size, g.strength) for _, g in ghost_layers(model)] == settings
 
 
 def test_layernorm_two_dim_shape_error_names_layer():
@@ -460,7 +466,9 @@ def test_deepcopy_reproduces_noise_with_independent_generator(method):
 # torch.compile
 # ---------------------------------------------------------------------------------------------------
 def _small_model():
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.GroupNorm(1, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.GroupNorm(1, 4)
+    )
 
 
 # backend="inductor" was checked by hand for every BN method (forward + gradients match eager, 0 graph
@@ -514,9 +522,13 @@ def test_torch_compile_no_graph_break_channels_last_autocast(method, custom_ops,
 
 def _partition_model(kind: str) -> nn.Module:
     if kind == "bn":  # no conv bias before the norm: its true gradient is 0, only rounding is left
-        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1))
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1)
+        )
     if kind == "gn":
-        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 4, 1))
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 4, 1)
+        )
     return nn.Sequential(nn.Flatten(2), nn.Linear(25, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 4))
 
 
@@ -543,7 +555,7 @@ def test_torch_compile_partitioner_keeps_the_forward_draws(kind, method):
         y.square().mean().backward()
         y_ref.square().mean().backward()
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"step {step}, {name}: {m}")
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"step {step}, {name}: {m}")  # noqa: B023
         model.zero_grad()
         reference.zero_grad()
 

@@ -7,6 +7,18 @@ import math
 
 import pytest
 import torch
+from helpers.reference import (
+    affine_params,
+    ref_apply,
+    ref_batch_normalize,
+    ref_gbn,
+    ref_gni,
+    ref_gni_noise,
+    ref_layer_normalize,
+    ref_sample_normalize,
+    ref_xbn,
+    varied_input,
+)
 from torch import nn
 
 from lightning_ghostnoise import functional as GF
@@ -19,18 +31,6 @@ from lightning_ghostnoise.layers import (
     GhostLayerNorm,
     ghost_class_for,
     is_ghost_layer,
-)
-from helpers.reference import (
-    affine_params,
-    ref_apply,
-    ref_batch_normalize,
-    ref_gbn,
-    ref_gni,
-    ref_gni_noise,
-    ref_layer_normalize,
-    ref_sample_normalize,
-    ref_xbn,
-    varied_input,
 )
 
 F64 = torch.float64
@@ -95,17 +95,27 @@ def test_gni_batchnorm2d_layer_matches_loop_reference(strength, shift_noise, sca
     B, C, N = 8, 3, 4
     bn = with_affine(nn.BatchNorm2d(C))
     layer = GhostBatchNorm2d.from_module(
-        bn, method="gni", ghost_batch_size=N, strength=strength, shift_noise=shift_noise, scale_noise=scale_noise, seed=3
+        bn,
+        method="gni",
+        ghost_batch_size=N,
+        strength=strength,
+        shift_noise=shift_noise,
+        scale_noise=scale_noise,
+        seed=3,
     )
     x = varied_input((B, C, 4, 4), 1)
     g2 = cloned_generator(layer)
     y = layer(x)
     idx = GF.ghost_indices(B, N, generator=g2)
-    ref = ref_gni(ref_batch_normalize(x, bn.eps), idx, bn.weight.detach(), bn.bias.detach(), strength, shift_noise, scale_noise)
+    ref = ref_gni(
+        ref_batch_normalize(x, bn.eps), idx, bn.weight.detach(), bn.bias.detach(), strength, shift_noise, scale_noise
+    )
     torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
     # the reference is sensitive to the draw: another draw gives another output
     other = GF.ghost_indices(B, N, generator=torch.Generator().manual_seed(12345))
-    ref_other = ref_gni(ref_batch_normalize(x, bn.eps), other, bn.weight.detach(), bn.bias.detach(), strength, shift_noise, scale_noise)
+    ref_other = ref_gni(
+        ref_batch_normalize(x, bn.eps), other, bn.weight.detach(), bn.bias.detach(), strength, shift_noise, scale_noise
+    )
     assert not torch.allclose(ref_other, ref, atol=1e-3)
 
 
@@ -148,9 +158,9 @@ def test_gni_layernorm_matches_loop_reference(shape, strength):
     ln = with_affine(nn.LayerNorm(D))
     layer = GhostLayerNorm.from_module(ln, method="gni", ghost_batch_size=3, strength=strength, seed=2)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g) * (0.5 + torch.rand(shape[0], *([1] * (len(shape) - 1)), generator=g)) + torch.randn(
-        shape[0], *([1] * (len(shape) - 2)), D, generator=g
-    )
+    x = torch.randn(shape, generator=g) * (
+        0.5 + torch.rand(shape[0], *([1] * (len(shape) - 1)), generator=g)
+    ) + torch.randn(shape[0], *([1] * (len(shape) - 2)), D, generator=g)
     g2 = cloned_generator(layer)
     y = layer(x)
     idx = GF.ghost_indices(shape[0], 3, generator=g2)
@@ -158,7 +168,9 @@ def test_gni_layernorm_matches_loop_reference(shape, strength):
     ref = ref_gni(x_hat, idx, ln.weight.detach(), ln.bias.detach(), strength, channel_dim=-1)
     torch.testing.assert_close(y.double(), ref, atol=2e-4, rtol=2e-4)
     # GNI really acted (not just LayerNorm)
-    plain = ref_apply(x_hat, torch.zeros(shape[0], D), torch.ones(shape[0], D), ln.weight.detach(), ln.bias.detach(), channel_dim=-1)
+    plain = ref_apply(
+        x_hat, torch.zeros(shape[0], D), torch.ones(shape[0], D), ln.weight.detach(), ln.bias.detach(), channel_dim=-1
+    )
     assert not torch.allclose(plain, ref, atol=1e-2)
 
 
@@ -230,7 +242,9 @@ def test_gbn_xbn_batchnorm1d_vectors(method):
     layer = GhostBatchNorm1d.from_module(bn, method=method, ghost_batch_size=3)
     x = varied_input((10, 4), 7)
     ref_fn = ref_gbn if method == "gbn" else ref_xbn
-    torch.testing.assert_close(layer(x).double(), ref_fn(x, 3, bn.eps, bn.weight.detach(), bn.bias.detach()), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        layer(x).double(), ref_fn(x, 3, bn.eps, bn.weight.detach(), bn.bias.detach()), atol=1e-4, rtol=1e-4
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,7 +333,9 @@ def test_gni_double_backward_matches_reference():
     torch.testing.assert_close(ggx, ggx_ref, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("factory,shape", [(lambda: nn.BatchNorm2d(2), (4, 2, 2, 1)), (lambda: nn.LayerNorm(3), (4, 2, 3))])
+@pytest.mark.parametrize(
+    "factory,shape", [(lambda: nn.BatchNorm2d(2), (4, 2, 2, 1)), (lambda: nn.LayerNorm(3), (4, 2, 3))]
+)
 @pytest.mark.parametrize("order", ["gradcheck", "gradgradcheck"])
 def test_analytic_layer_gradcheck(factory, shape, order):
     """Analytic noise does not depend on the data: with a fixed draw the layer is a smooth function of x."""
@@ -470,9 +486,13 @@ def test_ghost_batch_size_change_takes_effect():
 
 
 def test_extra_repr_mentions_settings():
-    layer = GhostBatchNorm2d.from_module(nn.BatchNorm2d(3), method="gbn", ghost_batch_size=4, strength=0.5, shift_noise=False)
+    layer = GhostBatchNorm2d.from_module(
+        nn.BatchNorm2d(3), method="gbn", ghost_batch_size=4, strength=0.5, shift_noise=False
+    )
     text = repr(layer)
-    assert "method=gbn" in text and "ghost_batch_size=4" in text and "strength=0.5" in text and "shift_noise=False" in text
+    assert (
+        "method=gbn" in text and "ghost_batch_size=4" in text and "strength=0.5" in text and "shift_noise=False" in text
+    )
 
 
 def test_from_module_shares_parameters_and_keeps_state_dict_keys():
@@ -674,7 +694,9 @@ def test_analytic_shift_only_with_ghost_batch_size_one():
     y = layer(x)  # shift ~ Normal(0, 1)/sqrt(1), no scale noise
     assert torch.isfinite(y).all()
     shift, _ = GF.analytic_noise(6, 3, 1, generator=g2)
-    ref = ref_apply(ref_batch_normalize(x, bn.eps), shift, torch.ones(6, 3), bn.weight.detach(), bn.bias.detach(), scale_noise=False)
+    ref = ref_apply(
+        ref_batch_normalize(x, bn.eps), shift, torch.ones(6, 3), bn.weight.detach(), bn.bias.detach(), scale_noise=False
+    )
     torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="must be >= 2"):
         GhostBatchNorm2d.from_module(nn.BatchNorm2d(3), method="analytic", ghost_batch_size=1, scale_noise=True)
@@ -705,7 +727,9 @@ def test_noise_switches_settable_after_construction(shift_noise, scale_noise):
     g2 = cloned_generator(layer)
     y = layer(x)
     idx = GF.ghost_indices(8, 3, generator=g2)
-    ref = ref_gni(ref_batch_normalize(x, bn.eps), idx, bn.weight.detach(), bn.bias.detach(), 1.0, shift_noise, scale_noise)
+    ref = ref_gni(
+        ref_batch_normalize(x, bn.eps), idx, bn.weight.detach(), bn.bias.detach(), 1.0, shift_noise, scale_noise
+    )
     torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
 
 
@@ -799,7 +823,9 @@ def test_wrong_input_rank_rejected(method):
         layer1d(torch.randn(4, 3, 5, 5))
 
 
-@pytest.mark.parametrize("cls,plain", [(GhostLayerNorm, lambda: nn.LayerNorm(4)), (GhostGroupNorm, lambda: nn.GroupNorm(1, 4))])
+@pytest.mark.parametrize(
+    "cls,plain", [(GhostLayerNorm, lambda: nn.LayerNorm(4)), (GhostGroupNorm, lambda: nn.GroupNorm(1, 4))]
+)
 def test_missing_batch_dimension_rejected(cls, plain):
     layer = cls.from_module(plain())
     with pytest.raises(ValueError, match="needs a batch dimension"):

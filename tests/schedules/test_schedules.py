@@ -9,7 +9,6 @@ from typing import Union
 import pytest
 
 import lightning_ghostnoise.schedules as schedules_module
-from lightning_ghostnoise.schedules import base, composite, piecewise, ramps
 from lightning_ghostnoise.schedules import (
     Constant,
     Cosine,
@@ -20,6 +19,10 @@ from lightning_ghostnoise.schedules import (
     Sequential,
     WarmUp,
     as_schedule,
+    base,
+    composite,
+    piecewise,
+    ramps,
     to_ghost_batch_size,
 )
 
