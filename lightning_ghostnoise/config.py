@@ -24,7 +24,8 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 __all__ = [
     "BACKENDS",

@@ -17,10 +17,17 @@ Example:
 """
 
 from lightning_ghostnoise.backends.dispatch import Choice, select
-from lightning_ghostnoise.backends.ghost_batch_norm import exclusive_batch_norm, ghost_batch_norm
+from lightning_ghostnoise.backends.ghost_batch_norm import (
+    exclusive_batch_norm,
+    ghost_batch_norm,
+)
 from lightning_ghostnoise.backends.gni_batch_norm import ghost_noise_batch_norm
 from lightning_ghostnoise.backends.moment_affine import moment_affine
-from lightning_ghostnoise.backends.native_norm import NativeGroupNorm, NativeLayerNorm, NativeNorm
+from lightning_ghostnoise.backends.native_norm import (
+    NativeGroupNorm,
+    NativeLayerNorm,
+    NativeNorm,
+)
 from lightning_ghostnoise.backends.normalized import normalized_noise
 
 __all__ = [

@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,7 +45,7 @@ class Choice(NamedTuple):
 
 def decide(
     *,
-    fused: Optional[bool],
+    fused: bool | None,
     grad_enabled: bool,
     compiling: bool,
     closed_form: bool,
@@ -97,7 +97,7 @@ def _dense(x: Tensor) -> bool:
 
 
 def select(
-    x: Tensor, channel_dim: int = 1, *, fused: Optional[bool] = None, closed_form: bool = True, kernels: bool = True
+    x: Tensor, channel_dim: int = 1, *, fused: bool | None = None, closed_form: bool = True, kernels: bool = True
 ) -> Choice:
     """The path of one call for input ``x`` (see the module docstring).
 

@@ -8,18 +8,37 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_ghostnoise.backends.dispatch import select
-from lightning_ghostnoise.backends.torch_passes import affine_input_grad, passes_for, refuse_double_backward, sample_channel_sums
-from lightning_ghostnoise.functional._common import StrengthLike, as_strength, autocast_off, spatial_count
+from lightning_ghostnoise.backends.torch_passes import (
+    affine_input_grad,
+    passes_for,
+    refuse_double_backward,
+    sample_channel_sums,
+)
+from lightning_ghostnoise.functional._common import (
+    StrengthLike,
+    as_strength,
+    autocast_off,
+    spatial_count,
+)
 from lightning_ghostnoise.functional.affine import sample_affine
-from lightning_ghostnoise.functional.batch_norm import effective_statistics, ghost_average, ghost_matrix, ghost_statistics_batch_norm
+from lightning_ghostnoise.functional.batch_norm import (
+    effective_statistics,
+    ghost_average,
+    ghost_matrix,
+    ghost_statistics_batch_norm,
+)
 from lightning_ghostnoise.functional.moments import per_sample_moments
-from lightning_ghostnoise.functional.running_stats import resolve_running_stats, update_ghost_running_stats, update_running_stats
+from lightning_ghostnoise.functional.running_stats import (
+    resolve_running_stats,
+    update_ghost_running_stats,
+    update_running_stats,
+)
 
 __all__ = ["exclusive_batch_norm", "ghost_batch_norm"]
 
@@ -28,17 +47,17 @@ def _ghost_statistics_norm(
     x: Tensor,
     ghost_batch_size: int,
     exclusive: bool,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
     momentum: float,
     eps: float,
     strength: StrengthLike,
     shift_noise: bool,
     scale_noise: bool,
     channel_dim: int,
-    fused: Optional[bool],
+    fused: bool | None,
     ghost_running: bool = False,
 ) -> Tensor:
     """GBN (``exclusive=False``) and XBN; ``ghost_running``: the running statistics from the ghost
@@ -59,19 +78,19 @@ def _ghost_statistics_norm(
 def ghost_batch_norm(
     x: Tensor,
     ghost_batch_size: int,
-    running_mean: Optional[Tensor] = None,
-    running_var: Optional[Tensor] = None,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
     momentum: float = 0.1,
     eps: float = 1e-5,
     strength: StrengthLike = 1.0,
     shift_noise: bool = True,
     scale_noise: bool = True,
     channel_dim: int = 1,
-    fused: Optional[bool] = None,
+    fused: bool | None = None,
     *,
-    running_stats: Optional[str] = None,
+    running_stats: str | None = None,
 ) -> Tensor:
     """Ghost Batch Normalization (training mode): each ghost batch is normalized by its own moments.
 
@@ -101,17 +120,17 @@ def ghost_batch_norm(
 def exclusive_batch_norm(
     x: Tensor,
     ghost_batch_size: int,
-    running_mean: Optional[Tensor] = None,
-    running_var: Optional[Tensor] = None,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
     momentum: float = 0.1,
     eps: float = 1e-5,
     strength: StrengthLike = 1.0,
     shift_noise: bool = True,
     scale_noise: bool = True,
     channel_dim: int = 1,
-    fused: Optional[bool] = None,
+    fused: bool | None = None,
 ) -> Tensor:
     """Exclusive Batch Normalization (training mode): leave-one-out ghost statistics.
 
@@ -149,12 +168,12 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any,
         x: Tensor,
-        weight: Optional[Tensor],
-        bias: Optional[Tensor],
+        weight: Tensor | None,
+        bias: Tensor | None,
         ghost_batch_size: int,
         exclusive: bool,
-        running_mean: Optional[Tensor],
-        running_var: Optional[Tensor],
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
         momentum: float,
         eps: float,
         strength: StrengthLike,
@@ -223,7 +242,7 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
         return sample_affine(x, a, d, channel_dim)
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         refuse_double_backward()
         if ctx.kernels:
             x, mv, per_sample, per_channel, s = ctx.saved_tensors

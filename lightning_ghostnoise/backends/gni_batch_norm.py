@@ -11,18 +11,23 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from lightning_ghostnoise.backends.dispatch import select
 from lightning_ghostnoise.backends.moment_affine import moment_affine
-from lightning_ghostnoise.backends.torch_passes import TORCH, affine_input_grad, passes_for, refuse_double_backward, sample_channel_sums
+from lightning_ghostnoise.backends.torch_passes import (
+    affine_input_grad,
+    passes_for,
+    refuse_double_backward,
+    sample_channel_sums,
+)
 from lightning_ghostnoise.functional._common import StrengthLike, as_strength
 from lightning_ghostnoise.functional.affine import sample_affine
 from lightning_ghostnoise.functional.batch_norm import gni_batch_norm, gni_coeff_fn
-from lightning_ghostnoise.functional.moments import batch_moments, per_sample_moments
+from lightning_ghostnoise.functional.moments import per_sample_moments
 from lightning_ghostnoise.functional.noise import GhostDraws, noise_fold
 from lightning_ghostnoise.functional.running_stats import update_running_stats
 
@@ -31,19 +36,19 @@ __all__ = ["ghost_noise_batch_norm"]
 
 def ghost_noise_batch_norm(
     x: Tensor,
-    noise_fn: Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]],
-    running_mean: Optional[Tensor] = None,
-    running_var: Optional[Tensor] = None,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    noise_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
     momentum: float = 0.1,
     eps: float = 1e-5,
     strength: StrengthLike = 1.0,
     shift_noise: bool = True,
     scale_noise: bool = True,
     channel_dim: int = 1,
-    stats_fn: Optional[Callable[[Tensor, Tensor], Tuple[Tensor, Tensor, int]]] = None,
-    fused: Optional[bool] = None,
+    stats_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, int]] | None = None,
+    fused: bool | None = None,
 ) -> Tensor:
     """BatchNorm (training mode, batch statistics) then ghost noise, then the affine: GNI in one pass.
 
@@ -91,11 +96,11 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any,
         x: Tensor,
-        weight: Optional[Tensor],
-        bias: Optional[Tensor],
-        noise_fn: Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]],
-        running_mean: Optional[Tensor],
-        running_var: Optional[Tensor],
+        weight: Tensor | None,
+        bias: Tensor | None,
+        noise_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
         momentum: float,
         eps: float,
         strength: StrengthLike,
@@ -116,10 +121,10 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
             # CUDA: the same math in Triton kernels (see lightning_ghostnoise.kernels), 3 launches; in a
             # compiled graph (opt-in, lightning_ghostnoise.ops) the coefficient kernel alone, as a custom op
             mv = passes.moments(x, channel_dim)
-            draw_args = dict(
-                indices=noise_fn.indices, noise_eps=noise_fn.eps, normal=noise_fn.normal, gamma=noise_fn.gamma,
-                ghost_batch_size=noise_fn.ghost_batch_size,
-            )
+            draw_args = {
+                "indices": noise_fn.indices, "noise_eps": noise_fn.eps, "normal": noise_fn.normal, "gamma": noise_fn.gamma,
+                "ghost_batch_size": noise_fn.ghost_batch_size,
+            }
             s = as_strength(strength, mv)
             if ctx.in_graph:  # the running statistics in the graph, from the op's batch mean and rstd (see ops)
                 coef, stats = _custom_ops().gni_coefficients(mv, weight, bias, s, eps, shift_noise, scale_noise, **draw_args)
@@ -158,7 +163,7 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
         return sample_affine(x, a, d, channel_dim)
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         refuse_double_backward()
         channel_dim = ctx.channel_dim
         if ctx.kernels:

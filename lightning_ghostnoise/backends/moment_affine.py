@@ -14,13 +14,17 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_ghostnoise.backends.dispatch import select
-from lightning_ghostnoise.backends.torch_passes import passes_for, refuse_double_backward
+from lightning_ghostnoise.backends.torch_passes import (
+    passes_for,
+    refuse_double_backward,
+)
 from lightning_ghostnoise.functional import affine as _reference
 from lightning_ghostnoise.functional._common import spatial_count
 from lightning_ghostnoise.functional.affine import CoeffFn
@@ -38,7 +42,7 @@ class _MomentAffine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, passes: Any, channel_dim: int, coeff_fn: CoeffFn, *params: Optional[Tensor]) -> Tensor:
+    def forward(ctx: Any, x: Tensor, passes: Any, channel_dim: int, coeff_fn: CoeffFn, *params: Tensor | None) -> Tensor:
         ctx.passes = passes
         mean, var = passes.moments(x, channel_dim)
         with torch.enable_grad():
@@ -53,7 +57,7 @@ class _MomentAffine(torch.autograd.Function):
         return passes.affine(x, ad.float() if passes.kernels else ad, channel_dim)
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         refuse_double_backward()
         (x,) = ctx.saved_tensors
         m, v, leaves, a, d = ctx.graph
@@ -73,7 +77,7 @@ class _MomentAffine(torch.autograd.Function):
             if ctx.passes.kernels:  # the kernel reads contiguous float32 rows
                 a_rows, pq = a_rows.float().contiguous(), pq.float()
             grad_x = ctx.passes.input_grad(grad_y, x, a_rows, pq, channel_dim)
-        param_grads: List[Optional[Tensor]] = []
+        param_grads: list[Tensor | None] = []
         it = iter(grads[2:])
         for p in leaves:
             param_grads.append(next(it) if p is not None and p.requires_grad else None)
@@ -81,7 +85,7 @@ class _MomentAffine(torch.autograd.Function):
 
 
 def moment_affine(
-    x: Tensor, coeff_fn: CoeffFn, params: Sequence[Optional[Tensor]] = (), channel_dim: int = 1, fused: Optional[bool] = None
+    x: Tensor, coeff_fn: CoeffFn, params: Sequence[Tensor | None] = (), channel_dim: int = 1, fused: bool | None = None
 ) -> Tensor:
     """``x * A[b, c] + D[b, c]`` where ``(A, D) = coeff_fn(mean, var, *params)`` and ``mean``/``var`` are
     ``x``'s per-sample moments (:func:`~lightning_ghostnoise.functional.moments.per_sample_moments`); gradients flow through everything.

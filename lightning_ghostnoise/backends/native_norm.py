@@ -11,7 +11,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -24,7 +24,7 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 @functools.lru_cache(maxsize=32)
-def _unit_affine(size: int, device: torch.device, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+def _unit_affine(size: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Cached ones and zeros of ``size``: an identity affine (see :class:`NativeLayerNorm`)."""
     return torch.ones(size, device=device, dtype=dtype), torch.zeros(size, device=device, dtype=dtype)
 
@@ -43,13 +43,13 @@ class NativeNorm:
     def __call__(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(x_hat, mean, rstd)``: the same bits as ``self(x)``."""
         raise NotImplementedError
 
     def backward(
-        self, grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], need_x: bool, need_w: bool
-    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        self, grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, need_x: bool, need_w: bool
+    ) -> tuple[Tensor | None, Tensor | None]:
         """``(grad_x, grad_w)`` of ``normalize(x) * weight`` for the output gradient ``grad``."""
         raise NotImplementedError
 
@@ -76,7 +76,7 @@ class NativeNorm:
 
 
 #: :meth:`NativeNorm.input_dtype`'s readings of the autocast policy.
-_AUTOCAST_PROBES: Dict[Tuple[type, str, torch.dtype, torch.dtype], torch.dtype] = {}
+_AUTOCAST_PROBES: dict[tuple[type, str, torch.dtype, torch.dtype], torch.dtype] = {}
 
 
 class NativeLayerNorm(NativeNorm):
@@ -96,21 +96,21 @@ class NativeLayerNorm(NativeNorm):
     def __init__(self, normalized_shape: Sequence[int], eps: float = 1e-5) -> None:
         self.normalized_shape, self.eps = tuple(normalized_shape), eps
 
-    def _unit(self, x: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        if x.device.type == "cpu" and x.dtype == torch.float32 and len(self.normalized_shape) == 1:
-            if not torch.compiler.is_compiling():
-                return _unit_affine(self.normalized_shape[0], x.device, x.dtype)
+    def _unit(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        cpu_float = x.device.type == "cpu" and x.dtype == torch.float32 and len(self.normalized_shape) == 1
+        if cpu_float and not torch.compiler.is_compiling():
+            return _unit_affine(self.normalized_shape[0], x.device, x.dtype)
         return None, None
 
     def __call__(self, x: Tensor) -> Tensor:
         return torch.nn.functional.layer_norm(x, self.normalized_shape, *self._unit(x), self.eps)
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return torch.native_layer_norm(x, self.normalized_shape, *self._unit(x), self.eps)
 
     def backward(
-        self, grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], need_x: bool, need_w: bool
-    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        self, grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, need_x: bool, need_w: bool
+    ) -> tuple[Tensor | None, Tensor | None]:
         if weight is None:  # (the identity weight: the faster CPU kernel, as in the forward)
             weight = self._unit(x)[0]
         grad_x, grad_w, _ = torch.ops.aten.native_layer_norm_backward(
@@ -132,7 +132,7 @@ class NativeGroupNorm(NativeNorm):
     def __init__(self, num_groups: int, eps: float = 1e-5) -> None:
         self.num_groups, self.eps = num_groups, eps
 
-    def _sizes(self, x: Tensor) -> Tuple[int, int, int]:
+    def _sizes(self, x: Tensor) -> tuple[int, int, int]:
         return x.shape[0], x.shape[1], x.numel() // max(x.shape[0] * x.shape[1], 1)
 
     def memory_format(self, x: Tensor) -> torch.memory_format:
@@ -141,19 +141,19 @@ class NativeGroupNorm(NativeNorm):
             return torch.contiguous_format
         return fmt
 
-    def _dense(self, t: Tensor, like: Optional[Tensor] = None) -> Tensor:
+    def _dense(self, t: Tensor, like: Tensor | None = None) -> Tensor:
         """Dense in ``like``'s memory format, as the native kernels want (``F.group_norm`` does the same)."""
         return t.contiguous(memory_format=self.memory_format(t if like is None else like))
 
     def __call__(self, x: Tensor) -> Tensor:
         return torch.nn.functional.group_norm(x, self.num_groups, None, None, self.eps)
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return torch.native_group_norm(self._dense(x), None, None, *self._sizes(x), self.num_groups, self.eps)
 
     def backward(
-        self, grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], need_x: bool, need_w: bool
-    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        self, grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, need_x: bool, need_w: bool
+    ) -> tuple[Tensor | None, Tensor | None]:
         x = self._dense(x)
         # torch 2.13's CPU kernel crashes on a channels-last input when grad_x is not asked for: ask
         want_x = need_x or not x.is_contiguous()

@@ -12,18 +12,36 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from lightning_ghostnoise.backends.dispatch import select
 from lightning_ghostnoise.backends.native_norm import NativeLayerNorm, NativeNorm  # noqa: F401  (doctest)
-from lightning_ghostnoise.backends.torch_passes import fits, refuse_double_backward, sample_channel_sums, shares_memory
-from lightning_ghostnoise.functional._common import StrengthLike, autocast_off, autocast_state, spatial_dims
-from lightning_ghostnoise.functional.affine import broadcast_channels, sample_affine, with_affine
+from lightning_ghostnoise.backends.torch_passes import (
+    fits,
+    refuse_double_backward,
+    sample_channel_sums,
+    shares_memory,
+)
+from lightning_ghostnoise.functional._common import (
+    StrengthLike,
+    autocast_off,
+    autocast_state,
+    spatial_dims,
+)
+from lightning_ghostnoise.functional.affine import (
+    broadcast_channels,
+    sample_affine,
+    with_affine,
+)
 from lightning_ghostnoise.functional.moments import batch_chunks
-from lightning_ghostnoise.functional.noise import gni_normalized, noise_fold, noise_moments
+from lightning_ghostnoise.functional.noise import (
+    gni_normalized,
+    noise_fold,
+    noise_moments,
+)
 
 __all__ = ["normalized_noise"]
 
@@ -33,14 +51,14 @@ _NATIVE_DTYPES = (torch.float32, torch.float64)
 def normalized_noise(
     x: Tensor,
     normalize: Callable[[Tensor], Tensor],
-    noise_fn: Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]],
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    noise_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
     strength: StrengthLike = 1.0,
     channel_dim: int = 1,
     shift_noise: bool = True,
     scale_noise: bool = True,
-    fused: Optional[bool] = None,
+    fused: bool | None = None,
 ) -> Tensor:
     """GNI after a per-sample normalization: ``apply_noise(x_hat, *noise_fn(moments of x_hat), ...)``
     with ``x_hat = normalize(x)`` (e.g. LayerNorm or GroupNorm without their affine).
@@ -101,10 +119,10 @@ class _NormalizedNoise(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any,
         x: Tensor,
-        weight: Optional[Tensor],
-        bias: Optional[Tensor],
+        weight: Tensor | None,
+        bias: Tensor | None,
         normalize: Callable[[Tensor], Tensor],
-        noise_fn: Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]],
+        noise_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
         strength: StrengthLike,
         channel_dim: int,
         shift_noise: bool,
@@ -122,7 +140,7 @@ class _NormalizedNoise(torch.autograd.Function):
         if ctx.native:
             with autocast_off(x_in):  # (the input is already in the dtype autocast gives the norm)
                 x_hat, mean, rstd = normalize.forward(x_in)  # type: ignore[attr-defined]
-            stats: Tuple[Tensor, ...] = (mean, rstd)
+            stats: tuple[Tensor, ...] = (mean, rstd)
         else:
             x_in, stats = x, ()
             x_hat = normalize(x)
@@ -138,7 +156,7 @@ class _NormalizedNoise(torch.autograd.Function):
         return sample_affine(x_hat, *with_affine(inv, d, weight, bias), channel_dim, in_place=own)
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         refuse_double_backward()
         if ctx.native:
             grads = _NormalizedNoise._native_backward(ctx, grad_y)
@@ -148,7 +166,7 @@ class _NormalizedNoise(torch.autograd.Function):
         return grads + (None,) * 6
 
     @staticmethod
-    def _native_backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
+    def _native_backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, inv, d, weight, mean, rstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_w = need_w and weight is not None
@@ -175,8 +193,8 @@ class _NormalizedNoise(torch.autograd.Function):
 
     @staticmethod
     def _scaled_native_backward(
-        ctx: Any, grad_y: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, inv: Tensor, w: Optional[Tensor]
-    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        ctx: Any, grad_y: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, inv: Tensor, w: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
         """The native backward of ``grad_y * inv``, in chunks of the batch where ``grad_y * inv`` would
         be a large temporary on CPU (:func:`_batch_chunks`)."""
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and w is not None
@@ -188,7 +206,7 @@ class _NormalizedNoise(torch.autograd.Function):
         if n >= batch:
             return ctx.normalize.backward(torch.mul(grad_y, inv, out=buf), x, mean, rstd, w, need_x, need_w)
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w: Optional[Tensor] = None
+        grad_w: Tensor | None = None
         for i in range(0, batch, n):
             rows = slice(i, i + n)
             part = torch.mul(grad_y[rows], inv[rows], out=buf[: min(n, batch - i)])
@@ -200,7 +218,7 @@ class _NormalizedNoise(torch.autograd.Function):
         return grad_x, grad_w
 
     @staticmethod
-    def _recompute_backward(ctx: Any, grad_y: Tensor) -> Tuple[Optional[Tensor], ...]:
+    def _recompute_backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, inv, d, weight = ctx.saved_tensors
         device = x.device.type
         autocast = (

@@ -14,25 +14,29 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_ghostnoise.functional._common import spatial_dims
-from lightning_ghostnoise.functional.affine import broadcast_channels, inner_broadcast, sample_affine
+from lightning_ghostnoise.functional.affine import (
+    broadcast_channels,
+    inner_broadcast,
+    sample_affine,
+)
 from lightning_ghostnoise.functional.moments import per_sample_moments
 
 __all__ = ["TORCH", "TorchPasses", "affine_input_grad", "passes_for", "sample_channel_sums"]
 
 
-def fits(scratch: Optional[Tensor], like: Tensor) -> bool:
+def fits(scratch: Tensor | None, like: Tensor) -> bool:
     """Whether ``scratch`` can take a result shaped like ``like`` (same shape and dtype)."""
     return scratch is not None and scratch.shape == like.shape and scratch.dtype == like.dtype
 
 
 def affine_input_grad(
-    grad_y: Tensor, x: Tensor, a: Tensor, p: Tensor, q: Tensor, channel_dim: int, out: Optional[Tensor] = None
+    grad_y: Tensor, x: Tensor, a: Tensor, p: Tensor, q: Tensor, channel_dim: int, out: Tensor | None = None
 ) -> Tensor:
     """``grad_y * a + x * p + q``: the input gradient of ``y = x * A + D`` when ``A`` and ``D`` depend on
     ``x`` through its moments. ``a`` is ``(B, C)``; ``p`` and ``q`` are ``(B, C)`` or per channel ``(C,)``.
@@ -54,7 +58,7 @@ def affine_input_grad(
 
 def sample_channel_sums(
     grad_y: Tensor, x: Tensor, channel_dim: int, dtype: torch.dtype, overwrite_x: bool = False
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per-(sample, channel) ``sum_s grad_y`` and ``sum_s grad_y * x`` over the spatial positions.
 
     The third result is the full-size product ``grad_y * x``, free to overwrite: the input gradient

@@ -31,7 +31,11 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_ghostnoise.functional import counter_rng
-from lightning_ghostnoise.functional.affine import broadcast_channels, sample_affine, with_affine
+from lightning_ghostnoise.functional.affine import (
+    broadcast_channels,
+    sample_affine,
+    with_affine,
+)
 from lightning_ghostnoise.functional.batch_norm import (
     effective_statistics,
     ghost_averaging_matrix,

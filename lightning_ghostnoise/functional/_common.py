@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple, Union
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -12,7 +12,7 @@ from torch import Tensor
 StrengthLike = Union[float, Tensor]
 
 
-def autocast_state(device: str) -> Optional[torch.dtype]:
+def autocast_state(device: str) -> torch.dtype | None:
     """The autocast dtype if autocast is on for ``device``, else ``None``."""
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
@@ -23,7 +23,7 @@ def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
     return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
 
-def spatial_dims(x: Tensor, channel_dim: int) -> Tuple[int, ...]:
+def spatial_dims(x: Tensor, channel_dim: int) -> tuple[int, ...]:
     """The dimensions of ``x`` other than the batch (0) and the channel one."""
     channel_dim = channel_dim % x.dim()
     return tuple(d for d in range(1, x.dim()) if d != channel_dim)

@@ -13,7 +13,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ from lightning_ghostnoise.functional.moments import per_sample_moments
 
 __all__ = ["broadcast_channels", "moment_affine", "sample_affine", "with_affine"]
 
-CoeffFn = Callable[..., Tuple[Tensor, Tensor]]
+CoeffFn = Callable[..., tuple[Tensor, Tensor]]
 
 
 def broadcast_channels(values: Tensor, x: Tensor, channel_dim: int = 1) -> Tensor:
@@ -68,7 +69,7 @@ def sample_affine(x: Tensor, a: Tensor, d: Tensor, channel_dim: int = 1, *, in_p
     return torch.addcmul(d, x, a, out=x) if in_place else torch.addcmul(d, x, a)
 
 
-def with_affine(a: Tensor, d: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def with_affine(a: Tensor, d: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(A * w, D * w + b)``: a per-(sample, channel) affine followed by the layer's per-channel one.
 
     Example:
@@ -84,7 +85,7 @@ def with_affine(a: Tensor, d: Tensor, weight: Optional[Tensor], bias: Optional[T
     return a, d
 
 
-def moment_affine(x: Tensor, coeff_fn: CoeffFn, params: Sequence[Optional[Tensor]] = (), channel_dim: int = 1) -> Tensor:
+def moment_affine(x: Tensor, coeff_fn: CoeffFn, params: Sequence[Tensor | None] = (), channel_dim: int = 1) -> Tensor:
     """``x * A[b, c] + D[b, c]`` where ``(A, D) = coeff_fn(mean, var, *params)`` and ``mean``/``var`` are
     ``x``'s per-sample moments (:func:`per_sample_moments`); gradients flow through everything.
 

@@ -17,16 +17,24 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from lightning_ghostnoise.functional._common import StrengthLike, as_strength, autocast_off, spatial_count
+from lightning_ghostnoise.functional._common import (
+    StrengthLike,
+    as_strength,
+    autocast_off,
+    spatial_count,
+)
 from lightning_ghostnoise.functional.affine import moment_affine, with_affine
 from lightning_ghostnoise.functional.moments import batch_moments
 from lightning_ghostnoise.functional.noise import noise_fold
-from lightning_ghostnoise.functional.running_stats import update_ghost_running_stats, update_running_stats
+from lightning_ghostnoise.functional.running_stats import (
+    update_ghost_running_stats,
+    update_running_stats,
+)
 
 __all__ = [
     "effective_statistics",
@@ -39,11 +47,11 @@ __all__ = [
     "noise_coefficients",
 ]
 
-NoiseFn = Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]
-StatsFn = Callable[[Tensor, Tensor], Tuple[Tensor, Tensor, int]]
+NoiseFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+StatsFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, int]]
 
 
-def ghost_groups(batch_size: int, ghost_batch_size: int, device: Optional[Union[torch.device, str]] = None) -> Tuple[Tensor, int]:
+def ghost_groups(batch_size: int, ghost_batch_size: int, device: torch.device | str | None = None) -> tuple[Tensor, int]:
     """Assign consecutive samples to ghost batches; the remainder rule of GBN and XBN.
 
     Samples ``0..N-1`` form ghost batch 0, ``N..2N-1`` ghost batch 1, and so on. The ``r = B mod N``
@@ -68,7 +76,7 @@ def ghost_averaging_matrix(
     batch_size: int,
     ghost_batch_size: int,
     exclusive: bool = False,
-    device: Optional[Union[torch.device, str]] = None,
+    device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """``M`` (``B x B``) with ``(M @ values)[b]`` = the mean of ``values`` over sample ``b``'s ghost batch.
@@ -106,7 +114,7 @@ def cached_ghost_matrix(batch: int, ghost_batch_size: int, exclusive: bool, devi
         return ghost_averaging_matrix(batch, ghost_batch_size, exclusive, device, dtype)
 
 
-def ghost_matrix(batch: int, ghost_batch_size: int, exclusive: bool, like: Tensor) -> Optional[Tensor]:
+def ghost_matrix(batch: int, ghost_batch_size: int, exclusive: bool, like: Tensor) -> Tensor | None:
     """The ghost averaging matrix for :func:`ghost_average`, or ``None`` where a reshape does its work
     (GBN under ``torch.compile`` with equal ghost batches). Eager mode takes the matrix from a bounded
     cache (:func:`cached_ghost_matrix`); why each form is used where: docs/performance.md."""
@@ -119,8 +127,8 @@ def ghost_matrix(batch: int, ghost_batch_size: int, exclusive: bool, like: Tenso
 
 
 def ghost_average(
-    first: Tensor, second: Tensor, avg: Optional[Tensor], ghost_batch_size: int, exclusive: bool
-) -> Tuple[Tensor, Tensor]:
+    first: Tensor, second: Tensor, avg: Tensor | None, ghost_batch_size: int, exclusive: bool
+) -> tuple[Tensor, Tensor]:
     """``(avg @ first, avg @ second)`` for ``(B, C)`` values: per sample the means over its ghost batch
     (``exclusive``: over the others in it). ``avg`` is symmetric, so these are also its transpose's
     products (the backward's). ``avg=None`` (GBN, equal ghost batches, see :func:`ghost_matrix`): as
@@ -141,9 +149,9 @@ def ghost_average(
     return average(first), average(second)
 
 
-def group_statistics(mean: Tensor, var: Tensor, ghost_batch_size: int, exclusive: bool) -> Tuple[Tensor, Tensor]:
+def group_statistics(mean: Tensor, var: Tensor, ghost_batch_size: int, exclusive: bool) -> tuple[Tensor, Tensor]:
     """Per-sample ghost mean and biased variance: of its ghost batch, or (``exclusive``) of the others in it."""
-    batch, channels = mean.shape
+    batch, _channels = mean.shape
     centre = mean.detach().mean(0)  # shift for a numerically stable variance
     c = mean - centre
     avg = ghost_matrix(batch, ghost_batch_size, exclusive, mean)
@@ -156,14 +164,14 @@ def noise_coefficients(
     var: Tensor,
     batch_mean: Tensor,
     batch_var: Tensor,
-    noise_fn: Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]],
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    noise_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
     eps: float = 1e-5,
     strength: StrengthLike = 1.0,
     shift_noise: bool = True,
     scale_noise: bool = True,
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """``(A, D)`` of GNI on BatchNorm: ``y = x * A + D = w * ((x - mu) * rstd - s * shift) / scale**s + b``.
 
     ``noise_fn(m_hat, v_hat)`` receives the per-sample moments of the normalized features (no
@@ -187,13 +195,13 @@ def ghost_statistics_coefficients(
     ghost_var: Tensor,
     batch_mean: Tensor,
     batch_var: Tensor,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
     eps: float = 1e-5,
     strength: StrengthLike = 1.0,
     shift_noise: bool = True,
     scale_noise: bool = True,
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """``(A, D)`` normalizing each sample by statistics between the batch's (``s = 0``) and its ghost's (``s = 1``).
 
     With ``shift = ghost_mean - batch_mean`` and ``ratio = std_ghost / std_batch`` the sample is
@@ -217,11 +225,11 @@ def effective_statistics(
     bvar_raw: Tensor,
     centre: Tensor,
     s: Tensor,
-    w: Optional[Tensor],
+    w: Tensor | None,
     eps: float,
     shift_noise: bool,
     scale_noise: bool,
-) -> Tuple[Tensor, ...]:
+) -> tuple[Tensor, ...]:
     """GBN's and XBN's effective statistics in closed form (no autograd), as the fused layers compute them.
 
     From the ghost means ``gm`` of ``c = mean - centre`` and ``ge2`` of ``e2 = var + c**2`` ``(B, C)``
@@ -249,16 +257,16 @@ def effective_statistics(
 def gni_coeff_fn(
     x: Tensor,
     noise_fn: NoiseFn,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     momentum: float,
     eps: float,
     strength: StrengthLike,
     shift_noise: bool,
     scale_noise: bool,
     channel_dim: int,
-    stats_fn: Optional[StatsFn] = None,
-) -> Callable[..., Tuple[Tensor, Tensor]]:
+    stats_fn: StatsFn | None = None,
+) -> Callable[..., tuple[Tensor, Tensor]]:
     """GNI's ``coeff_fn(mean, var, weight, bias) -> (A, D)`` for :func:`moment_affine`: batch statistics
     (this batch's, or ``stats_fn``'s), the running statistics' update, then :func:`noise_coefficients`.
 
@@ -269,7 +277,7 @@ def gni_coeff_fn(
     """
     local_count = x.numel() // max(x.shape[channel_dim], 1)
 
-    def coeffs(mean: Tensor, var: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    def coeffs(mean: Tensor, var: Tensor, w: Tensor | None, b: Tensor | None) -> tuple[Tensor, Tensor]:
         if stats_fn is None:
             batch_mean, batch_var = batch_moments(mean, var)
             count = local_count
@@ -286,17 +294,17 @@ def gni_coeff_fn(
 def gni_batch_norm(
     x: Tensor,
     noise_fn: NoiseFn,
-    running_mean: Optional[Tensor] = None,
-    running_var: Optional[Tensor] = None,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
     momentum: float = 0.1,
     eps: float = 1e-5,
     strength: StrengthLike = 1.0,
     shift_noise: bool = True,
     scale_noise: bool = True,
     channel_dim: int = 1,
-    stats_fn: Optional[StatsFn] = None,
+    stats_fn: StatsFn | None = None,
 ) -> Tensor:
     """GNI on BatchNorm in plain autograd: :func:`noise_coefficients` applied by :func:`moment_affine`.
 
@@ -321,10 +329,10 @@ def ghost_statistics_batch_norm(
     x: Tensor,
     ghost_batch_size: int,
     exclusive: bool,
-    running_mean: Optional[Tensor] = None,
-    running_var: Optional[Tensor] = None,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
     momentum: float = 0.1,
     eps: float = 1e-5,
     strength: StrengthLike = 1.0,
@@ -346,7 +354,7 @@ def ghost_statistics_batch_norm(
     count = x.numel() // max(x.shape[channel_dim], 1)
     spatial = spatial_count(x, channel_dim)
 
-    def coeffs(mean: Tensor, var: Tensor, w: Optional[Tensor], b: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    def coeffs(mean: Tensor, var: Tensor, w: Tensor | None, b: Tensor | None) -> tuple[Tensor, Tensor]:
         batch_mean, batch_var = batch_moments(mean, var)
         if ghost_running:
             update_ghost_running_stats(running_mean, running_var, mean, var, ghost_batch_size, spatial, momentum)

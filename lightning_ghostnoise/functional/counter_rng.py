@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -48,7 +48,7 @@ def hash32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def mix_key(seed: Tensor, counter: Union[Tensor, int] = 0) -> Tensor:
+def mix_key(seed: Tensor, counter: Tensor | int = 0) -> Tensor:
     """A 32-bit key from a 64-bit seed tensor and a counter (e.g. the number of draws so far)."""
     seed = seed.to(torch.int64)
     h = hash32(seed & _M32)
@@ -56,7 +56,7 @@ def mix_key(seed: Tensor, counter: Union[Tensor, int] = 0) -> Tensor:
     return hash32(h ^ (torch.as_tensor(counter, device=seed.device, dtype=torch.int64) & _M32))
 
 
-def _bits(key: Tensor, shape: Sequence[int], salt: int, device: Optional[torch.device]) -> Tensor:
+def _bits(key: Tensor, shape: Sequence[int], salt: int, device: torch.device | None) -> Tensor:
     n = math.prod(shape)
     idx = torch.arange(n, device=device if device is not None else key.device, dtype=torch.int64)
     h = hash32(hash32(idx ^ (salt & _M32)) ^ key.to(torch.int64))
@@ -64,7 +64,7 @@ def _bits(key: Tensor, shape: Sequence[int], salt: int, device: Optional[torch.d
 
 
 def uniform_ints(
-    key: Tensor, shape: Sequence[int], high: int, salt: int = 0, device: Optional[torch.device] = None
+    key: Tensor, shape: Sequence[int], high: int, salt: int = 0, device: torch.device | None = None
 ) -> Tensor:
     """Integers uniform in ``[0, high)`` (``high < 2**31``), one per element of ``shape``."""
     if not 0 < high < 2**31:
@@ -72,12 +72,12 @@ def uniform_ints(
     return (_bits(key, shape, salt, device) * high) >> 32
 
 
-def uniform(key: Tensor, shape: Sequence[int], salt: int = 0, device: Optional[torch.device] = None) -> Tensor:
+def uniform(key: Tensor, shape: Sequence[int], salt: int = 0, device: torch.device | None = None) -> Tensor:
     """Float32 numbers uniform in the open interval ``(0, 1)`` (24 random bits each)."""
     return ((_bits(key, shape, salt, device) >> 8).to(torch.float32) + 0.5) * (1.0 / 2**24)
 
 
-def normal(key: Tensor, shape: Sequence[int], salt: int = 0, device: Optional[torch.device] = None) -> Tensor:
+def normal(key: Tensor, shape: Sequence[int], salt: int = 0, device: torch.device | None = None) -> Tensor:
     """Standard normal float32 numbers (Box-Muller on two independent uniform streams)."""
     u1 = uniform(key, shape, salt=2 * salt + 1, device=device)
     u2 = uniform(key, shape, salt=2 * salt + 2, device=device)

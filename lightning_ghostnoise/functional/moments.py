@@ -14,8 +14,6 @@ Example:
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 from torch import Tensor
 
@@ -24,7 +22,7 @@ from lightning_ghostnoise.functional._common import spatial_dims
 __all__ = ["batch_moments", "per_sample_moments"]
 
 
-def per_sample_moments(x: Tensor, channel_dim: int = 1) -> Tuple[Tensor, Tensor]:
+def per_sample_moments(x: Tensor, channel_dim: int = 1) -> tuple[Tensor, Tensor]:
     """Per-(sample, channel) mean and (biased) variance over the spatial dimensions, in float32.
 
     Args:
@@ -90,7 +88,7 @@ def batch_chunks(x: Tensor, itemsize: int) -> int:
     return max(1, _CHUNK_BYTES // max(x[0].numel() * itemsize, 1))
 
 
-def _square_sums(x: Tensor, dims: Tuple[int, ...], acc: torch.dtype) -> Tensor:
+def _square_sums(x: Tensor, dims: tuple[int, ...], acc: torch.dtype) -> Tensor:
     """``(x**2).sum(dims)`` accumulated in ``acc``, through a bounded temporary (:func:`_batch_chunks`)."""
     itemsize = torch.empty((), dtype=acc).element_size()
     n = batch_chunks(x, itemsize)
@@ -108,7 +106,7 @@ def _square_sums(x: Tensor, dims: Tuple[int, ...], acc: torch.dtype) -> Tensor:
     return out
 
 
-def batch_moments(mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
+def batch_moments(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     """Batch mean and biased variance per channel from per-sample moments (differentiable, stable).
 
     Example:

@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -21,7 +21,11 @@ from torch import Tensor
 from lightning_ghostnoise.functional._common import StrengthLike, autocast_off
 from lightning_ghostnoise.functional.affine import sample_affine, with_affine
 from lightning_ghostnoise.functional.moments import per_sample_moments
-from lightning_ghostnoise.functional.sampling import analytic_draws, ghost_counts, ghost_indices
+from lightning_ghostnoise.functional.sampling import (
+    analytic_draws,
+    ghost_counts,
+    ghost_indices,  # noqa: F401  (the docstring examples)
+)
 
 __all__ = [
     "NOISE_EPS",
@@ -35,7 +39,7 @@ __all__ = [
     "noise_fold",
 ]
 
-NoiseFn = Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]
+NoiseFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 #: The paper's epsilon inside the noise scale ``sqrt((ghost_var + eps) / (batch_var + eps))``.
@@ -47,8 +51,8 @@ def ghost_noise(
     var: Tensor,
     indices: Tensor,
     eps: float = NOISE_EPS,
-    batch: Optional[Tuple[Tensor, Tensor]] = None,
-) -> Tuple[Tensor, Tensor]:
+    batch: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
     """GNI's per-(sample, channel) shift and scale from the per-sample moments of normalized features.
 
     For sample ``b`` the ghost moments are the means of the first and second moments of the rows
@@ -87,7 +91,7 @@ def ghost_noise(
         pool, n = mean.shape[0], indices.shape[1]
         channels = mean.shape[1]
         m2 = torch.addcmul(var, mean, mean)  # per-sample second moments
-        weight: Optional[Tensor] = None  # (P, C): 1 where both moments are finite, when they are masked
+        weight: Tensor | None = None  # (P, C): 1 where both moments are finite, when they are masked
         if batch is None:
             finite = torch.isfinite(mean) & torch.isfinite(m2)
             weight = finite.float()
@@ -146,11 +150,11 @@ class GhostDraws:
 
     def __init__(
         self,
-        indices: Optional[Tensor] = None,
+        indices: Tensor | None = None,
         eps: float = NOISE_EPS,
-        normal: Optional[Tensor] = None,
-        gamma: Optional[Tensor] = None,
-        ghost_batch_size: Optional[int] = None,
+        normal: Tensor | None = None,
+        gamma: Tensor | None = None,
+        ghost_batch_size: int | None = None,
     ) -> None:
         analytic = normal is not None and gamma is not None and ghost_batch_size is not None
         if (indices is None) == (not analytic):
@@ -162,10 +166,10 @@ class GhostDraws:
         self.uses_moments = indices is not None
         self.normal, self.gamma, self.ghost_batch_size = normal, gamma, ghost_batch_size
 
-    def __call__(self, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
+    def __call__(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
         return self.noise(mean, var)
 
-    def noise(self, mean: Tensor, var: Tensor, batch: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+    def noise(self, mean: Tensor, var: Tensor, batch: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """The ``(shift, scale)`` noise; ``batch``: the pool's moments per channel, if known (see
         :func:`ghost_noise`)."""
         if self.indices is not None:
@@ -188,14 +192,14 @@ class MomentFreeNoise:
 
     uses_moments = False
 
-    def __init__(self, fn: Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]) -> None:
+    def __init__(self, fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]) -> None:
         self.fn = fn
 
-    def __call__(self, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
+    def __call__(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
         return self.fn(mean, var)
 
 
-def noise_moments(noise_fn: Callable[..., Any], x_hat: Tensor, channel_dim: int) -> Tuple[Tensor, Tensor]:
+def noise_moments(noise_fn: Callable[..., Any], x_hat: Tensor, channel_dim: int) -> tuple[Tensor, Tensor]:
     """The per-sample moments of ``x_hat`` for ``noise_fn``; zeros of their shape if it does not read them."""
     if getattr(noise_fn, "uses_moments", True):
         return per_sample_moments(x_hat, channel_dim)
@@ -204,7 +208,7 @@ def noise_moments(noise_fn: Callable[..., Any], x_hat: Tensor, channel_dim: int)
     return zeros, zeros
 
 
-def analytic_noise_from_draws(normal: Tensor, gamma: Tensor, ghost_batch_size: int) -> Tuple[Tensor, Tensor]:
+def analytic_noise_from_draws(normal: Tensor, gamma: Tensor, ghost_batch_size: int) -> tuple[Tensor, Tensor]:
     """``shift = normal / sqrt(N)`` and ``scale = sqrt(2 gamma / N)`` (``chi2(k) = 2 Gamma(k / 2, 1)``)."""
     n = ghost_batch_size
     return normal / math.sqrt(n), torch.sqrt((2.0 * gamma) / n)
@@ -214,10 +218,10 @@ def analytic_noise(
     batch_size: int,
     num_channels: int,
     ghost_batch_size: int,
-    generator: Optional[torch.Generator] = None,
-    device: Optional[Union[torch.device, str]] = None,
-    key: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    key: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """The paper's "noisy affine transform": ghost noise drawn from its law, without data sampling.
 
     ``shift ~ Normal(0, 1) / sqrt(N)`` and ``scale = sqrt(chi2(N - 1) / N)``, i.e. GNI's law for one
@@ -240,8 +244,8 @@ def apply_noise(
     x_hat: Tensor,
     shift: Tensor,
     scale: Tensor,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
     strength: StrengthLike = 1.0,
     channel_dim: int = 1,
     shift_noise: bool = True,
@@ -269,7 +273,7 @@ def apply_noise(
 
 def noise_fold(
     shift: Tensor, scale: Tensor, strength: StrengthLike = 1.0, shift_noise: bool = True, scale_noise: bool = True
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """The noise as an affine of the normalized features: ``x_hat * inv - off``.
 
     ``inv = scale**-s`` (ones without ``scale_noise``) and ``off = (s * shift) * inv`` (zeros without
@@ -292,8 +296,8 @@ def gni_normalized(
     x: Tensor,
     normalize: Callable[[Tensor], Tensor],
     noise_fn: NoiseFn,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
     strength: StrengthLike = 1.0,
     channel_dim: int = 1,
     shift_noise: bool = True,

@@ -9,8 +9,6 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 
@@ -24,8 +22,8 @@ __all__ = [
 
 
 def update_running_stats(
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     batch_mean: Tensor,
     batch_var: Tensor,
     count: int,
@@ -66,10 +64,10 @@ _FOREACH_LERP = getattr(torch, "_foreach_lerp_", None)
 
 
 #: The conventions for GBN's running statistics (see :func:`ghost_running_targets`).
-RUNNING_STATS: Tuple[str, ...] = ("ghost", "batch")
+RUNNING_STATS: tuple[str, ...] = ("ghost", "batch")
 
 
-def resolve_running_stats(running_stats: Optional[str], ghost: bool) -> str:
+def resolve_running_stats(running_stats: str | None, ghost: bool) -> str:
     """``running_stats`` checked, with ``None`` resolved to the default: ``"ghost"`` where the method
     normalizes by ghost batches (``ghost``: GBN), else ``"batch"``.
 
@@ -87,7 +85,7 @@ def resolve_running_stats(running_stats: Optional[str], ghost: bool) -> str:
 
 def ghost_running_targets(
     mean: Tensor, var: Tensor, ghost_batch_size: int, spatial_count: int
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """GBN's running-statistics targets as published: the ghost batches' mean moments.
 
     From the per-sample moments ``mean``, ``var`` ``(B, C)`` (biased, over ``spatial_count`` positions
@@ -116,7 +114,7 @@ def ghost_running_targets(
         groups = max(batch // n, 1)
         head = (groups - 1) * n  # samples in the equal ghost batches before the last one
 
-        def moments(m: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        def moments(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
             """Sums over ghost batches ``(G, n_g, C)`` of their means and unbiased variances."""
             g_mean = m.mean(1, keepdim=True)
             d = m - g_mean
@@ -132,8 +130,8 @@ def ghost_running_targets(
 
 
 def update_ghost_running_stats(
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     mean: Tensor,
     var: Tensor,
     ghost_batch_size: int,

@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -26,10 +25,10 @@ __all__ = ["analytic_draws", "ghost_counts", "ghost_indices"]
 def ghost_indices(
     batch_size: int,
     ghost_batch_size: int,
-    generator: Optional[torch.Generator] = None,
-    device: Optional[Union[torch.device, str]] = None,
-    num_rows: Optional[int] = None,
-    key: Optional[Tensor] = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    num_rows: int | None = None,
+    key: Tensor | None = None,
 ) -> Tensor:
     """Draw, for each sample, the ``N`` members of its ghost batch (uniform, with replacement).
 
@@ -69,10 +68,10 @@ def analytic_draws(
     batch_size: int,
     num_channels: int,
     ghost_batch_size: int,
-    generator: Optional[torch.Generator] = None,
-    device: Optional[Union[torch.device, str]] = None,
-    key: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    key: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """The random draws behind :func:`analytic_noise`: per (sample, channel) a standard normal and a
     ``Gamma((N - 1) / 2, 1)`` variate (zero for ``N = 1``), float32 ``(batch_size, num_channels)`` each.
 
@@ -115,7 +114,7 @@ def analytic_draws(
 _STANDARD_GAMMA = getattr(torch, "_standard_gamma", None)
 
 
-def _gamma_from_uniforms(k: int, shape: Tuple[int, int], generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+def _gamma_from_uniforms(k: int, shape: tuple[int, int], generator: torch.Generator | None, device: torch.device) -> Tensor:
     """``Gamma(k / 2, 1)`` from public draws: ``k // 2`` standard exponentials plus ``Z**2 / 2`` for odd ``k``."""
     gamma = torch.zeros(shape, device=device)
     if k // 2:

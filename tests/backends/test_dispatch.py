@@ -10,11 +10,11 @@ from lightning_ghostnoise.backends import dispatch
 
 
 def _facts(**changes):
-    facts = dict(
-        fused=None, grad_enabled=True, compiling=False, closed_form=True, kernels_apply=True, backend="auto",
-        compiled_kernels=False, triton_installed=True, device="cuda", interpreter=False, dtype=torch.float32,
-        dim=4, empty=False, channel_dim=1, dense=True,
-    )  # fmt: skip
+    facts = {
+        "fused": None, "grad_enabled": True, "compiling": False, "closed_form": True, "kernels_apply": True, "backend": "auto",
+        "compiled_kernels": False, "triton_installed": True, "device": "cuda", "interpreter": False, "dtype": torch.float32,
+        "dim": 4, "empty": False, "channel_dim": 1, "dense": True,
+    }  # fmt: skip
     facts.update(changes)
     return facts
 
@@ -23,22 +23,22 @@ def _facts(**changes):
     "changes,backend,reason",
     [
         ({}, "triton", "cuda tensor"),
-        (dict(fused=False), "autograd", "fused=False"),
-        (dict(grad_enabled=False), "autograd", "no gradient"),
-        (dict(compiling=True, closed_form=False), "autograd", "torch.compile"),
-        (dict(kernels_apply=False), "torch", "no Triton kernel"),
-        (dict(backend="torch"), "torch", "backend 'torch'"),
-        (dict(device="cpu"), "torch", "CPU tensor"),
-        (dict(device="cpu", backend="triton"), "torch", "CPU tensor"),
-        (dict(device="cpu", backend="triton", interpreter=True), "triton", "cpu tensor"),
-        (dict(dtype=torch.float64), "torch", "float64"),
-        (dict(channel_dim=-1, dim=3), "torch", "(B, C, *spatial)"),
-        (dict(empty=True), "torch", "non-empty"),
-        (dict(triton_installed=False), "torch", "not installed"),
-        (dict(dense=False), "torch", "channels-last"),
-        (dict(compiling=True), "torch", "enable_compiled_kernels"),
-        (dict(compiling=True, compiled_kernels=True), "triton-ops", "compiled kernels"),
-        (dict(fused=True, grad_enabled=False), "triton", "cuda tensor"),
+        ({"fused": False}, "autograd", "fused=False"),
+        ({"grad_enabled": False}, "autograd", "no gradient"),
+        ({"compiling": True, "closed_form": False}, "autograd", "torch.compile"),
+        ({"kernels_apply": False}, "torch", "no Triton kernel"),
+        ({"backend": "torch"}, "torch", "backend 'torch'"),
+        ({"device": "cpu"}, "torch", "CPU tensor"),
+        ({"device": "cpu", "backend": "triton"}, "torch", "CPU tensor"),
+        ({"device": "cpu", "backend": "triton", "interpreter": True}, "triton", "cpu tensor"),
+        ({"dtype": torch.float64}, "torch", "float64"),
+        ({"channel_dim": -1, "dim": 3}, "torch", "(B, C, *spatial)"),
+        ({"empty": True}, "torch", "non-empty"),
+        ({"triton_installed": False}, "torch", "not installed"),
+        ({"dense": False}, "torch", "channels-last"),
+        ({"compiling": True}, "torch", "enable_compiled_kernels"),
+        ({"compiling": True, "compiled_kernels": True}, "triton-ops", "compiled kernels"),
+        ({"fused": True, "grad_enabled": False}, "triton", "cuda tensor"),
     ],
 )
 def test_decide_names_the_backend_and_why(changes, backend, reason):
@@ -101,7 +101,7 @@ def test_import_does_not_import_triton_or_register_ops():
         "assert not hasattr(torch.ops.ghostnoise, 'gni_coefficients'), 'custom ops registered'\n"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "GHOSTNOISE_COMPILED_KERNELS"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
 
 

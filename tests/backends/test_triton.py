@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.reference import affine_params, ref_batch_normalize, ref_gni, varied_input
 from torch import nn
 
 from lightning_ghostnoise import config
@@ -22,8 +23,11 @@ from lightning_ghostnoise import functional as GF
 from lightning_ghostnoise.backends import dispatch, torch_passes
 from lightning_ghostnoise.backends.triton import kernels, launcher
 from lightning_ghostnoise.backends.triton import layout as triton_layout
-from lightning_ghostnoise.layers import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
-from helpers.reference import affine_params, ref_batch_normalize, ref_gni, varied_input
+from lightning_ghostnoise.layers import (
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(6, 5), (6, 5, 7), (6, 5, 3, 4), (5, 3, 2, 3, 2), (4, 40, 3, 3)]
@@ -107,7 +111,7 @@ def test_affine_matches_sample_affine_and_keeps_layout(use_kernels, shape, dtype
         y = kernels.affine(x, triton_layout.strides(x), torch.stack([a, d]))
         assert y.dtype == dtype and y.stride() == x.stride()
         ref = GF.sample_affine(x.double(), a.double(), d.double())
-        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
         torch.testing.assert_close(y.double(), ref, **tol)
 
 
@@ -362,20 +366,20 @@ def test_launcher_cache_is_bounded(fast_launch, monkeypatch):
 @pytest.mark.parametrize(
     "change",
     [
-        lambda x: dict(args=(x[1:], 32, 0.5)),  # a pointer off 16-byte alignment
-        lambda x: dict(args=(x.half(), 32, 0.5)),  # another dtype
-        lambda x: dict(args=(x, 1, 0.5)),  # an integer equal to 1
-        lambda x: dict(args=(x, 33, 0.5)),  # not divisible by 16
-        lambda x: dict(args=(x, 48, 0.5)),  # another integer (the key holds them exactly)
-        lambda x: dict(args=(x, 2**31, 0.5)),  # beyond int32
-        lambda x: dict(args=(x, 32, 1)),  # an integer where a float was
-        lambda x: dict(meta=dict(FLAG=False, BLOCK=64)),  # another constexpr
+        lambda x: {"args": (x[1:], 32, 0.5)},  # a pointer off 16-byte alignment
+        lambda x: {"args": (x.half(), 32, 0.5)},  # another dtype
+        lambda x: {"args": (x, 1, 0.5)},  # an integer equal to 1
+        lambda x: {"args": (x, 33, 0.5)},  # not divisible by 16
+        lambda x: {"args": (x, 48, 0.5)},  # another integer (the key holds them exactly)
+        lambda x: {"args": (x, 2**31, 0.5)},  # beyond int32
+        lambda x: {"args": (x, 32, 1)},  # an integer where a float was
+        lambda x: {"meta": {"FLAG": False, "BLOCK": 64}},  # another constexpr
     ],
 )
 def test_launcher_respecializes(fast_launch, change):
     fn = _FakeKernel()
     x = torch.zeros(8)
-    base = dict(args=(x, 32, 0.5), meta=dict(FLAG=True, BLOCK=64))
+    base = {"args": (x, 32, 0.5), "meta": {"FLAG": True, "BLOCK": 64}}
     launcher.launch(fn, (1,), *base["args"], **base["meta"])
     other = {**base, **change(x)}
     launcher.launch(fn, (1,), *other["args"], **other["meta"])
@@ -531,7 +535,7 @@ def test_coefficient_ops_opcheck(use_kernels):
     s = torch.tensor(0.7, device=DEVICE)
     idx = torch.randint(0, batch, (batch, 4), device=DEVICE)
     gni_args = (mv, w, b, s, 1e-5, True, True)
-    torch.library.opcheck(torch.ops.ghostnoise.gni_coefficients.default, gni_args, dict(indices=idx))
+    torch.library.opcheck(torch.ops.ghostnoise.gni_coefficients.default, gni_args, {"indices": idx})
     coef, stats = torch.ops.ghostnoise.gni_coefficients(*gni_args, indices=idx)
     r = torch.randn(2, batch, channels, device=DEVICE)
     torch.library.opcheck(torch.ops.ghostnoise.gni_input_coefficients.default, (r, coef, stats, w, 96))

@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy import stats
 
-from lightning_ghostnoise.functional import counter_rng as CR
 from lightning_ghostnoise import functional as GF
+from lightning_ghostnoise.functional import counter_rng as CR
 
 
 def test_mul32_is_exact_modular_multiplication_without_overflow():

@@ -9,24 +9,15 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import List, Optional, Sequence, Tuple
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-from lightning_ghostnoise import functional as GF
-from lightning_ghostnoise.backends import torch_passes
-from lightning_ghostnoise.functional import affine as GFA
-from lightning_ghostnoise.functional import batch_norm as GFB
-from lightning_ghostnoise.functional import moments as GFM
-from lightning_ghostnoise.functional import noise as GFN
-
 from helpers.reference import (  # noqa: F401
-    _biased_moments,
-    _affine,
     F64,
     NOISE_EPS,
+    _affine,
+    _biased_moments,
     affine_params,
     ref_apply,
     ref_batch_normalize,
@@ -40,6 +31,13 @@ from helpers.reference import (  # noqa: F401
     ref_xbn,
     varied_input,
 )
+
+from lightning_ghostnoise import functional as GF
+from lightning_ghostnoise.backends import torch_passes
+from lightning_ghostnoise.functional import affine as GFA
+from lightning_ghostnoise.functional import batch_norm as GFB
+from lightning_ghostnoise.functional import moments as GFM
+from lightning_ghostnoise.functional import noise as GFN
 
 
 class _LazyStats:
@@ -328,7 +326,7 @@ def test_ghost_functions_update_running_stats_like_batch_norm(fn):
     x = varied_input((9, 3, 4, 4), 12)
     rm, rv = torch.zeros(3), torch.ones(3)
     rm_ref, rv_ref = torch.zeros(3), torch.ones(3)
-    kwargs = dict(running_stats="batch") if fn is GF.ghost_batch_norm else {}  # GBN's default is "ghost"
+    kwargs = {"running_stats": "batch"} if fn is GF.ghost_batch_norm else {}  # GBN's default is "ghost"
     fn(x, 4, rm, rv, momentum=0.3, **kwargs)
     F.batch_norm(x, rm_ref, rv_ref, training=True, momentum=0.3)
     torch.testing.assert_close(rm, rm_ref, atol=1e-6, rtol=1e-6)
@@ -431,7 +429,7 @@ def test_gbn_gradient_matches_autograd_of_loop_reference():
 LAW_B, LAW_C = 4096, 64
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gni_law_samples(N: int, raw_scale: float = 100.0, normalize: bool = True):
     x = raw_scale * torch.randn(LAW_B, LAW_C, generator=torch.Generator().manual_seed(100 + N))
     data = F.batch_norm(x, None, None, training=True) if normalize else x
@@ -577,7 +575,7 @@ def test_sample_affine_and_its_input_gradient_in_every_layout(shape, channel_dim
     # the coefficients rounded to x's dtype first, as both functions do
     a64, d64, p64, q64 = (per_position(t.to(dtype).double()) for t in (a, d, p, q))
     x64, g64 = x.double(), grad.double()
-    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    tol = {"rtol": 0, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
     y = GF.sample_affine(x, a, d, channel_dim)
     assert y.dtype == dtype and y.shape == x.shape
     torch.testing.assert_close(y.double(), x64 * a64 + d64, **tol)
@@ -637,7 +635,7 @@ def test_analytic_draws_counter_gamma_follows_its_law(n):
     assert stats.kstest(g.flatten().numpy(), stats.gamma(n / 2).cdf).pvalue < 1e-3  # the test can fail
     # independent of the normal behind the shift
     assert abs(float(torch.corrcoef(torch.stack([z.flatten(), g.flatten()]))[0, 1])) < 0.03
-    z1, g1 = GF.analytic_draws(5, 4, 1, key=key)
+    _z1, g1 = GF.analytic_draws(5, 4, 1, key=key)
     assert torch.equal(g1, torch.zeros(5, 4))
 
 
@@ -704,7 +702,7 @@ def _run_normalized(fused, x, w, b, grad, normalize, channel_dim, draws, **kwarg
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(strength=0.7), dict(strength=1.0, shift_noise=False), dict(strength=torch.tensor(1.3), scale_noise=False)],
+    [{"strength": 0.7}, {"strength": 1.0, "shift_noise": False}, {"strength": torch.tensor(1.3), "scale_noise": False}],
 )
 @pytest.mark.parametrize("analytic", [False, True])
 def test_normalized_noise_fused_matches_plain_autograd(case, affine, kwargs, analytic):
@@ -781,7 +779,7 @@ def test_normalized_noise_fused_recomputes_under_the_forward_autocast():
             y = GF.normalized_noise(xr, normalize, GF.GhostDraws(indices=idx), wr, br, channel_dim=-1, fused=fused)
         y.backward(grad.to(y.dtype))
         results[fused] = (y.detach(), xr.grad, wr.grad, br.grad)
-    plain_forward, fused_forward, fused_backward = seen
+    _plain_forward, fused_forward, fused_backward = seen
     assert fused_forward.dtype == torch.bfloat16
     torch.testing.assert_close(fused_backward, fused_forward, rtol=0, atol=0)  # same dtype, same values
     torch.testing.assert_close(results[None][0], results[False][0], rtol=0, atol=0)
@@ -1169,7 +1167,6 @@ def test_per_sample_moments_in_both_cpu_reductions(memory_format, dtype):
 def test_docstring_examples_of_the_math_layers_and_surgery_run():
     """The short examples in the docstrings of functional, layers and surgery are doctests."""
     import doctest
-
     import importlib
     import pkgutil
 

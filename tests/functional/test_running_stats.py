@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_ghostnoise import functional as GF
 from lightning_ghostnoise import config
+from lightning_ghostnoise import functional as GF
 from lightning_ghostnoise.backends.triton import ghost_statistics as kernels
 from lightning_ghostnoise.layers import (
     GhostBatchNorm1d,
@@ -160,7 +160,7 @@ def test_batch_convention_is_the_former_path_bit_for_bit(shape, dtype, fused):
     x = x.to(dtype)
     out = {}
     for name, fn, kwargs in (
-        ("gbn", GF.ghost_batch_norm, dict(running_stats="batch")),
+        ("gbn", GF.ghost_batch_norm, {"running_stats": "batch"}),
         ("xbn", GF.exclusive_batch_norm, {}),
     ):
         rm, rv = start_buffers(shape[1])

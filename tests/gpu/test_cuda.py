@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import copy
-from typing import List
 
 import pytest
 import torch
@@ -156,7 +155,7 @@ def test_cudagraphs() -> None:
             eager_model = copy.deepcopy(model)
             for _, layer in ghost_layers(eager_model):
                 layer.counter_rng = True  # the generator torch.compile uses
-            calls: List[bool] = []  # per coefficient-kernel launch: whether the compiled model was running
+            calls: list[bool] = []  # per coefficient-kernel launch: whether the compiled model was running
             active = [False]
             name = "_gni_coefficients_kernel" if method == "gni" else "_ghost_stats_coefficients_kernel"
             real = launcher.launch

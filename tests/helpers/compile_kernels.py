@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import inspect
 import sys
+from types import SimpleNamespace
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from types import SimpleNamespace
-
-from lightning_ghostnoise.backends.triton import common, ghost_statistics, gni, kernels, layout
+from lightning_ghostnoise.backends.triton import (
+    common,
+    ghost_statistics,
+    gni,
+    kernels,
+    layout,
+)
 
 # every kernel and tile constant of the Triton backend, by name
 K = SimpleNamespace(
@@ -46,11 +51,11 @@ def compile_kernel(fn, constexprs):
 
 def main() -> int:
     assert isinstance(K._moments_kernel, triton.runtime.jit.JITFunction), "unset TRITON_INTERPRET"
-    big = dict(BLOCK_C=64, BLOCK_S=32)
-    small = dict(BLOCK_B=K._SMALL_B, BLOCK_C=K._SMALL_C)
+    big = {"BLOCK_C": 64, "BLOCK_S": 32}
+    small = {"BLOCK_B": K._SMALL_B, "BLOCK_C": K._SMALL_C}
     cases = [
         (K._moments_kernel, big),
-        (K._moments_kernel, dict(BLOCK_C=4, BLOCK_S=1024)),
+        (K._moments_kernel, {"BLOCK_C": 4, "BLOCK_S": 1024}),
         (K._sums_kernel, big),
         (K._affine_kernel, big),
         (K._input_grad_kernel, big),
@@ -62,7 +67,7 @@ def main() -> int:
         for flags in (all_on, all_off):
             cases.append((K._gni_coefficients_kernel, dict(STATS_GIVEN=variant, ANALYTIC=variant, **flags, **small)))
             cases.append((K._ghost_stats_coefficients_kernel, dict(STATS_GIVEN=variant, EXCLUSIVE=variant, **flags, **small)))
-            noise = dict(SHIFT_NOISE=flags["SHIFT_NOISE"], SCALE_NOISE=flags["SCALE_NOISE"])
+            noise = {"SHIFT_NOISE": flags["SHIFT_NOISE"], "SCALE_NOISE": flags["SCALE_NOISE"]}
             if not variant:
                 cases.append((K._ghost_stats_channel_grads_kernel, dict(**noise, **small)))
             cases.append((K._ghost_stats_input_coefficients_kernel, dict(

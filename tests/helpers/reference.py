@@ -9,7 +9,7 @@ shift and scale a method applies, for the noise analysis tests.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -21,12 +21,12 @@ F64 = torch.float64
 # ---------------------------------------------------------------------------------------------------
 # plain references (float64, loops)
 # ---------------------------------------------------------------------------------------------------
-def _biased_moments(values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _biased_moments(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m = values.mean()
     return m, ((values - m) ** 2).mean()
 
 
-def _affine(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], c: int) -> Tuple[float, float]:
+def _affine(weight: torch.Tensor | None, bias: torch.Tensor | None, c: int) -> tuple[float, float]:
     g = 1.0 if weight is None else float(weight[c])
     b = 0.0 if bias is None else float(bias[c])
     return g, b
@@ -114,7 +114,7 @@ def ref_gni(x_hat, idx, weight=None, bias=None, strength=1.0, shift_noise=True, 
     return ref_apply(x_hat, shift, scale, weight, bias, strength, shift_noise, scale_noise, channel_dim)
 
 
-def ref_groups(B: int, N: int) -> List[List[int]]:
+def ref_groups(B: int, N: int) -> list[list[int]]:
     """Consecutive ghost batches; the B mod N trailing samples join the last full one; B < N: one batch."""
     if B < N:
         return [list(range(B))]
@@ -197,16 +197,16 @@ def channel_values(x: Tensor, channel_dim: int) -> Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
-def ghost_batches(batch: int, n: int) -> List[List[int]]:
+def ghost_batches(batch: int, n: int) -> list[list[int]]:
     """Consecutive groups of n samples; the last batch % n samples join the last full group."""
     groups = max(batch // n, 1)
-    members: List[List[int]] = [[] for _ in range(groups)]
+    members: list[list[int]] = [[] for _ in range(groups)]
     for b in range(batch):
         members[min(b // n, groups - 1)].append(b)
     return members
 
 
-def ghost_statistics_noise(x: Tensor, n: int, exclusive: bool, eps: float) -> Tuple[Tensor, Tensor]:
+def ghost_statistics_noise(x: Tensor, n: int, exclusive: bool, eps: float) -> tuple[Tensor, Tensor]:
     """GBN/XBN written as BN plus noise: shift = (ghost mean - batch mean) / sqrt(batch var + eps),
     scale = sqrt((ghost var + eps) / (batch var + eps)); XBN takes the other members of the ghost batch."""
     v = channel_values(x, 1)
@@ -235,7 +235,7 @@ def batch_normalized(x: Tensor, eps: float) -> Tensor:
     return (v - mean) / torch.sqrt(var + eps)
 
 
-def gni_noise(x_hat: Tensor, indices: Tensor, noise_eps: float, channel_dim: int = 1) -> Tuple[Tensor, Tensor]:
+def gni_noise(x_hat: Tensor, indices: Tensor, noise_eps: float, channel_dim: int = 1) -> tuple[Tensor, Tensor]:
     """GNI from the normalized features: sample b's ghost batch is the rows indices[b] (with repeats);
     shift = ghost mean - batch mean, scale = sqrt((ghost var + eps) / (batch var + eps)), over all values."""
     v = channel_values(x_hat, channel_dim)

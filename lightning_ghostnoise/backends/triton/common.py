@@ -11,7 +11,6 @@ from torch import Tensor
 from lightning_ghostnoise.backends.triton import launcher as _launcher
 from lightning_ghostnoise.backends.triton.layout import SMALL_B as _SMALL_B
 from lightning_ghostnoise.backends.triton.layout import SMALL_C as _SMALL_C
-from lightning_ghostnoise.backends.triton.layout import blocks as _blocks
 from lightning_ghostnoise.backends.triton.layout import cdiv as _cdiv
 
 __all__ = ["split_channel_moments"]

@@ -7,25 +7,24 @@ averages in float32; the tests check them against :mod:`lightning_ghostnoise.fun
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from lightning_ghostnoise import config
+from lightning_ghostnoise.backends.triton import launcher as _launcher
 from lightning_ghostnoise.backends.triton.common import (  # noqa: F401  (jit helpers resolved by name)
     _affine_params,
     _batch_moments,
     _channel_moments,
     _update_running,
 )
-from lightning_ghostnoise.backends.triton.common import split_channel_moments as _split_channel_moments
-from lightning_ghostnoise.backends.triton import launcher as _launcher
+from lightning_ghostnoise.backends.triton.common import (
+    split_channel_moments as _split_channel_moments,
+)
 from lightning_ghostnoise.backends.triton.layout import SMALL_B as _SMALL_B
 from lightning_ghostnoise.backends.triton.layout import SMALL_C as _SMALL_C
-from lightning_ghostnoise.backends.triton.layout import blocks as _blocks
 from lightning_ghostnoise.backends.triton.layout import cdiv as _cdiv
 
 __all__ = ["ghost_statistics_coefficients", "ghost_statistics_input_coefficients"]
@@ -101,7 +100,7 @@ def _ghost_stats_coefficients_kernel(
             gm = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32) + (sum_c / size)[None, :]
             ge = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32) + (sum_e / size)[None, :]
         gvar = ge - gm * gm
-        std_g, std_eff, shifted = _ghost_stats_effective(gm, gvar, bm, std_b, centre, s, eps, SHIFT_NOISE, SCALE_NOISE)
+        _std_g, std_eff, shifted = _ghost_stats_effective(gm, gvar, bm, std_b, centre, s, eps, SHIFT_NOISE, SCALE_NOISE)
         a = w[None, :] / std_eff
         tl.store(a_ptr + at, a, mask=mask)
         tl.store(d_ptr + at, bias[None, :] - shifted * a, mask=mask)
@@ -282,10 +281,10 @@ def _ghost_stats_input_coefficients_kernel(
 
 def ghost_statistics_coefficients(
     mv: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     strength: Tensor,
     count: int,
     momentum: float,
@@ -294,7 +293,7 @@ def ghost_statistics_coefficients(
     exclusive: bool,
     shift_noise: bool,
     scale_noise: bool,
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """GBN's (XBN's with ``exclusive``) forward ``(B, C)`` math in one launch (see
     :mod:`lightning_ghostnoise.backends.ghost_batch_norm`): batch and ghost statistics from the per-sample moments
     ``mv``, the running statistics (updated in place) and the per-(sample, channel) affine.
@@ -335,7 +334,7 @@ def ghost_statistics_input_coefficients(
     exclusive: bool,
     shift_noise: bool,
     scale_noise: bool,
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """GBN's (XBN's) backward ``(B, C)`` math in one launch.
 
     ``count`` is the number of spatial positions (values per sample and channel); ``eps`` the

@@ -9,7 +9,6 @@ tests check them against those functions.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 import triton
@@ -17,17 +16,18 @@ import triton.language as tl
 from torch import Tensor
 
 from lightning_ghostnoise import config
+from lightning_ghostnoise.backends.triton import launcher as _launcher
 from lightning_ghostnoise.backends.triton.common import (  # noqa: F401  (jit helpers resolved by name)
     _affine_params,
     _batch_moments,
     _channel_moments,
     _update_running,
 )
-from lightning_ghostnoise.backends.triton.common import split_channel_moments as _split_channel_moments
-from lightning_ghostnoise.backends.triton import launcher as _launcher
+from lightning_ghostnoise.backends.triton.common import (
+    split_channel_moments as _split_channel_moments,
+)
 from lightning_ghostnoise.backends.triton.layout import SMALL_B as _SMALL_B
 from lightning_ghostnoise.backends.triton.layout import SMALL_C as _SMALL_C
-from lightning_ghostnoise.backends.triton.layout import blocks as _blocks
 from lightning_ghostnoise.backends.triton.layout import cdiv as _cdiv
 
 __all__ = ["gni_coefficients", "gni_input_coefficients"]
@@ -73,7 +73,7 @@ def _gni_coefficients_kernel(
         mh0 = (m0 - mu[None, :]) * rstd[None, :]
         g1 = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
         g2 = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
-        for j in range(0, N):
+        for j in range(N):
             member = tl.load(idx_ptr + bs.to(tl.int64) * N + j, mask=bmask, other=0).to(tl.int64)
             at = member[:, None] * C + cs[None, :]
             m = tl.load(mean_ptr + at, mask=mask, other=0.0)
@@ -150,22 +150,22 @@ def _gni_input_coefficients_kernel(
 
 def gni_coefficients(
     mv: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     strength: Tensor,
     count: int,
     momentum: float,
     eps: float,
     shift_noise: bool,
     scale_noise: bool,
-    indices: Optional[Tensor] = None,
+    indices: Tensor | None = None,
     noise_eps: float = 1e-3,
-    normal: Optional[Tensor] = None,
-    gamma: Optional[Tensor] = None,
-    ghost_batch_size: Optional[int] = None,
-) -> Tuple[Tensor, Tensor]:
+    normal: Tensor | None = None,
+    gamma: Tensor | None = None,
+    ghost_batch_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
     """GNI's forward ``(B, C)`` math in one launch (see :mod:`lightning_ghostnoise.backends.gni_batch_norm`).
 
     From the per-sample moments ``mv`` (:func:`moments`): the batch statistics (updating the running
@@ -200,7 +200,7 @@ def gni_coefficients(
     return coef, stats
 
 
-def gni_input_coefficients(r: Tensor, coef: Tensor, stats: Tensor, weight: Optional[Tensor], count: int) -> Tensor:
+def gni_input_coefficients(r: Tensor, coef: Tensor, stats: Tensor, weight: Tensor | None, count: int) -> Tensor:
     """GNI's backward ``(B, C)`` math in one launch.
 
     Args:

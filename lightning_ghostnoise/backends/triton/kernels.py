@@ -14,11 +14,9 @@ import triton.language as tl
 from torch import Tensor
 
 from lightning_ghostnoise.backends.triton import launcher as _launcher
-from lightning_ghostnoise.backends.triton.layout import SMALL_B as _SMALL_B
-from lightning_ghostnoise.backends.triton.layout import SMALL_C as _SMALL_C
+from lightning_ghostnoise.backends.triton.layout import Layout
 from lightning_ghostnoise.backends.triton.layout import blocks as _blocks
 from lightning_ghostnoise.backends.triton.layout import cdiv as _cdiv
-from lightning_ghostnoise.backends.triton.layout import Layout
 from lightning_ghostnoise.backends.triton.layout import like as _like
 
 __all__ = ["TritonPasses", "affine", "affine_input_grad", "channel_sums", "moments"]

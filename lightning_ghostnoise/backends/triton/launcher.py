@@ -14,7 +14,7 @@ path. ``tests/backends`` check the internals on every installed version, ``tests
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable
 
 import torch
 import triton
@@ -25,8 +25,8 @@ from lightning_ghostnoise import config
 __all__ = ["clear", "internals_present", "launch"]
 
 _KNOBS = getattr(triton, "knobs", None)
-_GET_DEVICE: Optional[Callable[[], int]] = getattr(torch._C, "_cuda_getDevice", None)
-_GET_STREAM: Optional[Callable[[int], int]] = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_GET_DEVICE: Callable[[], int] | None = getattr(torch._C, "_cuda_getDevice", None)
+_GET_STREAM: Callable[[int], int] | None = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _CACHE_SIZE = 256  # specializations kept per kernel
 
 
@@ -37,7 +37,7 @@ def internals_present() -> bool:
     return hooks and _GET_DEVICE is not None and _GET_STREAM is not None
 
 
-def _key(device: int, args: Tuple[object, ...], meta: dict) -> Tuple[object, ...]:
+def _key(device: int, args: tuple[object, ...], meta: dict) -> tuple[object, ...]:
     """A cache key that determines Triton's specialization of a launch (and more: exact integers).
 
     Triton specializes on each tensor's dtype and 16-byte alignment, each integer's value being 1,
@@ -93,9 +93,9 @@ class _Launcher:
 
     def __init__(self, fn: Any) -> None:
         self.fn = fn
-        self.cache: Dict[Tuple[object, ...], Any] = {}
+        self.cache: dict[tuple[object, ...], Any] = {}
 
-    def __call__(self, grid: Tuple[int, ...], args: Tuple[object, ...], meta: dict) -> None:
+    def __call__(self, grid: tuple[int, ...], args: tuple[object, ...], meta: dict) -> None:
         if not config.settings().fast_launch or _launch_hook_set():
             self.fn[grid](*args, **meta)
             return
@@ -126,10 +126,10 @@ class _Launcher:
         )  # fmt: skip
 
 
-_LAUNCHERS: Dict[int, _Launcher] = {}
+_LAUNCHERS: dict[int, _Launcher] = {}
 
 
-def launch(fn: Any, grid: Tuple[int, ...], *args: object, **meta: object) -> None:
+def launch(fn: Any, grid: tuple[int, ...], *args: object, **meta: object) -> None:
     """Launch the Triton kernel ``fn`` on ``grid``: ``fn[grid](*args, **meta)`` (see :class:`_Launcher`)."""
     launcher = _LAUNCHERS.get(id(fn))
     if launcher is None or launcher.fn is not fn:

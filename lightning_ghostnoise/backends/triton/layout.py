@@ -9,7 +9,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ class Layout(NamedTuple):
     ss: int
 
 
-def strides(x: Tensor) -> Optional[Layout]:
+def strides(x: Tensor) -> Layout | None:
     """``x``'s :class:`Layout` if it is contiguous or channels-last (dense), else ``None``."""
     shape = x.shape
     b, c = shape[0], shape[1]
@@ -59,7 +59,7 @@ def _pow2(n: int, low: int = 4) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def blocks(channels: int, spatial: int, channels_adjacent: bool) -> Tuple[int, int]:
+def blocks(channels: int, spatial: int, channels_adjacent: bool) -> tuple[int, int]:
     """Tile ``(BLOCK_C, BLOCK_S)``: long along the dimension that is contiguous in memory."""
     if channels_adjacent and spatial > 1:  # channels-last
         block_c = min(_pow2(channels), 128)
@@ -68,7 +68,7 @@ def blocks(channels: int, spatial: int, channels_adjacent: bool) -> Tuple[int, i
     return min(_pow2(channels), max(4, _TILE // block_s)), block_s
 
 
-def like(grad: Tensor, lay: Layout) -> Tuple[Tensor, Layout]:
+def like(grad: Tensor, lay: Layout) -> tuple[Tensor, Layout]:
     """A gradient and its layout (made contiguous if it has none the kernels read)."""
     grad_lay = strides(grad)
     if grad_lay is None:
