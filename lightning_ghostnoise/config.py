@@ -156,7 +156,9 @@ def override(**changes: Any) -> Iterator[Settings]:
     """
     unknown = set(changes) - {f.name for f in dataclasses.fields(Settings)}
     if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(Settings)]}.")
+        raise ValueError(
+            f"unknown settings {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(Settings)]}."
+        )
     previous = dataclasses.replace(_SETTINGS)
     if "backend" in changes:
         set_backend(changes.pop("backend"))

@@ -46,7 +46,7 @@ def rank_zero_warn(message: str, **kwargs: Any) -> None:
     """
     if getattr(rank_zero_only, "rank", None) is None:
         rank = next((os.environ[key] for key in _RANK_VARIABLES if key in os.environ), "0")
-        rank_zero_only.rank = int(rank)  # what importing Lightning does
+        rank_zero_only.rank = int(rank)  # type: ignore[attr-defined]  # the attribute Lightning sets on import
     # one frame more than lightning_utilities expects: the warning points at this function's caller
     _rank_zero_warn(message, stacklevel=kwargs.pop("stacklevel", 4) + 1, **kwargs)
 

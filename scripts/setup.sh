@@ -16,9 +16,9 @@ if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || [ ! -x "$VENV
   constraints="$(mktemp)"
   echo "$TORCH_PIN" >"$constraints"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_PIN" 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" -e "$ROOT[test,plot,cli]" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" -e "$ROOT[test,plot,cli,docs]" 2>&1 | grep -v "^WARNING: Location" || true
   rm -f "$constraints"
-  "$VENV/bin/python" -c "import lightning_ghostnoise, lightning, torchmetrics, scipy, jsonargparse" 
+  "$VENV/bin/python" -c "import lightning_ghostnoise, lightning, torchmetrics, scipy, jsonargparse, mkdocs, ruff, mypy"
   touch "$stamp"
 fi
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then

@@ -112,8 +112,21 @@ def ghost_batch_norm(
         raise ValueError(f"ghost_batch_size must be >= 1, got {ghost_batch_size}.")
     ghost_running = resolve_running_stats(running_stats, ghost=True) == "ghost"
     return _ghost_statistics_norm(
-        x, ghost_batch_size, False, running_mean, running_var, weight, bias, momentum, eps, strength,
-        shift_noise, scale_noise, channel_dim, fused, ghost_running,
+        x,
+        ghost_batch_size,
+        False,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        momentum,
+        eps,
+        strength,
+        shift_noise,
+        scale_noise,
+        channel_dim,
+        fused,
+        ghost_running,
     )
 
 
@@ -144,12 +157,22 @@ def exclusive_batch_norm(
         torch.Size([8, 3, 4, 4])
     """
     if ghost_batch_size < 2:
-        raise ValueError(
-            f"XBN needs ghost_batch_size >= 2 (a sample and at least one other), got {ghost_batch_size}."
-        )
+        raise ValueError(f"XBN needs ghost_batch_size >= 2 (a sample and at least one other), got {ghost_batch_size}.")
     return _ghost_statistics_norm(
-        x, ghost_batch_size, True, running_mean, running_var, weight, bias, momentum, eps, strength,
-        shift_noise, scale_noise, channel_dim, fused,
+        x,
+        ghost_batch_size,
+        True,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        momentum,
+        eps,
+        strength,
+        shift_noise,
+        scale_noise,
+        channel_dim,
+        fused,
     )
 
 
@@ -214,7 +237,15 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
                     running_mean, running_var, mv[0], mv[1], ghost_batch_size, spatial, momentum, foreach=True
                 )
             ctx.save_for_backward(x, mv, per_sample, per_channel, s)
-            ctx.flags = (ghost_batch_size, exclusive, shift_noise, scale_noise, weight is not None, bias is not None, eps)
+            ctx.flags = (
+                ghost_batch_size,
+                exclusive,
+                shift_noise,
+                scale_noise,
+                weight is not None,
+                bias is not None,
+                eps,
+            )
             ctx.channel_dim = channel_dim
             return passes.affine(x, per_sample, channel_dim)  # A and D are its first two rows
         mean, var = per_sample_moments(x, channel_dim)
@@ -248,13 +279,22 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
             x, mv, per_sample, per_channel, s = ctx.saved_tensors
             ghost_batch_size, exclusive, shift_noise, scale_noise, has_weight, has_bias, eps = ctx.flags
             r = ctx.passes.channel_sums(grad_y, x, ctx.channel_dim)
-            pq, grads = (
-                (_custom_ops() if ctx.in_graph else _ghost_kernels()).ghost_statistics_input_coefficients
-            )(
-                r, mv, per_sample, per_channel, s, spatial_count(x, 1), eps, ghost_batch_size, exclusive,
-                shift_noise, scale_noise,
+            pq, grads = ((_custom_ops() if ctx.in_graph else _ghost_kernels()).ghost_statistics_input_coefficients)(
+                r,
+                mv,
+                per_sample,
+                per_channel,
+                s,
+                spatial_count(x, 1),
+                eps,
+                ghost_batch_size,
+                exclusive,
+                shift_noise,
+                scale_noise,
             )
-            grad_x = ctx.passes.input_grad(grad_y, x, per_sample, pq, ctx.channel_dim) if ctx.needs_input_grad[0] else None
+            grad_x = (
+                ctx.passes.input_grad(grad_y, x, per_sample, pq, ctx.channel_dim) if ctx.needs_input_grad[0] else None
+            )
             grad_w = grads[0] if has_weight and ctx.needs_input_grad[1] else None
             grad_b = grads[1] if has_bias and ctx.needs_input_grad[2] else None
             return (grad_x, grad_w, grad_b) + (None,) * 12
@@ -305,7 +345,6 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
             q_coef = (g_m / count).addcmul_(p_coef, mean, value=-1)
             grad_x = affine_input_grad(grad_y, x, a, p_coef, q_coef, channel_dim, out=scratch)
         return (grad_x, grad_w, grad_b) + (None,) * 12
-
 
 
 def _ghost_kernels() -> Any:

@@ -68,13 +68,34 @@ def ghost_noise_batch_norm(
     """
     if stats_fn is not None:  # sync=True: the generic fused function over the global statistics
         coeffs = gni_coeff_fn(
-            x, noise_fn, running_mean, running_var, momentum, eps, strength, shift_noise, scale_noise, channel_dim, stats_fn
+            x,
+            noise_fn,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            strength,
+            shift_noise,
+            scale_noise,
+            channel_dim,
+            stats_fn,
         )
         return moment_affine(x, coeffs, (weight, bias), channel_dim, fused)
     choice = select(x, channel_dim, fused=fused, kernels=isinstance(noise_fn, GhostDraws))
     if choice.backend == "autograd":
         return gni_batch_norm(
-            x, noise_fn, running_mean, running_var, weight, bias, momentum, eps, strength, shift_noise, scale_noise, channel_dim
+            x,
+            noise_fn,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            momentum,
+            eps,
+            strength,
+            shift_noise,
+            scale_noise,
+            channel_dim,
         )
     return _GhostNoiseBatchNorm.apply(
         x, weight, bias, noise_fn, running_mean, running_var, momentum, eps, strength, shift_noise, scale_noise,
@@ -98,7 +119,7 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
-        noise_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+        noise_fn: Any,  # a GhostDraws (the kernels read its draws) or any (m_hat, v_hat) -> (shift, scale)
         running_mean: Tensor | None,
         running_var: Tensor | None,
         momentum: float,
@@ -122,17 +143,33 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
             # compiled graph (opt-in, lightning_ghostnoise.ops) the coefficient kernel alone, as a custom op
             mv = passes.moments(x, channel_dim)
             draw_args = {
-                "indices": noise_fn.indices, "noise_eps": noise_fn.eps, "normal": noise_fn.normal, "gamma": noise_fn.gamma,
+                "indices": noise_fn.indices,
+                "noise_eps": noise_fn.eps,
+                "normal": noise_fn.normal,
+                "gamma": noise_fn.gamma,
                 "ghost_batch_size": noise_fn.ghost_batch_size,
             }
             s = as_strength(strength, mv)
             if ctx.in_graph:  # the running statistics in the graph, from the op's batch mean and rstd (see ops)
-                coef, stats = _custom_ops().gni_coefficients(mv, weight, bias, s, eps, shift_noise, scale_noise, **draw_args)
+                coef, stats = _custom_ops().gni_coefficients(
+                    mv, weight, bias, s, eps, shift_noise, scale_noise, **draw_args
+                )
                 batch_var = stats[1].pow(-2).sub_(eps).clamp_min_(0)  # (rstd = (var + eps)**-0.5: rel. error ~1e-7)
                 update_running_stats(running_mean, running_var, stats[0], batch_var, count, momentum, foreach=True)
             else:
                 coef, stats = _gni_kernels().gni_coefficients(
-                    mv, weight, bias, running_mean, running_var, s, count, momentum, eps, shift_noise, scale_noise, **draw_args
+                    mv,
+                    weight,
+                    bias,
+                    running_mean,
+                    running_var,
+                    s,
+                    count,
+                    momentum,
+                    eps,
+                    shift_noise,
+                    scale_noise,
+                    **draw_args,
                 )
             ctx.save_for_backward(x, coef, stats, weight)
             return passes.affine(x, coef, channel_dim)
@@ -197,7 +234,6 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
             grad_x = affine_input_grad(grad_y, x, a, p_coef, q_coef, channel_dim, out=scratch)
         # (autograd casts grad_w / grad_b to the parameters' dtype)
         return (grad_x, grad_w, grad_b) + (None,) * 10
-
 
 
 def _gni_kernels() -> Any:

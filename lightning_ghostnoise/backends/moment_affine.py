@@ -42,7 +42,9 @@ class _MomentAffine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, passes: Any, channel_dim: int, coeff_fn: CoeffFn, *params: Tensor | None) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, passes: Any, channel_dim: int, coeff_fn: CoeffFn, *params: Tensor | None
+    ) -> Tensor:
         ctx.passes = passes
         mean, var = passes.moments(x, channel_dim)
         with torch.enable_grad():

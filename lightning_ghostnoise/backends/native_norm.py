@@ -163,7 +163,6 @@ class NativeGroupNorm(NativeNorm):
         return grad_x if need_x else None, grad_w
 
 
-
 def clear_caches() -> None:
     """Forget the cached identity affines and autocast readings."""
     _unit_affine.cache_clear()

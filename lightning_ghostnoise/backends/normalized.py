@@ -187,7 +187,7 @@ class _NormalizedNoise(torch.autograd.Function):
                 grad_w = (r0 * d).sum(0).add_(grad_w)
         if grad_x is not None and grad_x.dtype != ctx.input_dtype:  # through autocast's cast
             grad_x = grad_x.to(ctx.input_dtype)
-        if need_b:
+        if need_b and r0 is not None:  # r0 is always computed when need_b
             grad_b = r0.sum(0)
         return grad_x, grad_w, grad_b
 
@@ -221,9 +221,7 @@ class _NormalizedNoise(torch.autograd.Function):
     def _recompute_backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, inv, d, weight = ctx.saved_tensors
         device = x.device.type
-        autocast = (
-            torch.autocast(device, dtype=ctx.autocast) if ctx.autocast is not None else contextlib.nullcontext()
-        )
+        autocast = torch.autocast(device, dtype=ctx.autocast) if ctx.autocast is not None else contextlib.nullcontext()
         with torch.enable_grad(), autocast:
             leaf = x.detach().requires_grad_(ctx.needs_input_grad[0])
             x_hat = ctx.normalize(leaf)
@@ -242,4 +240,3 @@ class _NormalizedNoise(torch.autograd.Function):
             grad_hat = torch.mul(grad_y, a, out=scratch) if fits(scratch, x_hat) else grad_y * a
             (grad_x,) = torch.autograd.grad(x_hat, leaf, grad_hat)
         return grad_x, grad_w, grad_b
-

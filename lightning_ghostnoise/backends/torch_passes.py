@@ -89,7 +89,6 @@ def refuse_double_backward() -> None:
         )
 
 
-
 class TorchPasses:
     """The full-size passes in PyTorch; small results stacked in rows, as the Triton kernels keep them."""
 

@@ -346,7 +346,7 @@ class GhostNoise(Callback):
         names = {f"{name}.{buf}" if name else buf for name, _ in ghost_layers(pl_module) for buf in GHOST_BUFFERS}
         existing = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []))
         self._ddp_ignored = sorted(names - existing)
-        pl_module._ddp_params_and_buffers_to_ignore = sorted(existing | names)
+        pl_module._ddp_params_and_buffers_to_ignore = sorted(existing | names)  # type: ignore[assignment]  # DDP reads this list
 
     def _revert(self, pl_module: "pl.LightningModule") -> None:
         revert_ghost_noise(pl_module)
@@ -354,7 +354,7 @@ class GhostNoise(Callback):
         ignored = getattr(pl_module, "_ddp_params_and_buffers_to_ignore", None)
         if ignored is not None and self._ddp_ignored:
             kept = [n for n in ignored if n not in set(self._ddp_ignored)]
-            pl_module._ddp_params_and_buffers_to_ignore = kept
+            pl_module._ddp_params_and_buffers_to_ignore = kept  # type: ignore[assignment]  # DDP reads this list
             self._ddp_ignored = []
 
     @override

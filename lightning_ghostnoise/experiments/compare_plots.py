@@ -59,7 +59,8 @@ def plot_curves(runs: Sequence[Dict[str, Any]], labels: Sequence[str], path: str
 def plot_validation_vs_n(rows: Sequence[Dict[str, Any]], path: str, title: str = "") -> None:
     """Mean validation accuracy (+- std over seeds) against the ghost batch size, one line per method;
     the baseline (``plain``) as a horizontal line with its band. The selected ``N`` of each method is
-    circled (rows with ``selected: True``)."""
+    circled (rows with ``selected: True``). The axis spans the 10 points below the best mean; a mean
+    below that (a run that diverged) is drawn at the bottom edge as a triangle labelled with its value."""
     import numpy as np
 
     from lightning_ghostnoise.analysis.outputs import new_figure, save_figure
@@ -76,16 +77,24 @@ def plot_validation_vs_n(rows: Sequence[Dict[str, Any]], path: str, title: str =
             ax.axhspan(mean - std, mean + std, color="black", alpha=0.1, lw=0)
             continue
         methods.setdefault((row["method"], row.get("variant")), []).append(row)
+    best = max([r["val_acc_mean"] * 100 for r in rows if "val_acc_mean" in r], default=100.0)
+    floor = best - 10.0
     for group in methods.values():
         group = sorted(group, key=lambda r: r["ghost_batch_size"])
         n = np.array([r["ghost_batch_size"] for r in group], dtype=float)
         mean = np.array([r["val_acc_mean"] for r in group]) * 100
         std = np.array([r["val_acc_std"] for r in group]) * 100
         name = group[0]["label"].split("(")[0]
-        line = ax.errorbar(n, mean, yerr=std, marker="o", ms=4, capsize=3, label=name)
-        for r, x, y in zip(group, n, mean):
+        shown = np.maximum(mean, floor)
+        line = ax.errorbar(n, shown, yerr=np.where(mean < floor, 0, std), marker="o", ms=4, capsize=3, label=name)
+        color = line[0].get_color()
+        for r, x, y, true in zip(group, n, shown, mean):
             if r.get("selected"):
-                ax.plot([x], [y], marker="o", ms=11, mfc="none", color=line[0].get_color())
+                ax.plot([x], [y], marker="o", ms=11, mfc="none", color=color)
+            if true < floor:
+                ax.plot([x], [y], marker="v", ms=9, color=color)
+                ax.annotate(f"{true:.1f}%", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7, color=color)
+    ax.set_ylim(floor - 0.5, best + 1.0)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("ghost batch size N")
     ax.set_ylabel("validation accuracy (%)")

@@ -51,7 +51,9 @@ NoiseFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 StatsFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, int]]
 
 
-def ghost_groups(batch_size: int, ghost_batch_size: int, device: torch.device | str | None = None) -> tuple[Tensor, int]:
+def ghost_groups(
+    batch_size: int, ghost_batch_size: int, device: torch.device | str | None = None
+) -> tuple[Tensor, int]:
     """Assign consecutive samples to ghost batches; the remainder rule of GBN and XBN.
 
     Samples ``0..N-1`` form ghost batch 0, ``N..2N-1`` ghost batch 1, and so on. The ``r = B mod N``
@@ -105,7 +107,9 @@ _MATRIX_CACHE_MAX_BATCH = 1024  # cache ghost averaging matrices up to 4 MiB (fl
 
 
 @functools.lru_cache(maxsize=16)
-def cached_ghost_matrix(batch: int, ghost_batch_size: int, exclusive: bool, device: torch.device, dtype: torch.dtype) -> Tensor:
+def cached_ghost_matrix(
+    batch: int, ghost_batch_size: int, exclusive: bool, device: torch.device, dtype: torch.dtype
+) -> Tensor:
     """:func:`ghost_averaging_matrix`, built once per arguments (read-only: it is shared).
 
     At most 16 matrices of at most ``1024 x 1024`` (4 MiB in float32) are kept, on the devices they
@@ -215,7 +219,6 @@ def ghost_statistics_coefficients(
     std_eff = std_b * torch.pow(torch.sqrt(ghost_var + eps) / std_b, s) if scale_noise else std_b.expand_as(ghost_var)
     a = 1.0 / std_eff
     return with_affine(a, -mean_eff * a, weight, bias)
-
 
 
 def effective_statistics(

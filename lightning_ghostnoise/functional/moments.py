@@ -119,4 +119,3 @@ def batch_moments(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     c = mean - centre
     mu = c.mean(0)
     return mu + centre, ((var + c * c).mean(0) - mu * mu).clamp_min(0)
-

@@ -319,4 +319,3 @@ def gni_normalized(
     x_hat = normalize(x)
     shift, scale = noise_fn(*noise_moments(noise_fn, x_hat.detach(), channel_dim))
     return apply_noise(x_hat, shift, scale, weight, bias, strength, channel_dim, shift_noise, scale_noise)
-

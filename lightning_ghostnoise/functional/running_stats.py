@@ -51,7 +51,12 @@ def lerp_running_stats(
     """``running += momentum * (target - running)`` for both buffers (in the buffers' dtype), in place."""
     mean = mean.to(running_mean.dtype)
     var = unbiased_var.to(running_var.dtype)
-    if foreach and _FOREACH_LERP is not None and running_mean.dtype == running_var.dtype and running_mean.device == running_var.device:
+    if (
+        foreach
+        and _FOREACH_LERP is not None
+        and running_mean.dtype == running_var.dtype
+        and running_mean.device == running_var.device
+    ):
         _FOREACH_LERP([running_mean, running_var], [mean, var], momentum)
     else:
         running_mean.lerp_(mean, momentum)
@@ -146,4 +151,3 @@ def update_ghost_running_stats(
     target_mean, target_var = ghost_running_targets(mean, var, ghost_batch_size, spatial_count)
     with torch.no_grad():
         lerp_running_stats(running_mean, running_var, target_mean, target_var, momentum, foreach)
-

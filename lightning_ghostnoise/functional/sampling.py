@@ -114,7 +114,9 @@ def analytic_draws(
 _STANDARD_GAMMA = getattr(torch, "_standard_gamma", None)
 
 
-def _gamma_from_uniforms(k: int, shape: tuple[int, int], generator: torch.Generator | None, device: torch.device) -> Tensor:
+def _gamma_from_uniforms(
+    k: int, shape: tuple[int, int], generator: torch.Generator | None, device: torch.device
+) -> Tensor:
     """``Gamma(k / 2, 1)`` from public draws: ``k // 2`` standard exponentials plus ``Z**2 / 2`` for odd ``k``."""
     gamma = torch.zeros(shape, device=device)
     if k // 2:
@@ -129,4 +131,3 @@ def _gamma_from_uniforms(k: int, shape: tuple[int, int], generator: torch.Genera
 def _gamma_shape(ghost_batch_size: int, device: torch.device) -> Tensor:
     """``(N - 1) / 2`` as a float32 0-dim tensor on ``device`` (read-only, shared)."""
     return torch.tensor((ghost_batch_size - 1) / 2.0, dtype=torch.float32, device=device)
-

@@ -101,7 +101,9 @@ def test_import_does_not_import_triton_or_register_ops():
         "assert not hasattr(torch.ops.ghostnoise, 'gni_coefficients'), 'custom ops registered'\n"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "GHOSTNOISE_COMPILED_KERNELS"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
     assert proc.returncode == 0, proc.stderr
 
 

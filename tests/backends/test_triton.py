@@ -226,7 +226,9 @@ def _check_layer_against_pytorch(monkeypatch, method, N, strength, shift, scale,
             scale = float(ref.abs().max())
             err_fast = float((fast[key].double() - ref).abs().max())
             err_slow = float((slow[key].double() - ref).abs().max())
-            assert err_fast <= 4 * err_slow + 2e-6 * scale + 1e-7, f"{key}: kernels {err_fast:.3g}, PyTorch {err_slow:.3g}"
+            assert err_fast <= 4 * err_slow + 2e-6 * scale + 1e-7, (
+                f"{key}: kernels {err_fast:.3g}, PyTorch {err_slow:.3g}"
+            )
         assert fast["y"].stride() == x.stride()
 
 
@@ -242,7 +244,9 @@ def test_gni_kernels_match_loop_reference(use_kernels):
     idx = GF.ghost_indices(8, 4, generator=g, device=DEVICE)
     y = layer(x)
     x_hat = ref_batch_normalize(x.double().cpu(), layer.eps)
-    ref = ref_gni(x_hat, idx.cpu(), layer.weight.detach().double().cpu(), layer.bias.detach().double().cpu(), strength=0.8)
+    ref = ref_gni(
+        x_hat, idx.cpu(), layer.weight.detach().double().cpu(), layer.bias.detach().double().cpu(), strength=0.8
+    )
     torch.testing.assert_close(y.double().cpu(), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -292,7 +296,11 @@ def test_kernels_compile_for_h100():
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, str(root / "tests" / "helpers" / "compile_kernels.py")], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(root / "tests" / "helpers" / "compile_kernels.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("compiled ") == 21
@@ -348,7 +356,9 @@ def test_launcher_reuses_the_compiled_kernel(fast_launch):
     assert len(fn.triton_calls) == 1
     # as Triton's own launch: grid padded to 3 dims, stream, handles, no metadata or hooks, then every
     # argument in signature order (the constexprs after the others, whatever the keyword order)
-    assert fn.compiled.runs == [(4, 1, 1, 77, "function-handle", "packed-metadata", None, None, None, x2, 32, 0.25, 64, True)]
+    assert fn.compiled.runs == [
+        (4, 1, 1, 77, "function-handle", "packed-metadata", None, None, None, x2, 32, 0.25, 64, True)
+    ]
 
 
 def test_launcher_cache_is_bounded(fast_launch, monkeypatch):

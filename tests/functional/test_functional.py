@@ -52,7 +52,6 @@ class _LazyStats:
 stats = _LazyStats()
 
 
-
 # ---------------------------------------------------------------------------------------------------
 # per_sample_moments, ghost_indices, ghost_groups
 # ---------------------------------------------------------------------------------------------------
@@ -150,7 +149,14 @@ def test_ghost_noise_matches_pooled_reference(shape, N):
 
 @pytest.mark.parametrize(
     "strength,shift_noise,scale_noise",
-    [(1.0, True, True), (0.5, True, True), (1.0, True, False), (1.0, False, True), (0.5, False, True), (2.0, True, True)],
+    [
+        (1.0, True, True),
+        (0.5, True, True),
+        (1.0, True, False),
+        (1.0, False, True),
+        (0.5, False, True),
+        (2.0, True, True),
+    ],
 )
 def test_gni_functional_matches_loop_reference(strength, shift_noise, scale_noise):
     B, C, N = 8, 3, 4
@@ -197,7 +203,11 @@ def test_ghost_noise_with_given_batch_moments_and_in_a_compiled_graph():
     ref_shift, ref_scale = ref_gni_noise(x_hat, idx)
     torch._dynamo.reset()
     compiled = torch.compile(GF.ghost_noise, backend="eager", fullgraph=True)
-    for got in (GF.ghost_noise(mean, var, idx, batch=batch), compiled(mean, var, idx), compiled(mean, var, idx, batch=batch)):
+    for got in (
+        GF.ghost_noise(mean, var, idx, batch=batch),
+        compiled(mean, var, idx),
+        compiled(mean, var, idx, batch=batch),
+    ):
         torch.testing.assert_close(got[0].double(), ref_shift, atol=2e-6, rtol=1e-5)
         torch.testing.assert_close(got[1].double(), ref_scale, atol=2e-6, rtol=1e-5)
     # the given moments are used, not recomputed
@@ -275,8 +285,12 @@ def test_ghost_batch_norm_float32_matches_reference(B, N):
 def test_ghost_batch_norm_limits():
     x = varied_input((8, 3, 4, 4), 5, F64)
     # one ghost batch of the whole batch: plain BN
-    torch.testing.assert_close(GF.ghost_batch_norm(x, 8), F.batch_norm(x, None, None, training=True), atol=1e-10, rtol=0)
-    torch.testing.assert_close(GF.ghost_batch_norm(x, 100), F.batch_norm(x, None, None, training=True), atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        GF.ghost_batch_norm(x, 8), F.batch_norm(x, None, None, training=True), atol=1e-10, rtol=0
+    )
+    torch.testing.assert_close(
+        GF.ghost_batch_norm(x, 100), F.batch_norm(x, None, None, training=True), atol=1e-10, rtol=0
+    )
     # ghost batches of one sample: instance norm
     torch.testing.assert_close(GF.ghost_batch_norm(x, 1), F.instance_norm(x), atol=1e-10, rtol=0)
 
@@ -352,7 +366,9 @@ def test_gradcheck_ghost_and_exclusive_batch_norm(fn, shape, N):
     C = shape[1]
     w = (1.0 + 0.3 * torch.randn(C, generator=gen, dtype=F64)).requires_grad_()
     b = (0.2 * torch.randn(C, generator=gen, dtype=F64)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, w, b: fn(x, N, weight=w, bias=b, eps=1e-3), (x, w, b), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: fn(x, N, weight=w, bias=b, eps=1e-3), (x, w, b), eps=1e-6, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("shape,N", [((6, 2, 3), 3), ((5, 2), 2)])
@@ -363,7 +379,9 @@ def test_gradgradcheck_ghost_and_exclusive_batch_norm(fn, shape, N):
     x = torch.randn(shape, generator=gen, dtype=F64).requires_grad_()
     w = (1.0 + 0.3 * torch.randn(shape[1], generator=gen, dtype=F64)).requires_grad_()
     # the plain-autograd path (fused=False) supports double backward
-    assert torch.autograd.gradgradcheck(lambda x, w: fn(x, N, weight=w, eps=1e-3, fused=False), (x, w), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradgradcheck(
+        lambda x, w: fn(x, N, weight=w, eps=1e-3, fused=False), (x, w), eps=1e-6, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("fn", [GF.ghost_batch_norm, GF.exclusive_batch_norm], ids=["gbn", "xbn"])
@@ -387,7 +405,9 @@ def test_fused_and_plain_autograd_paths_agree(method, shape):
     fns = {
         "gbn": lambda f: GF.ghost_batch_norm(x, 4, None, None, w, b, strength=0.7, fused=f),
         "xbn": lambda f: GF.exclusive_batch_norm(x, 4, None, None, w, b, fused=f),
-        "gni": lambda f: GF.ghost_noise_batch_norm(x, lambda m, v: GF.ghost_noise(m, v, idx), None, None, w, b, fused=f),
+        "gni": lambda f: GF.ghost_noise_batch_norm(
+            x, lambda m, v: GF.ghost_noise(m, v, idx), None, None, w, b, fused=f
+        ),
     }
     g = torch.randn(shape, generator=gen, dtype=F64)
     results = []
@@ -815,8 +835,18 @@ class _CountingLayerNorm(GF.NativeLayerNorm):
         (GF.NativeLayerNorm((256,), 1e-3), lambda t: F.layer_norm(t, (256,), None, None, 1e-3), (4, 3, 7, 256), None),
         (GF.NativeLayerNorm((33,)), lambda t: F.layer_norm(t, (33,), None, None, 1e-5), (16, 33), None),
         (GF.NativeGroupNorm(2), lambda t: F.group_norm(t, 2, None, None, 1e-5), (8, 4, 3, 5), None),
-        (GF.NativeGroupNorm(4, 1e-3), lambda t: F.group_norm(t, 4, None, None, 1e-3), (8, 4, 3, 5), torch.channels_last),
-        (GF.NativeGroupNorm(1), lambda t: F.group_norm(t, 1, None, None, 1e-5), (8, 6, 2, 3, 4), torch.channels_last_3d),
+        (
+            GF.NativeGroupNorm(4, 1e-3),
+            lambda t: F.group_norm(t, 4, None, None, 1e-3),
+            (8, 4, 3, 5),
+            torch.channels_last,
+        ),
+        (
+            GF.NativeGroupNorm(1),
+            lambda t: F.group_norm(t, 1, None, None, 1e-5),
+            (8, 6, 2, 3, 4),
+            torch.channels_last_3d,
+        ),
     ],
 )
 @pytest.mark.parametrize("affine", [True, False])
@@ -840,7 +870,11 @@ def test_native_norms_match_the_functional_norms(norm, plain, shape, memory_form
         xr = x.clone().requires_grad_()
         wr = w.clone().requires_grad_() if affine else None
         out = plain(xr)
-        out = out * (wr.view(-1, *([1] * (x.dim() - 2))) if isinstance(norm, GF.NativeGroupNorm) else wr) if affine else out
+        out = (
+            out * (wr.view(-1, *([1] * (x.dim() - 2))) if isinstance(norm, GF.NativeGroupNorm) else wr)
+            if affine
+            else out
+        )
         expected = torch.autograd.grad(out, [xr] + ([wr] if affine else []), grad)
         grad_x, grad_w = norm.backward(grad, x, mean, rstd, w, True, affine)
         torch.testing.assert_close(grad_x, expected[0], rtol=tol, atol=tol)
@@ -1082,7 +1116,9 @@ def test_no_chunks_under_torch_compile(small_chunks):
      (GF.NativeGroupNorm(2), (11, 6, 5, 7), 1, torch.channels_last), (GF.NativeGroupNorm(3), (11, 6, 35), 1, None)],
 )  # fmt: skip
 @pytest.mark.parametrize("affine,need", [(True, "all"), (False, "all"), (True, "params_only"), (True, "input_only")])
-def test_native_backward_in_chunks_matches_one_piece(norm, shape, channel_dim, memory_format, affine, need, small_chunks):
+def test_native_backward_in_chunks_matches_one_piece(
+    norm, shape, channel_dim, memory_format, affine, need, small_chunks
+):
     """The native backward of ``grad_y * inv`` in chunks of the batch (large CPU temporaries) against
     the same in one piece and against plain autograd. (``params_only`` on channels-last GroupNorm: the
     input gradient is computed anyway, where torch 2.13's CPU kernel would crash without it.)"""

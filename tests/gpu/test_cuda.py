@@ -1,6 +1,6 @@
 """Correctness checks that need a CUDA GPU (CI has none): skipped without one.
 
-    pytest -m gpu tests/gpu
+pytest -m gpu tests/gpu
 """
 
 from __future__ import annotations
@@ -23,12 +23,19 @@ dev = torch.device("cuda")
 
 def small_net() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.LayerNorm(8), nn.Linear(8, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 8),
+        nn.BatchNorm1d(8),
+        nn.LayerNorm(8),
+        nn.Linear(8, 10),
     )
-
-
 
 
 def test_no_sync() -> None:
@@ -60,7 +67,9 @@ def test_fused_matches() -> None:
     fns = {
         "gbn": lambda f: backends.ghost_batch_norm(x, 6, None, None, w, b, strength=0.7, fused=f),
         "xbn": lambda f: backends.exclusive_batch_norm(x, 6, None, None, w, b, fused=f),
-        "gni": lambda f: backends.ghost_noise_batch_norm(x, lambda m, v: GF.ghost_noise(m, v, idx), None, None, w, b, fused=f),
+        "gni": lambda f: backends.ghost_noise_batch_norm(
+            x, lambda m, v: GF.ghost_noise(m, v, idx), None, None, w, b, fused=f
+        ),
     }
     g = torch.randn_like(x)
     for name, fn in fns.items():
@@ -93,7 +102,9 @@ def test_normalized_native() -> None:
             for fused in (None, False):
                 xr, wr, br = (t.clone().requires_grad_() for t in ((x.bfloat16() if autocast else x), w, b))
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                    y = backends.normalized_noise(xr, norm, GF.GhostDraws(indices=idx), wr, br, channel_dim=channel_dim, fused=fused)
+                    y = backends.normalized_noise(
+                        xr, norm, GF.GhostDraws(indices=idx), wr, br, channel_dim=channel_dim, fused=fused
+                    )
                 outs.append((y.float(), *(t.float() for t in torch.autograd.grad(y, (xr, wr, br), g.to(y.dtype)))))
             tol = 5e-2 if autocast else 1e-4
             for a, c in zip(*outs):
@@ -106,7 +117,9 @@ def test_counter_rng_device_independent() -> None:
 
     key_cpu = counter_rng.mix_key(torch.tensor(123456789012), 3)
     key_gpu = counter_rng.mix_key(torch.tensor(123456789012, device=dev), 3)
-    assert torch.equal(counter_rng.uniform_ints(key_cpu, (64, 16), 256), counter_rng.uniform_ints(key_gpu, (64, 16), 256).cpu())
+    assert torch.equal(
+        counter_rng.uniform_ints(key_cpu, (64, 16), 256), counter_rng.uniform_ints(key_gpu, (64, 16), 256).cpu()
+    )
     torch.testing.assert_close(counter_rng.normal(key_cpu, (1000,)), counter_rng.normal(key_gpu, (1000,)).cpu())
 
 
@@ -160,9 +173,9 @@ def test_cudagraphs() -> None:
             name = "_gni_coefficients_kernel" if method == "gni" else "_ghost_stats_coefficients_kernel"
             real = launcher.launch
 
-            def launch(fn, *args, _real=real, _name=name, **meta):
+            def launch(fn, *args, _real=real, _name=name, _calls=calls, _active=active, **meta):
                 if fn.__name__ == _name:
-                    calls.append(active[0])
+                    _calls.append(_active[0])
                 return _real(fn, *args, **meta)
 
             launcher.launch = launch
@@ -212,8 +225,14 @@ def test_lightning() -> None:
     data = torch.utils.data.TensorDataset(torch.randn(128, 3, 16, 16), torch.randint(0, 10, (128,)))
     for method in METHODS:
         trainer = pl.Trainer(
-            accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=4, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            accelerator="gpu",
+            devices=1,
+            precision="bf16-mixed",
+            max_steps=4,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
             callbacks=[GhostNoise(8, method=method, seed=0)],
         )
         trainer.fit(M(), torch.utils.data.DataLoader(data, batch_size=32))

@@ -30,7 +30,14 @@ K = SimpleNamespace(
 FLOATS = {"momentum", "unbias", "eps", "noise_eps", "count", "sqrt_n"}
 # pointers that are not float32: the data tensors in half precision, the ghost indices int64
 FLAGS = ("HAS_W", "HAS_BIAS", "HAS_RUNNING", "SHIFT_NOISE", "SCALE_NOISE")
-POINTERS = {"x_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "gx_ptr": "*bf16", "idx_ptr": "*i64", "rm_ptr": "*fp32"}
+POINTERS = {
+    "x_ptr": "*bf16",
+    "y_ptr": "*bf16",
+    "g_ptr": "*bf16",
+    "gx_ptr": "*bf16",
+    "idx_ptr": "*i64",
+    "rm_ptr": "*fp32",
+}
 
 
 def compile_kernel(fn, constexprs):
@@ -66,7 +73,9 @@ def main() -> int:
     for variant in (False, True):  # analytic GNI / XBN, with the statistics from a separate launch
         for flags in (all_on, all_off):
             cases.append((K._gni_coefficients_kernel, dict(STATS_GIVEN=variant, ANALYTIC=variant, **flags, **small)))
-            cases.append((K._ghost_stats_coefficients_kernel, dict(STATS_GIVEN=variant, EXCLUSIVE=variant, **flags, **small)))
+            cases.append(
+                (K._ghost_stats_coefficients_kernel, dict(STATS_GIVEN=variant, EXCLUSIVE=variant, **flags, **small))
+            )
             noise = {"SHIFT_NOISE": flags["SHIFT_NOISE"], "SCALE_NOISE": flags["SCALE_NOISE"]}
             if not variant:
                 cases.append((K._ghost_stats_channel_grads_kernel, dict(**noise, **small)))

@@ -253,8 +253,9 @@ def gni_noise(x_hat: Tensor, indices: Tensor, noise_eps: float, channel_dim: int
     return shift, scale
 
 
-def with_noise(x_hat: Tensor, shift: Tensor, scale: Tensor, weight: Tensor, bias: Tensor, strength: float,
-               channel_dim: int = 1) -> Tensor:
+def with_noise(
+    x_hat: Tensor, shift: Tensor, scale: Tensor, weight: Tensor, bias: Tensor, strength: float, channel_dim: int = 1
+) -> Tensor:
     """weight * (x_hat - s * shift) / scale**s + bias, per (sample, channel)."""
     shape = [1] * x_hat.dim()
     shape[0] = x_hat.shape[0]

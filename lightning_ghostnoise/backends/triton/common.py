@@ -26,6 +26,7 @@ def _update_running(rm_ptr, rv_ptr, cs, cmask, mean, var, momentum, unbias):
     tl.store(rm_ptr + cs, rm.to(rm_ptr.dtype.element_ty), mask=cmask)
     tl.store(rv_ptr + cs, rv.to(rv_ptr.dtype.element_ty), mask=cmask)
 
+
 @triton.jit
 def _affine_params(w_ptr, bias_ptr, cs, cmask, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
     """The layer's weight and bias in float32 (1 and 0 when absent)."""
@@ -38,6 +39,7 @@ def _affine_params(w_ptr, bias_ptr, cs, cmask, HAS_W: tl.constexpr, HAS_BIAS: tl
     else:
         bias = tl.zeros([BLOCK_C], dtype=tl.float32)
     return w, bias
+
 
 @triton.jit
 def _channel_moments(mean_ptr, var_ptr, cs, cmask, B, C, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -61,6 +63,7 @@ def _channel_moments(mean_ptr, var_ptr, cs, cmask, B, C, BLOCK_B: tl.constexpr, 
         acc_e += v + c * c
     return centre, tl.sum(acc_c, axis=0) / B, tl.sum(acc_e, axis=0) / B
 
+
 @triton.jit
 def _batch_moments(mv_ptr, cm_ptr, cs, cmask, B, C, GIVEN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """:func:`_channel_moments`, read from ``cm_ptr`` ``(3, C)`` when a previous launch computed them."""
@@ -71,6 +74,7 @@ def _batch_moments(mv_ptr, cm_ptr, cs, cmask, B, C, GIVEN: tl.constexpr, BLOCK_B
     else:
         centre, mean_c, mean_e = _channel_moments(mv_ptr, mv_ptr + B * C, cs, cmask, B, C, BLOCK_B, BLOCK_C)
     return centre, mean_c, mean_e
+
 
 @triton.jit
 def _channel_moments_kernel(mv_ptr, cm_ptr, B, C, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -87,5 +91,14 @@ def split_channel_moments(mv: Tensor) -> Tensor:
     """``(3, C)``: per channel the centre and the batch means of ``c`` and ``e`` (see the kernel)."""
     _, batch, channels = mv.shape
     cm = torch.empty(3, channels, device=mv.device, dtype=torch.float32)
-    _launcher.launch(_channel_moments_kernel, (_cdiv(channels, _SMALL_C),), mv, cm, batch, channels, BLOCK_B=_SMALL_B, BLOCK_C=_SMALL_C)
+    _launcher.launch(
+        _channel_moments_kernel,
+        (_cdiv(channels, _SMALL_C),),
+        mv,
+        cm,
+        batch,
+        channels,
+        BLOCK_B=_SMALL_B,
+        BLOCK_C=_SMALL_C,
+    )
     return cm

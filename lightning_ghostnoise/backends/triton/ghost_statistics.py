@@ -37,6 +37,7 @@ def _group_range(g, B, N, G):
     end = tl.where(g == G - 1, B, start + N)
     return start, end
 
+
 @triton.jit
 def _ghost_stats_coefficients_kernel(
     mv_ptr, cm_ptr, w_ptr, bias_ptr, rm_ptr, rv_ptr, s_ptr, ps_ptr, pc_ptr,
@@ -107,6 +108,7 @@ def _ghost_stats_coefficients_kernel(
         tl.store(gm_ptr + at, gm, mask=mask)
         tl.store(gvar_ptr + at, gvar, mask=mask)
 
+
 @triton.jit
 def _ghost_stats_effective(gm, gvar, bm, std_b, centre, s, eps, SHIFT_NOISE: tl.constexpr, SCALE_NOISE: tl.constexpr):
     """From the ghost mean and variance ``(BLOCK_B, BLOCK_C)`` and the channel rows ``(BLOCK_C,)``: the
@@ -122,6 +124,7 @@ def _ghost_stats_effective(gm, gvar, bm, std_b, centre, s, eps, SHIFT_NOISE: tl.
     else:
         std_eff = tl.zeros_like(gm) + std_b[None, :]
     return std_g, std_eff, mean_eff + centre[None, :]
+
 
 @triton.jit
 def _ghost_stats_terms(
@@ -146,6 +149,7 @@ def _ghost_stats_terms(
     else:
         g_gm = tl.zeros_like(r0)
     return g_gm - 2.0 * gm * g_gvar, g_gvar
+
 
 @triton.jit
 def _ghost_stats_channel_grads(
@@ -178,6 +182,7 @@ def _ghost_stats_channel_grads(
         acc_m += -(r0 * a)  # the gradient of the effective mean
     return tl.sum(acc_w, axis=0), tl.sum(acc_b, axis=0), tl.sum(acc_t, axis=0), tl.sum(acc_m, axis=0)
 
+
 @triton.jit
 def _ghost_stats_channel_rows(pc_ptr, cs, cmask, C):
     """The forward's per-channel rows ``(4, C)``: centre, batch mean, batch variance, batch std."""
@@ -186,6 +191,7 @@ def _ghost_stats_channel_rows(pc_ptr, cs, cmask, C):
     bvar = tl.load(pc_ptr + 2 * C + cs, mask=cmask, other=0.0)
     std_b = tl.load(pc_ptr + 3 * C + cs, mask=cmask, other=1.0)
     return centre, bm, bvar, std_b
+
 
 @triton.jit
 def _ghost_stats_channel_grads_kernel(
@@ -204,6 +210,7 @@ def _ghost_stats_channel_grads_kernel(
     tl.store(cg_ptr + C + cs, sum_b, mask=cmask)
     tl.store(cg_ptr + 2 * C + cs, sum_t, mask=cmask)
     tl.store(cg_ptr + 3 * C + cs, sum_m, mask=cmask)
+
 
 @triton.jit
 def _ghost_stats_input_coefficients_kernel(

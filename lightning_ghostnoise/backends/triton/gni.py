@@ -101,6 +101,7 @@ def _gni_coefficients_kernel(
     tl.store(coef_ptr + 2 * B * C + out, inv, mask=mask)
     tl.store(coef_ptr + 3 * B * C + out, off, mask=mask)
 
+
 @triton.jit
 def _gni_input_coefficients_kernel(
     r_ptr, coef_ptr, stats_ptr, w_ptr, out_ptr, B, C, count,

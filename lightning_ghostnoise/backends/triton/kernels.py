@@ -44,6 +44,7 @@ def _moments_kernel(x_ptr, mv_ptr, B, C, S, sxb, sxc, sxs, BLOCK_C: tl.constexpr
     tl.store(mv_ptr + b * C + cs, pivot + m, mask=cmask)  # (2, B, C): mean, then variance
     tl.store(mv_ptr + B * C + b * C + cs, var, mask=cmask)
 
+
 @triton.jit
 def _sums_kernel(
     g_ptr, x_ptr, r_ptr, B, C, S, sgb, sgc, sgs, sxb, sxc, sxs, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
@@ -66,10 +67,9 @@ def _sums_kernel(
     tl.store(r_ptr + b * C + cs, tl.sum(acc0, axis=1), mask=cmask)  # (2, B, C): r0, then r1
     tl.store(r_ptr + B * C + b * C + cs, tl.sum(acc1, axis=1), mask=cmask)
 
+
 @triton.jit
-def _affine_kernel(
-    x_ptr, y_ptr, ad_ptr, B, C, S, sxb, sxc, sxs, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
-):
+def _affine_kernel(x_ptr, y_ptr, ad_ptr, B, C, S, sxb, sxc, sxs, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ss = (tl.program_id(2) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
@@ -81,6 +81,7 @@ def _affine_kernel(
     x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
     y = x * a[:, None] + d[:, None]
     tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
+
 
 @triton.jit
 def _input_grad_kernel(
@@ -111,8 +112,19 @@ def moments(x: Tensor, lay: Layout) -> Tensor:
     """
     mv = torch.empty(2, lay.b, lay.c, device=x.device, dtype=torch.float32)
     block_c, block_s = _blocks(lay.c, lay.s, lay.sc == 1)
-    _launcher.launch(_moments_kernel, (lay.b, _cdiv(lay.c, block_c)),
-        x, mv, lay.b, lay.c, lay.s, lay.sb, lay.sc, lay.ss, BLOCK_C=block_c, BLOCK_S=block_s
+    _launcher.launch(
+        _moments_kernel,
+        (lay.b, _cdiv(lay.c, block_c)),
+        x,
+        mv,
+        lay.b,
+        lay.c,
+        lay.s,
+        lay.sb,
+        lay.sc,
+        lay.ss,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
     )
     return mv
 
@@ -123,7 +135,9 @@ def affine(x: Tensor, lay: Layout, ad: Tensor) -> Tensor:
     y = torch.empty_like(x)  # x is dense: the same strides
     block_c, block_s = _blocks(lay.c, lay.s, lay.sc == 1)
     grid = (lay.b, _cdiv(lay.c, block_c), _cdiv(lay.s, block_s))
-    _launcher.launch(_affine_kernel, grid, x, y, ad, lay.b, lay.c, lay.s, lay.sb, lay.sc, lay.ss, BLOCK_C=block_c, BLOCK_S=block_s)
+    _launcher.launch(
+        _affine_kernel, grid, x, y, ad, lay.b, lay.c, lay.s, lay.sb, lay.sc, lay.ss, BLOCK_C=block_c, BLOCK_S=block_s
+    )
     return y
 
 
@@ -132,8 +146,23 @@ def channel_sums(grad_y: Tensor, x: Tensor, lay: Layout) -> Tensor:
     grad_y, g = _like(grad_y, lay)
     r = torch.empty(2, lay.b, lay.c, device=x.device, dtype=torch.float32)
     block_c, block_s = _blocks(lay.c, lay.s, lay.sc == 1)
-    _launcher.launch(_sums_kernel, (lay.b, _cdiv(lay.c, block_c)),
-        grad_y, x, r, lay.b, lay.c, lay.s, g.sb, g.sc, g.ss, lay.sb, lay.sc, lay.ss, BLOCK_C=block_c, BLOCK_S=block_s
+    _launcher.launch(
+        _sums_kernel,
+        (lay.b, _cdiv(lay.c, block_c)),
+        grad_y,
+        x,
+        r,
+        lay.b,
+        lay.c,
+        lay.s,
+        g.sb,
+        g.sc,
+        g.ss,
+        lay.sb,
+        lay.sc,
+        lay.ss,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
     )
     return r
 
