@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import lightning_ghostnoise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +84,7 @@ def test_the_layers_work_without_importing_lightning() -> None:
     assert out.splitlines() == ["[]", "[True, False] [False, True]"]
 
 
+@pytest.mark.slow
 def test_import_of_the_package_does_not_import_lightning_until_a_callback_is_used() -> None:
     out = _python(
         "import sys\n"

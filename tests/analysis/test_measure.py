@@ -71,6 +71,7 @@ def test_independent_positions_give_the_weaker_noise_pooling_predicts(n):
     assert g.ks_shift_eff[1] > 0.01 and g.ks_scale_eff[1] > 0.01
 
 
+@pytest.mark.slow
 def test_predicted_moments_are_exact_for_gni_on_correlated_non_gaussian_maps():
     """Over many draws on one batch, GNI's noise has the predicted per-channel moments (its derivation is
     exact for draws with replacement), here for skewed per-sample components plus correlated positions."""
@@ -95,6 +96,7 @@ def test_predicted_moments_are_exact_for_gni_on_correlated_non_gaussian_maps():
 
 
 # --------------------------------------------------------------------------- analyze_noise on a network
+@pytest.mark.slow
 def test_analyze_noise_on_a_resnet_and_plots(tmp_path):
     from lightning_ghostnoise.experiments.models import small_resnet
 

@@ -89,6 +89,7 @@ def test_override_restores_every_setting_and_rejects_unknown_ones():
             pass
 
 
+@pytest.mark.slow
 def test_import_does_not_import_triton_or_register_ops():
     import subprocess
     import sys

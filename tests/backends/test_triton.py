@@ -262,6 +262,7 @@ def test_bf16_channels_last_layer(monkeypatch):
     torch.testing.assert_close(fast["grad_weight"], ref["grad_weight"], rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.slow
 def test_compiled_graph_does_not_use_the_kernels(use_kernels):
     """Under torch.compile the layers take the PyTorch formulas (traced, no graph break), kernels or not."""
     torch._dynamo.reset()
@@ -290,6 +291,7 @@ def test_kernel_path_refuses_double_backward(use_kernels):
         torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_h100():
     """Triton compiles every kernel variant for sm_90 (no GPU needed): catches what the interpreter cannot."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -502,6 +504,7 @@ def _count_launches(monkeypatch):
         ("xbn", "aot_eager", True),
     ],
 )
+@pytest.mark.slow
 def test_compiled_graph_calls_the_coefficient_ops(use_kernels, monkeypatch, method, backend, channels_last):
     config.enable_compiled_kernels(True)  # registers the custom ops
     monkeypatch.setattr(config.settings(), "compiled_kernels", True)

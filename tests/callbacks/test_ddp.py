@@ -10,6 +10,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "helpers" / "ddp_worker.py"
+pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 
 
 def _run(mode: str, out: Path, world: int = 2) -> list:

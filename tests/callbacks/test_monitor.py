@@ -234,6 +234,7 @@ def test_noise_statistics_states_merge_like_one_metric():
         assert float(v[1]) == pytest.approx(expected[k], rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.ddp
 def test_ddp_two_processes_log_the_merged_statistics(tmp_path):
     """2-process gloo DDP: rank 0 logs the statistics of both ranks' noise, not its own."""
     env = {

@@ -3,6 +3,7 @@
 import json
 import os
 
+import pytest
 import torch
 
 from lightning_ghostnoise import apply_ghost_noise
@@ -25,6 +26,7 @@ _TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_command_writes_plots_and_json(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(_TINY + ["--out-dir", str(out), "--dpi", "30"]) == 0

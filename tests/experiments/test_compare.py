@@ -63,6 +63,7 @@ def _run(argv: List[str]) -> int:
 
 
 # --------------------------------------------------------------------------- compare end to end
+@pytest.mark.slow
 def test_compare_reads_idx_files_and_writes_table_json_png(fake_fashion: Path, tmp_path: Path, capsys) -> None:
     out_dir = tmp_path / "out"
     argv = TINY + ["--data-dir", str(fake_fashion), "--out-dir", str(out_dir)]

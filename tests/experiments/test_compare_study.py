@@ -146,6 +146,7 @@ def test_summarize_keeps_validation_and_test_loss() -> None:
 
 
 # --------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_sweep_selects_on_validation_and_never_on_test(tmp_path: Path, capsys) -> None:
     argv = TINY + [
         "--seeds",

@@ -35,6 +35,7 @@ def test_the_plugin_source_never_imports_experiments() -> None:
     assert not offenders, f"the plugin imports lightning_ghostnoise.experiments in {offenders}"
 
 
+@pytest.mark.slow
 def test_importing_the_plugin_loads_no_experiment_module() -> None:
     code = (
         "import sys\n"

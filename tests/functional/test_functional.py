@@ -190,6 +190,7 @@ def test_apply_noise_channel_last_layout():
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_ghost_noise_with_given_batch_moments_and_in_a_compiled_graph():
     """``batch=`` (BatchNorm's closed form) and the gather form traced under ``torch.compile`` give
     the pooled reference's noise."""
@@ -217,6 +218,7 @@ def test_ghost_noise_with_given_batch_moments_and_in_a_compiled_graph():
 
 @pytest.mark.parametrize("exclusive", [False, True])
 @pytest.mark.parametrize("B,N", [(12, 3), (12, 4), (9, 4)])  # equal ghost batches (a reshape), and not (the matrix)
+@pytest.mark.slow
 def test_ghost_statistics_compiled_matches_eager(B, N, exclusive):
     """Under ``torch.compile`` equal ghost batches are averaged by a reshape instead of the ``B x B``
     matrix (forward and the closed-form backward): same values and gradients as eager."""
@@ -660,6 +662,7 @@ def test_analytic_draws_counter_gamma_follows_its_law(n):
 
 
 @pytest.mark.parametrize("n", [2, 16, 35])
+@pytest.mark.slow
 def test_analytic_counter_draws_compiled_equal_eager(n):
     """The counter draws traced by ``torch.compile`` are the eager ones (the compiled layers' noise)."""
     from lightning_ghostnoise.functional import counter_rng
@@ -1098,6 +1101,7 @@ def test_update_running_stats_foreach_matches_two_lerps(dtype):
     torch.testing.assert_close(out[False][1].double(), (0.7 + 0.3 * var.double() * 12 / 11).to(dtype).double())
 
 
+@pytest.mark.slow
 def test_no_chunks_under_torch_compile(small_chunks):
     """Chunks are for eager CPU temporaries: under ``torch.compile`` their loop would be unrolled into
     the graph (inductor plans its own buffers), so a traced layer takes the batch in one piece."""

@@ -102,11 +102,13 @@ def test_conventions_differ_on_these_batches(shape):
 # ---------------------------------------------------------------------------------------------------
 # the functional API
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-@pytest.mark.parametrize("n", [1, 4])
+# N = 1 on (B, C) vectors leaves one value per ghost batch, which has no unbiased variance (see the test below)
+@pytest.mark.parametrize(
+    "shape, n",
+    [(shape, n) for shape in SHAPES for n in (1, 4) if not (n == 1 and len(shape) == 2)],
+    ids=[f"{i}-N{n}" for shape, i in zip(SHAPES, SHAPE_IDS) for n in (1, 4) if not (n == 1 and len(shape) == 2)],
+)
 def test_ghost_running_targets_match_loop(shape, n):
-    if n == 1 and len(shape) == 2:
-        pytest.skip("one value per ghost batch has no unbiased variance (see the test below)")
     (x,) = make_batches(1, shape, 1)
     spatial = x[0, 0].numel()
     mean, var = GF.ghost_running_targets(*GF.per_sample_moments(x), n, spatial)
@@ -357,13 +359,19 @@ def use_kernels(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "shape", [(16, 3, 4, 4), (13, 3, 4, 4), (13, 5), (13, 3, 5)], ids=["2d", "2d-rem", "1d", "1d-seq"]
+    "shape, channels_last",  # channels-last needs a 4-d input
+    [
+        ((16, 3, 4, 4), False),
+        ((13, 3, 4, 4), False),
+        ((13, 5), False),
+        ((13, 3, 5), False),
+        ((16, 3, 4, 4), True),
+        ((13, 3, 4, 4), True),
+    ],
+    ids=["2d", "2d-rem", "1d", "1d-seq", "2d-channels-last", "2d-rem-channels-last"],
 )
 @pytest.mark.parametrize("running_stats", ["ghost", "batch"])
-@pytest.mark.parametrize("channels_last", [False, True])
 def test_kernel_path_running_stats_match_loop(use_kernels, shape, running_stats, channels_last):
-    if channels_last and len(shape) != 4:
-        pytest.skip("channels-last needs a 4-d input")
     plain, layer = _layer(shape, 0.1, method="gbn", running_stats=running_stats)
     plain, layer = plain.to(DEVICE), layer.to(DEVICE)
     batches = make_batches(2, shape, 10)

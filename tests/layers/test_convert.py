@@ -476,6 +476,7 @@ def _small_model():
 # "aot_eager" traces the backward too (the fused autograd functions' closed-form backward included).
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.slow
 def test_torch_compile_eager_backend(method, backend):
     torch._dynamo.reset()
     model = apply_ghost_noise(_small_model(), ghost_batch_size=3, method=method, include_types=["BatchNorm"])
@@ -502,6 +503,7 @@ def test_torch_compile_eager_backend(method, backend):
 
 @pytest.mark.parametrize("custom_ops", [False, True], ids=["traced", "custom_ops"])
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.slow
 def test_torch_compile_no_graph_break_channels_last_autocast(method, custom_ops, monkeypatch):
     """Channels last under bfloat16 autocast, with the input gradient traced: the layout in which an
     ``out=`` into a non-contiguous buffer broke the graph at every layer on the custom-op path."""
@@ -540,6 +542,7 @@ def _partition_model(kind: str) -> nn.Module:
     "kind,method",
     [("bn", m) for m in METHODS] + [(k, m) for k in ("ln", "gn") for m in ("gni", "analytic")],
 )
+@pytest.mark.slow
 def test_torch_compile_partitioner_keeps_the_forward_draws(kind, method):
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -560,6 +563,7 @@ def test_torch_compile_partitioner_keeps_the_forward_draws(kind, method):
         reference.zero_grad()
 
 
+@pytest.mark.slow
 def test_torch_compile_sees_strength_changes():
     torch._dynamo.reset()
     model = apply_ghost_noise(_small_model(), ghost_batch_size=3, method="gni")
