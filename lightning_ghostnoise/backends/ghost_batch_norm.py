@@ -188,7 +188,7 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         weight: Tensor | None,
@@ -273,7 +273,7 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
         return sample_affine(x, a, d, channel_dim)
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         refuse_double_backward()
         if ctx.kernels:
             x, mv, per_sample, per_channel, s = ctx.saved_tensors

@@ -114,7 +114,7 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         weight: Tensor | None,
@@ -200,7 +200,7 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
         return sample_affine(x, a, d, channel_dim)
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         refuse_double_backward()
         channel_dim = ctx.channel_dim
         if ctx.kernels:

@@ -116,7 +116,7 @@ class _NormalizedNoise(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         weight: Tensor | None,
@@ -139,7 +139,7 @@ class _NormalizedNoise(torch.autograd.Function):
         ctx.native = isinstance(normalize, NativeNorm) and x_in.dtype in _NATIVE_DTYPES
         if ctx.native:
             with autocast_off(x_in):  # (the input is already in the dtype autocast gives the norm)
-                x_hat, mean, rstd = normalize.forward(x_in)  # type: ignore[attr-defined]
+                x_hat, mean, rstd = normalize.forward(x_in)  # type: ignore[attr-defined]  # a NativeNorm when native
             stats: tuple[Tensor, ...] = (mean, rstd)
         else:
             x_in, stats = x, ()
@@ -156,7 +156,7 @@ class _NormalizedNoise(torch.autograd.Function):
         return sample_affine(x_hat, *with_affine(inv, d, weight, bias), channel_dim, in_place=own)
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         refuse_double_backward()
         if ctx.native:
             grads = _NormalizedNoise._native_backward(ctx, grad_y)

@@ -84,8 +84,7 @@ class NoiseStatistics(Metric):
         idx = ((values.clamp(-r, r) + r) * (self.bins / (2 * r))).long().clamp_(0, self.bins - 1)
         return torch.bincount(idx, minlength=self.bins).to(torch.float64)
 
-    # torchmetrics declares update(*args, **kwargs); this metric takes named arguments, hence the ignore
-    def update(self, index: int, shift: Tensor, scale: Tensor) -> None:  # type: ignore[override]
+    def update(self, index: int, shift: Tensor, scale: Tensor) -> None:
         """Add the noise values of layer ``index`` (any shape; empty: nothing to add)."""
         if shift.numel() == 0:
             return

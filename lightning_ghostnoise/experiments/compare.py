@@ -295,7 +295,7 @@ def _load_run(path: str, config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         missing = [k for k in _RESULT_KEYS if k not in result]
         if missing:
             raise KeyError(f"no {', '.join(missing)}")
-        return result  # type: ignore[no-any-return]
+        return result
     except (OSError, ValueError, KeyError, TypeError) as err:
         print(
             f"ghostnoise compare: {path} is damaged ({type(err).__name__}: {err}); training this run again.",

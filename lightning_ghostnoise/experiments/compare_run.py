@@ -145,7 +145,7 @@ def fit_once(args: argparse.Namespace, spec: "MethodSpec", seed: int, show_bar: 
         ghost = GhostNoise(
             ghost_batch_size=spec.ghost_batch_size or 16,
             strength=args.strength,
-            method=spec.method,  # type: ignore[arg-type]
+            method=spec.method,  # type: ignore[arg-type]  # a str checked against METHODS by method_specs
             seed=seed,
             log_values=False,
             **options,
@@ -194,6 +194,6 @@ def fit_once(args: argparse.Namespace, spec: "MethodSpec", seed: int, show_bar: 
         "dataset": dm.dataset_name,
         "n_train": int(len(dm.train_indices)) if dm.train_indices is not None else 0,
         "n_val": int(len(dm.val_indices)) if dm.val_indices is not None else 0,
-        "n_test": len(dm.test_dataloader().dataset),  # type: ignore[arg-type]
+        "n_test": len(dm.test_dataloader().dataset),  # type: ignore[arg-type]  # a map-style dataset: it has a length
         "device": str(trainer.strategy.root_device),
     }

@@ -59,7 +59,7 @@ def summarize(runs: Sequence[Dict[str, Any]], labels: Sequence[str]) -> List[Dic
         for key in ("val_acc", "test_acc", "train_acc", "gap", "test_loss", "val_loss"):
             values = [r.get(key) for r in group]
             if all(v is not None for v in values):
-                row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([float(v) for v in values])  # type: ignore[arg-type]
+                row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([float(v) for v in values])  # type: ignore[arg-type]  # None excluded just above
         row["train_seconds_per_epoch"] = statistics.mean(float(r["train_seconds_per_epoch"]) for r in group)
         row["eval_seconds"] = statistics.mean(float(r["eval_seconds"]) for r in group)
         rows.append(row)

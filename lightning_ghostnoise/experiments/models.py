@@ -459,7 +459,7 @@ class Classifier(pl.LightningModule):
             return None
         loader = self.trainer.train_dataloader
         try:
-            per_epoch = len(loader)  # type: ignore[arg-type]
+            per_epoch = len(loader)  # type: ignore[arg-type]  # a sized loader, or TypeError below
         except TypeError:
             return None
         return max(int(hint) * per_epoch // max(self.trainer.accumulate_grad_batches, 1), 1)

@@ -185,13 +185,13 @@ def gni_coefficients(
     coef = torch.empty(4, batch, channels, device=mv.device, dtype=torch.float32)
     stats = torch.empty(2, channels, device=mv.device, dtype=torch.float32)
     has_running = running_mean is not None and running_var is not None
-    n = int(ghost_batch_size) if analytic else indices.shape[1]  # type: ignore[union-attr, arg-type]
+    n = int(ghost_batch_size) if analytic else indices.shape[1]  # type: ignore[union-attr, arg-type]  # the draws the mode needs are given
     cm = _split_channel_moments(mv) if batch > config.settings().split_batch else mv
     _launcher.launch(_gni_coefficients_kernel, (_cdiv(channels, _SMALL_C), _cdiv(batch, _SMALL_B)),
         mv, cm,
-        mv if analytic else indices.contiguous(),  # type: ignore[union-attr]
-        normal.float().contiguous() if analytic else mv,  # type: ignore[union-attr]
-        gamma.float().contiguous() if analytic else mv,  # type: ignore[union-attr]
+        mv if analytic else indices.contiguous(),  # type: ignore[union-attr]  # given without analytic
+        normal.float().contiguous() if analytic else mv,  # type: ignore[union-attr]  # given with analytic
+        gamma.float().contiguous() if analytic else mv,  # type: ignore[union-attr]  # given with analytic
         weight if weight is not None else mv, bias if bias is not None else mv,
         running_mean if has_running else mv, running_var if has_running else mv, strength, coef, stats,
         batch, channels, n, math.sqrt(n), float(momentum), count / max(count - 1, 1), float(eps), float(noise_eps),
