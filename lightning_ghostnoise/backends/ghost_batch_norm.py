@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_ghostnoise.backends import triton
 from lightning_ghostnoise.backends.dispatch import select
 from lightning_ghostnoise.backends.torch_passes import (
     affine_input_grad,
@@ -216,7 +217,7 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
             mv = passes.moments(x, channel_dim)
             s = as_strength(strength, mv)
             if ctx.in_graph:  # the running statistics in the graph, from the op's batch statistics (see ops)
-                per_sample, per_channel = _custom_ops().ghost_statistics_coefficients(
+                per_sample, per_channel = triton.load_custom_ops().ghost_statistics_coefficients(
                     mv, weight, bias, s, eps, ghost_batch_size, exclusive, shift_noise, scale_noise
                 )
                 if not ghost_running:
@@ -227,7 +228,7 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
             else:
                 # the kernel updates the full batch's running statistics; the ghost ones are done below
                 kernel_rm, kernel_rv = (None, None) if ghost_running else (running_mean, running_var)
-                per_sample, per_channel = _ghost_kernels().ghost_statistics_coefficients(
+                per_sample, per_channel = triton.load_ghost_statistics().ghost_statistics_coefficients(
                     mv, weight, bias, kernel_rm, kernel_rv, s, count, momentum, eps, ghost_batch_size, exclusive,
                     shift_noise, scale_noise,
                 )  # fmt: skip
@@ -279,7 +280,11 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
             x, mv, per_sample, per_channel, s = ctx.saved_tensors
             ghost_batch_size, exclusive, shift_noise, scale_noise, has_weight, has_bias, eps = ctx.flags
             r = ctx.passes.channel_sums(grad_y, x, ctx.channel_dim)
-            pq, grads = ((_custom_ops() if ctx.in_graph else _ghost_kernels()).ghost_statistics_input_coefficients)(
+            pq, grads = (
+                (
+                    triton.load_custom_ops() if ctx.in_graph else triton.load_ghost_statistics()
+                ).ghost_statistics_input_coefficients
+            )(
                 r,
                 mv,
                 per_sample,
@@ -345,15 +350,3 @@ class _GhostStatisticsBatchNorm(torch.autograd.Function):
             q_coef = (g_m / count).addcmul_(p_coef, mean, value=-1)
             grad_x = affine_input_grad(grad_y, x, a, p_coef, q_coef, channel_dim, out=scratch)
         return (grad_x, grad_w, grad_b) + (None,) * 12
-
-
-def _ghost_kernels() -> Any:
-    from lightning_ghostnoise.backends.triton import ghost_statistics
-
-    return ghost_statistics
-
-
-def _custom_ops() -> Any:
-    from lightning_ghostnoise.backends.triton import custom_ops
-
-    return custom_ops

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from lightning_ghostnoise.backends import triton
 from lightning_ghostnoise.backends.dispatch import select
 from lightning_ghostnoise.backends.moment_affine import moment_affine
 from lightning_ghostnoise.backends.torch_passes import (
@@ -151,13 +152,13 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
             }
             s = as_strength(strength, mv)
             if ctx.in_graph:  # the running statistics in the graph, from the op's batch mean and rstd (see ops)
-                coef, stats = _custom_ops().gni_coefficients(
+                coef, stats = triton.load_custom_ops().gni_coefficients(
                     mv, weight, bias, s, eps, shift_noise, scale_noise, **draw_args
                 )
                 batch_var = stats[1].pow(-2).sub_(eps).clamp_min_(0)  # (rstd = (var + eps)**-0.5: rel. error ~1e-7)
                 update_running_stats(running_mean, running_var, stats[0], batch_var, count, momentum, foreach=True)
             else:
-                coef, stats = _gni_kernels().gni_coefficients(
+                coef, stats = triton.load_gni().gni_coefficients(
                     mv,
                     weight,
                     bias,
@@ -207,7 +208,9 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
             x, coef, stats, weight = ctx.saved_tensors
             n = x.numel() // x.shape[1]  # values per channel
             r = ctx.passes.channel_sums(grad_y, x, channel_dim)
-            input_coefficients = (_custom_ops() if ctx.in_graph else _gni_kernels()).gni_input_coefficients
+            input_coefficients = (
+                triton.load_custom_ops() if ctx.in_graph else triton.load_gni()
+            ).gni_input_coefficients
             out = input_coefficients(r, coef, stats, weight, n)  # P, Q, grad_w, grad_b
             grad_x = ctx.passes.input_grad(grad_y, x, coef, out[:2], channel_dim) if ctx.needs_input_grad[0] else None
             grad_w = out[2] if ctx.has_weight and ctx.needs_input_grad[1] else None
@@ -234,15 +237,3 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
             grad_x = affine_input_grad(grad_y, x, a, p_coef, q_coef, channel_dim, out=scratch)
         # (autograd casts grad_w / grad_b to the parameters' dtype)
         return (grad_x, grad_w, grad_b) + (None,) * 10
-
-
-def _gni_kernels() -> Any:
-    from lightning_ghostnoise.backends.triton import gni
-
-    return gni
-
-
-def _custom_ops() -> Any:
-    from lightning_ghostnoise.backends.triton import custom_ops
-
-    return custom_ops

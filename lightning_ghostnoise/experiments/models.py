@@ -32,6 +32,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_ghostnoise.experiments.lr_schedule import WarmupCosine
+
 __all__ = [
     "MODELS",
     "Classifier",
@@ -348,19 +350,6 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs
     return MODELS[key](num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
-class _WarmupCosine:
-    """The learning-rate factor at a step: linear from 0 to 1 over ``warmup`` steps, then cosine to 0 at ``total``."""
-
-    def __init__(self, warmup: int, total: int) -> None:
-        self.warmup, self.total = warmup, total
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        span = max(self.total - self.warmup, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(step - self.warmup, span) / span))
-
-
 class Classifier(pl.LightningModule):
     """Image classification with cross-entropy, SGD and a per-step cosine (or one-cycle) learning rate.
 
@@ -502,7 +491,7 @@ class Classifier(pl.LightningModule):
             return optimizer
         warmup = self._warmup_steps(total)
         if hp["scheduler"] == "cosine":
-            sched: Any = torch.optim.lr_scheduler.LambdaLR(optimizer, _WarmupCosine(warmup, total))
+            sched: Any = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, total))
         else:
             sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp["lr"], total_steps=total + 1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

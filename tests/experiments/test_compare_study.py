@@ -22,7 +22,8 @@ from lightning_ghostnoise.experiments.compare_stats import (
     summarize,
 )
 from lightning_ghostnoise.experiments.data import FashionMNISTDataModule
-from lightning_ghostnoise.experiments.models import Classifier, _WarmupCosine
+from lightning_ghostnoise.experiments.lr_schedule import WarmupCosine
+from lightning_ghostnoise.experiments.models import Classifier
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning:lightning.pytorch.utilities._pytree"),
@@ -309,11 +310,11 @@ def test_resume_retrains_a_damaged_run_file_and_keeps_the_others(tmp_path: Path,
 
 
 def test_warmup_then_cosine() -> None:
-    f = _WarmupCosine(4, 20)
+    f = WarmupCosine(4, 20)
     factors = [f(step) for step in range(21)]
     assert factors[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and factors[4] == pytest.approx(1.0)
     assert factors[20] == pytest.approx(0.0) and all(a >= b for a, b in zip(factors[4:], factors[5:]))
-    plain = _WarmupCosine(0, 10)
+    plain = WarmupCosine(0, 10)
     assert plain(5) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="warmup_epochs"):
         Classifier("small_cnn", warmup_epochs=-1)

@@ -17,8 +17,33 @@ This package's ``__init__`` does not import Triton; its modules do.
 from __future__ import annotations
 
 import sys
+from types import ModuleType
 
-__all__ = ["clear_caches"]
+__all__ = ["clear_caches", "load_custom_ops", "load_ghost_statistics", "load_gni"]
+
+# Loaders of the modules that import Triton, called where a layer takes this backend. Plain import
+# statements: torch.compile traces them inside the layers' autograd functions (importlib it does not).
+
+
+def load_gni() -> ModuleType:
+    """:mod:`~lightning_ghostnoise.backends.triton.gni`, imported on first use."""
+    from lightning_ghostnoise.backends.triton import gni as module
+
+    return module
+
+
+def load_ghost_statistics() -> ModuleType:
+    """:mod:`~lightning_ghostnoise.backends.triton.ghost_statistics`, imported on first use."""
+    from lightning_ghostnoise.backends.triton import ghost_statistics as module
+
+    return module
+
+
+def load_custom_ops() -> ModuleType:
+    """:mod:`~lightning_ghostnoise.backends.triton.custom_ops`, imported (and registered) on first use."""
+    from lightning_ghostnoise.backends.triton import custom_ops as module
+
+    return module
 
 
 def clear_caches() -> None:
