@@ -20,15 +20,10 @@ The package, one idea per module:
 * :mod:`~lightning_ghostnoise.analysis.outputs`: result files written atomically (also used by the
   ``ghostnoise`` command).
 
-Example:
-    >>> import torch
-    >>> from torch import nn
-    >>> model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16))
-    >>> x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
-    >>> result = analyze_noise(model, x, ghost_batch_sizes=[16], methods=["gni", "gbn"])
-    >>> s = result.summary("gni", 16, "1")  # one value per sample: the law at N = 16, shift std 0.25
-    >>> abs(s.shift_std - 0.25) < 0.02, round(s.n_eff_shift)
-    (True, 16)
+Example (a whole measurement: :func:`~lightning_ghostnoise.analysis.measure.analyze_noise`):
+    >>> from lightning_ghostnoise.analysis.noise_stats import law_moments
+    >>> round(float(law_moments(16)["shift_std"]), 2)  # the law's shift std at N = 16: 1 / sqrt(16)
+    0.25
 """
 
 from lightning_ghostnoise.analysis.measure import analyze_noise
