@@ -34,12 +34,14 @@ from lightning_ghostnoise.layers import (
 if TYPE_CHECKING:
     from lightning_ghostnoise.analysis import analyze_noise
     from lightning_ghostnoise.callbacks import GhostNoise, GhostNoiseMonitor
+    from lightning_ghostnoise.controller import GhostNoiseController
 
 __version__ = "0.1.0"
 
-#: Public names imported on first access: they need Lightning (the callbacks) or the analysis tools.
+#: Public names imported on first access: the Lightning callbacks, the controller and the analysis tools.
 _LAZY: Dict[str, str] = {
     "GhostNoise": "lightning_ghostnoise.callbacks.ghost_noise",
+    "GhostNoiseController": "lightning_ghostnoise.controller",
     "GhostNoiseMonitor": "lightning_ghostnoise.callbacks.monitor",
     "analyze_noise": "lightning_ghostnoise.analysis",
 }
@@ -54,6 +56,7 @@ __all__ = [
     "GhostGroupNorm",
     "GhostLayerNorm",
     "GhostNoise",
+    "GhostNoiseController",
     "GhostNoiseMonitor",
     "GhostNoiseMixin",
     "__version__",

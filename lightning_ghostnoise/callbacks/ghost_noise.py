@@ -11,33 +11,25 @@ Example:
 from __future__ import annotations
 
 import math
-import os
-import secrets
 from typing import Any, Dict, List, Literal, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
-from torch import nn
 from typing_extensions import override
 
 from lightning_ghostnoise import functional as GF
-from lightning_ghostnoise.layers.base import GHOST_BUFFERS, GhostNoiseMixin
-from lightning_ghostnoise.layers.convert import SurgeryReport, apply_ghost_noise, ghost_layers, revert_ghost_noise
-from lightning_ghostnoise.layers.validation import (
-    Method,
-    min_ghost_batch_size,
-    validate_ghost_batch_size,
-    validate_method,
-    validate_noise_eps,
-    validate_running_stats,
-    validate_strength,
-)
-from lightning_ghostnoise.schedules import Constant, Schedule, as_schedule, to_ghost_batch_size
-from lightning_ghostnoise.seeding import derive_seed, validate_seed
+from lightning_ghostnoise.controller import GhostNoiseController
+from lightning_ghostnoise.layers.validation import Method
+from lightning_ghostnoise.schedules import Schedule
 
 __all__ = ["GhostNoise"]
+
+
+def _from_controller(name: str, doc: Optional[str] = None) -> Any:
+    """A read-only property that reads ``name`` from the callback's :class:`GhostNoiseController`."""
+    return property(lambda self: getattr(self.controller, name), doc=doc or f"The controller's ``{name}``.")
 
 
 class GhostNoise(Callback):
@@ -47,6 +39,10 @@ class GhostNoise(Callback):
     the DDP wrap; layers created in ``configure_model`` are rewritten at ``on_fit_start``. Plain layers
     are put back when fit ends (``revert_on_fit_end``). Parameters and buffers keep their names, so
     checkpoints load strictly into the plain model and back.
+
+    The work is done by a :class:`~lightning_ghostnoise.GhostNoiseController` (the ``controller``
+    attribute), the object a Fabric or plain PyTorch loop uses directly: the callback tells it the run's
+    length, the global rank and Lightning's batch count, and saves its state in the checkpoint.
 
     Args:
         ghost_batch_size: ``N``, a number or a :class:`~lightning_ghostnoise.schedules.Schedule`
@@ -112,82 +108,50 @@ class GhostNoise(Callback):
         running_stats: Optional[Literal["ghost", "batch"]] = None,
     ) -> None:
         super().__init__()
-        self.method = validate_method(method)
-        validate_running_stats(running_stats, self.method)
-        self.running_stats = running_stats
-        self.ghost_batch_size = as_schedule(ghost_batch_size).validate_for("ghost_batch_size")
-        self.strength = as_schedule(strength).validate_for("strength")
-        self._check_schedule_ranges(scale_noise)
-        self.include_types = include_types
-        self.exclude_types = exclude_types
-        self.include_names = include_names
-        self.exclude_names = exclude_names
-        self.shift_noise = shift_noise
-        self.scale_noise = scale_noise
-        self.noise_eps = validate_noise_eps(noise_eps)
-        self.seed = None if seed is None else validate_seed(seed)
-        if sync and self.method in ("gbn", "xbn"):
-            raise ValueError(
-                f"sync=True supports the methods 'gni' and 'analytic': {self.method!r} forms its ghost batches inside "
-                "each process's batch (identical to a global split when the per-process batch is a multiple of "
-                "ghost_batch_size). Use sync=False."
-            )
-        self.sync = bool(sync)
-        self.fused = bool(fused)
+        self.controller = GhostNoiseController(
+            ghost_batch_size=ghost_batch_size,
+            strength=strength,
+            method=method,
+            include_types=include_types,
+            exclude_types=exclude_types,
+            include_names=include_names,
+            exclude_names=exclude_names,
+            shift_noise=shift_noise,
+            scale_noise=scale_noise,
+            noise_eps=noise_eps,
+            seed=seed,
+            sync=sync,
+            fused=fused,
+            running_stats=running_stats,
+        )
         self.revert_on_fit_end = revert_on_fit_end
         self.log_values = log_values
-        self._base_seed: Optional[int] = self.seed
-        self._current: Dict[str, float] = {}
-        self._run_epochs: Optional[float] = None
-        self._layers: List[GhostNoiseMixin] = []
-        self._ddp_ignored: List[str] = []
-        self.report = SurgeryReport()
 
-    # ------------------------------------------------------------------ helpers
+    # the configuration lives in the controller; read it here as before
+    method = _from_controller("method")
+    ghost_batch_size = _from_controller("ghost_batch_size")
+    strength = _from_controller("strength")
+    include_types = _from_controller("include_types")
+    exclude_types = _from_controller("exclude_types")
+    include_names = _from_controller("include_names")
+    exclude_names = _from_controller("exclude_names")
+    shift_noise = _from_controller("shift_noise")
+    scale_noise = _from_controller("scale_noise")
+    noise_eps = _from_controller("noise_eps")
+    seed = _from_controller("seed")
+    sync = _from_controller("sync")
+    fused = _from_controller("fused")
+    running_stats = _from_controller("running_stats")
+    report = _from_controller("report", "What the rewrite replaced and skipped (a :class:`SurgeryReport`).")
+    base_seed = _from_controller("base_seed", "The base seed in use (resolved at ``setup``).")
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
             method=self.method, include_names=self.include_names, include_types=self.include_types
         )
 
-    @property
-    def base_seed(self) -> Optional[int]:
-        """The base seed in use (resolved at ``setup``)."""
-        return self._base_seed
-
-    def _resolve_seed(self) -> int:
-        if self.seed is not None:
-            return self.seed
-        if self._base_seed is not None:
-            return self._base_seed
-        env = os.environ.get("PL_GLOBAL_SEED")
-        if env is not None:
-            return validate_seed(int(env))
-        # drawn once from the OS (never the global torch RNG) and saved in the checkpoint; rank 0's
-        # value is broadcast in setup so every process agrees
-        return secrets.randbelow(2**32)
-
-    def _check_schedule_ranges(self, scale_noise: bool) -> None:
-        """Check every value the schedules can produce, so that no value fails in the middle of training."""
-        low = self.ghost_batch_size.value_range()[0]
-        rounded = to_ghost_batch_size(low)
-        needed = min_ghost_batch_size(self.method, scale_noise)
-        if not isinstance(self.ghost_batch_size, Constant):
-            source = (
-                f" (the smallest value of ghost_batch_size={self.ghost_batch_size!r} is {low:g}, rounded half up to "
-                f"{rounded}; keep every value of the schedule >= {needed - 0.5:g})"
-            )
-        else:
-            source = f" (rounded half up from {low:g})" if rounded != low else ""
-        validate_ghost_batch_size(rounded, self.method, scale_noise, source=source)
-        high = self.strength.value_range()[1]
-        try:
-            validate_strength(high, self.method)
-        except ValueError as err:
-            if isinstance(self.strength, Constant):
-                raise
-            raise ValueError(f"strength={self.strength!r} can reach {high:g}: {err}") from None
-
+    # ------------------------------------------------------------------ helpers
     @staticmethod
     def _training_epochs(trainer: "pl.Trainer") -> Optional[float]:
         """The run's length in epochs for ``unit="fraction"`` schedules, or ``None`` while unknown.
@@ -204,13 +168,9 @@ class GhostNoise(Callback):
             epochs = from_steps if epochs is None else min(epochs, from_steps)
         return epochs
 
-    def _fraction_schedules(self) -> List[str]:
-        schedules = {"ghost_batch_size": self.ghost_batch_size, "strength": self.strength}
-        return [f"{name}={schedule!r}" for name, schedule in schedules.items() if schedule.uses_fraction]
-
     def _check_run_length(self, trainer: "pl.Trainer", unknown: bool) -> None:
         """Refuse ``unit="fraction"`` schedules when the run's length is ``unknown``."""
-        fractions = self._fraction_schedules()
+        fractions = self.controller.fraction_schedules()
         if not fractions or not unknown:
             return
         raise MisconfigurationException(
@@ -221,52 +181,11 @@ class GhostNoise(Callback):
             "epochs with unit='epoch'."
         )
 
-    def _apply(self, pl_module: nn.Module, warn: bool) -> SurgeryReport:
-        report = SurgeryReport()
-        # a schedule's value at position 0 never depends on the run's length (ramps start at a
-        # fraction >= 0), so a placeholder length serves until ``on_train_start`` knows the real one
-        length = self._run_epochs or 1.0
-        apply_ghost_noise(
-            pl_module,
-            ghost_batch_size=self._value("ghost_batch_size", 0, 0, None, length),
-            method=self.method,
-            strength=self._value("strength", 0, 0, None, length),
-            shift_noise=self.shift_noise,
-            scale_noise=self.scale_noise,
-            noise_eps=self.noise_eps,
-            seed=self._base_seed or 0,
-            fused=self.fused,
-            running_stats=self.running_stats,
-            include_types=self.include_types,
-            exclude_types=self.exclude_types,
-            include_names=self.include_names,
-            exclude_names=self.exclude_names,
-            warn=warn,
-            report=report,
-        )
-        for _, layer in ghost_layers(pl_module):
-            layer.sync = self.sync
-        return report
-
-    def _value(self, which: str, epoch: int, step: int, steps: Optional[int], max_epochs: Optional[float]) -> Any:
-        schedule = self.ghost_batch_size if which == "ghost_batch_size" else self.strength
-        value = schedule(epoch, step, steps, max_epochs)
-        return to_ghost_batch_size(value) if which == "ghost_batch_size" else value
-
-    def _set_values(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch_idx: int) -> None:
+    def _set_run_length(self, trainer: "pl.Trainer") -> None:
+        self.controller.max_epochs = self._training_epochs(trainer)
         batches = trainer.num_training_batches
-        steps = None if batches in (None, float("inf")) else int(batches)
-        n = self._value("ghost_batch_size", trainer.current_epoch, batch_idx, steps, self._run_epochs)
-        s = self._value("strength", trainer.current_epoch, batch_idx, steps, self._run_epochs)
-        if self._current.get("ghost_batch_size") != n or self._current.get("strength") != s:
-            for layer in self._layers:
-                if layer.ghost_batch_size != n:
-                    layer.ghost_batch_size = n
-                if layer.strength != s:
-                    layer.strength = s
-            self._current = {"ghost_batch_size": n, "strength": s}
+        self.controller.steps_per_epoch = None if batches in (None, float("inf")) else int(batches)
 
-    # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
@@ -287,13 +206,11 @@ class GhostNoise(Callback):
             )
         no_length = (trainer.max_epochs is None or trainer.max_epochs <= 0) and not trainer.max_steps > 0
         self._check_run_length(trainer, unknown=no_length)
-        self._run_epochs = self._training_epochs(trainer)
-        seed = self._resolve_seed()
-        self._base_seed = int(trainer.strategy.broadcast(seed, src=0))
+        self._set_run_length(trainer)
+        # every process takes rank 0's seed
+        self.controller.resolve_seed(broadcast=lambda seed: trainer.strategy.broadcast(seed, src=0))
         # warnings wait for on_fit_start: layers built in ``configure_model`` do not exist yet
-        self.report = self._apply(pl_module, warn=False)
-        self._current = {}
-        self._hide_buffers_from_ddp(pl_module)
+        self.controller.apply(pl_module, warn=False)
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -301,85 +218,61 @@ class GhostNoise(Callback):
         # with the plain layers, so the optimizer and the DDP wrap keep valid references. The seed is
         # final here (a checkpoint's callback state is loaded after ``setup``).
         before = self.report.num_replaced
-        self.report = self._apply(pl_module, warn=True)
+        self.controller.apply(pl_module, warn=True)
         if self.report.num_replaced:
             late = self.report.num_replaced - before
             rank_zero_info(
                 f"GhostNoise: rewrote {self.report.summary()} with method={self.method}, "
                 f"ghost_batch_size={self.ghost_batch_size!r}, strength={self.strength!r}"
                 + (", sync=True" if self.sync else "")
-                + f" (seed {self._base_seed})"
+                + f" (seed {self.base_seed})"
                 + (f"; {late} of them created in configure_model." if late > 0 else ".")
             )
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # ``current_epoch`` is restored only from here on, and the number of batches is known
-        self._run_epochs = self._training_epochs(trainer)
-        self._check_run_length(trainer, unknown=self._run_epochs is None)
-        self._layers = [layer for _, layer in ghost_layers(pl_module)]
-        self._current = {}
-        self._set_values(trainer, pl_module, 0)
+        self._set_run_length(trainer)
+        self._check_run_length(trainer, unknown=self.controller.max_epochs is None)
+        self.controller.values = {}
+        self.controller.set_values(trainer.current_epoch, 0)
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._set_values(trainer, pl_module, 0)
+        self._set_run_length(trainer)
+        self.controller.set_values(trainer.current_epoch, 0)
 
     @override
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        self._set_values(trainer, pl_module, batch_idx)
-        # one fresh stream per (base seed, rank, batch, layer): exact on resume, distinct per rank
-        counter = trainer.fit_loop.epoch_loop.batch_progress.total.ready
-        rank = 0 if self.sync else trainer.global_rank
-        for index, layer in enumerate(self._layers):
-            layer.reseed(derive_seed(self._base_seed or 0, rank, counter, index))
+        # one fresh stream per (base seed, global rank, batch, layer): exact on resume, distinct per rank
+        values = self.controller.on_step(
+            trainer.current_epoch,
+            batch_idx,
+            rank=trainer.global_rank,
+            batch_count=trainer.fit_loop.epoch_loop.batch_progress.total.ready,
+        )
         if self.log_values and trainer.logger is not None:
             pl_module.log(
-                "ghostnoise/ghost_batch_size", float(self._current["ghost_batch_size"]), on_step=True, on_epoch=False
+                "ghostnoise/ghost_batch_size", float(values["ghost_batch_size"]), on_step=True, on_epoch=False
             )
-            pl_module.log("ghostnoise/strength", float(self._current["strength"]), on_step=True, on_epoch=False)
-
-    def _hide_buffers_from_ddp(self, pl_module: "pl.LightningModule") -> None:
-        # DDP broadcasts rank 0's buffers every step: the per-rank noise state must stay per rank
-        names = {f"{name}.{buf}" if name else buf for name, _ in ghost_layers(pl_module) for buf in GHOST_BUFFERS}
-        existing = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []))
-        self._ddp_ignored = sorted(names - existing)
-        pl_module._ddp_params_and_buffers_to_ignore = sorted(existing | names)  # type: ignore[assignment]  # DDP reads this list
-
-    def _revert(self, pl_module: "pl.LightningModule") -> None:
-        revert_ghost_noise(pl_module)
-        self._layers = []
-        ignored = getattr(pl_module, "_ddp_params_and_buffers_to_ignore", None)
-        if ignored is not None and self._ddp_ignored:
-            kept = [n for n in ignored if n not in set(self._ddp_ignored)]
-            pl_module._ddp_params_and_buffers_to_ignore = kept  # type: ignore[assignment]  # DDP reads this list
-            self._ddp_ignored = []
+            pl_module.log("ghostnoise/strength", float(values["strength"]), on_step=True, on_epoch=False)
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit" and self.revert_on_fit_end:
-            self._revert(pl_module)
+            self.controller.revert(pl_module)
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         if self.revert_on_fit_end:
-            self._revert(pl_module)
+            self.controller.revert(pl_module)
 
     @override
     def state_dict(self) -> Dict[str, Any]:
-        return {"base_seed": self._base_seed, "method": self.method, "version": 1}
+        return self.controller.state_dict()
 
     @override
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        saved = state_dict.get("base_seed")
-        if saved is None:
-            return
-        if self.seed is not None and self.seed != saved:
-            rank_zero_warn(
-                f"GhostNoise: the checkpoint was trained with noise seed {saved}, this callback has seed={self.seed}; "
-                f"keeping seed={self.seed} (resume will not reproduce the uninterrupted noise)."
-            )
-            return
-        self._base_seed = int(saved)
+        self.controller.load_state_dict(state_dict)

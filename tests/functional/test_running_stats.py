@@ -441,7 +441,7 @@ def test_callback_running_stats_parameter():
     with pytest.raises(ValueError, match="running_stats must be"):
         GhostNoise(method="gbn", running_stats="full")
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
-    GhostNoise(method="gbn", running_stats="batch")._apply(model, warn=False)
+    GhostNoise(method="gbn", running_stats="batch").controller.apply(model, warn=False)
     assert model[1].running_stats == "batch"
-    GhostNoise(method="gbn")._apply(model, warn=False)
+    GhostNoise(method="gbn").controller.apply(model, warn=False)
     assert model[1].running_stats == "ghost"
