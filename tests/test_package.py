@@ -11,7 +11,9 @@ import pytest
 
 import lightning_ghostnoise
 
-ROOT = Path(__file__).resolve().parents[1]
+#: Where the imported package lies (the source tree, or site-packages for an installed wheel): the
+#: fresh interpreters below import the same package as this test.
+PACKAGE_PARENT = Path(lightning_ghostnoise.__file__).resolve().parents[1]
 
 PUBLIC = (
     "METHODS",
@@ -35,7 +37,7 @@ PUBLIC = (
 
 def _python(code: str) -> str:
     """Run ``code`` in a fresh interpreter (nothing imported yet) and return its stdout."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE_PARENT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout.strip()
