@@ -269,3 +269,35 @@ def test_fabric_two_processes_match_the_trainer(tmp_path: Path) -> None:
     # distinct noise per global rank, one drawn seed shared by both processes
     assert fabric[0]["seeds"][0] != fabric[1]["seeds"][0]
     assert fabric[0]["drawn_seed"] == fabric[1]["drawn_seed"]
+
+
+def test_fabric_saves_and_loads_the_controller_as_state(tmp_path: Path) -> None:
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    controller = GhostNoiseController(ghost_batch_size=4, seed=5)
+    net = controller.apply(body())
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    model, optimizer = fabric.setup(net, optimizer)
+    controller.on_step(0, 0)
+    controller.on_step(0, 1)
+    fabric.save(tmp_path / "ckpt", {"model": model, "optimizer": optimizer, "ghost_noise": controller})
+
+    restored = GhostNoiseController(ghost_batch_size=4)
+    net2 = restored.apply(body())
+    optimizer2 = torch.optim.SGD(net2.parameters(), lr=0.1)
+    model2, optimizer2 = fabric.setup(net2, optimizer2)
+    fabric.load(tmp_path / "ckpt", {"model": model2, "optimizer": optimizer2, "ghost_noise": restored})
+    assert (
+        restored.state_dict()
+        == controller.state_dict()
+        == {
+            "base_seed": 5,
+            "method": "gni",
+            "batches": 2,
+            "version": 2,
+        }
+    )
+    restored.on_step(0, 2)
+    controller.on_step(0, 2)
+    assert [layer.seed for layer in restored.layers] == [layer.seed for layer in controller.layers]
