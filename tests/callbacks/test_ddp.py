@@ -1,33 +1,17 @@
 """Real multi-process DDP runs (gloo on CPU), each in a subprocess with a timeout."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.processes import run_worker
 
-ROOT = Path(__file__).resolve().parents[2]
-WORKER = ROOT / "tests" / "helpers" / "ddp_worker.py"
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 
 
 def _run(mode: str, out: Path, world: int = 2) -> list:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
-    }
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), mode, str(out), str(world)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Lightning's launcher starts the other processes (no distributed variables in the environment)
+    run_worker("ddp_worker.py", mode, out, world, timeout=240)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

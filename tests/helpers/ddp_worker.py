@@ -1,4 +1,4 @@
-"""Worker for the real multi-process tests (run by tests/test_ddp.py in a subprocess, never by pytest).
+"""Worker for the real multi-process tests (run by tests/callbacks/test_ddp.py in a subprocess, never by pytest).
 
 Usage: python tests/helpers/ddp_worker.py MODE OUT_DIR [WORLD]
   rewrite: 2-process DDP, local sampling, identical data on both ranks; records, per rank, the layer
