@@ -141,6 +141,9 @@ def test_triton_launcher_internals_present_where_cuda_is():
     triton = pytest.importorskip("triton")
     from lightning_ghostnoise.backends.triton import launcher
 
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 4):  # launch hooks came with Triton 3.4
+        assert not launcher.internals_present() and launcher._launch_hook_set()  # always Triton's own launch
+        return
     assert hasattr(triton, "knobs") and hasattr(triton.knobs.runtime, "launch_enter_hook")
     if torch.cuda.is_available():  # CUDA builds: the raw device and stream getters of the cached launch
         assert launcher.internals_present()

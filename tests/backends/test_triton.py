@@ -468,11 +468,14 @@ def test_layers_launch_through_the_cache(use_kernels, monkeypatch, method):
     monkeypatch.setattr(launcher, "_LAUNCHERS", {})
     fast = run(True)
     entries = [v for launcher in launcher._LAUNCHERS.values() for v in launcher.cache.values()]
-    assert len(launcher._LAUNCHERS) == 6 and len(entries) == 6  # six kernels, one specialization each
-    if DEVICE == "cuda":
+    assert len(launcher._LAUNCHERS) == 6
+    if launcher._KNOBS is None:  # a Triton without launch hooks (before 3.4): always its own launch, nothing cached
+        assert entries == []
+    elif DEVICE == "cuda":
+        assert len(entries) == 6  # six kernels, one specialization each
         assert all(v is not False for v in entries)
     else:
-        assert all(v is False for v in entries)
+        assert len(entries) == 6 and all(v is False for v in entries)
     for a, b in zip(fast, run(False)):
         assert torch.equal(a, b)
 

@@ -1,7 +1,8 @@
 """Triton helpers shared by the coefficient kernels (GNI and GBN/XBN): running statistics, the affine
 parameters, and the per-channel batch moments (:func:`split_channel_moments` for large batches)."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: the kernels' `tl.constexpr` annotations must be objects
+# (Triton's interpreter before 3.4 does not read the string form).
 
 import torch
 import triton

@@ -9,7 +9,8 @@ the coefficient kernel forward and one backward, called from the graph as opaque
 statistics' update. Importing this module registers the ops; ``enable_compiled_kernels(True)`` does.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: torch's custom_op before 2.5 reads each op's schema from
+# annotation objects, not strings.
 
 from typing import Optional, Tuple
 

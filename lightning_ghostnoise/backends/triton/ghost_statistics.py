@@ -5,7 +5,11 @@ They compute :func:`lightning_ghostnoise.functional.batch_norm.effective_statist
 averages in float32; the tests check them against :mod:`lightning_ghostnoise.functional`.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: the kernels' `tl.constexpr` annotations must be objects (Triton's
+# interpreter before 3.4 does not read the string form), and so must the signatures torch's custom_op
+# reads before torch 2.5.
+
+from typing import Optional
 
 import torch
 import triton
@@ -288,10 +292,10 @@ def _ghost_stats_input_coefficients_kernel(
 
 def ghost_statistics_coefficients(
     mv: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
     strength: Tensor,
     count: int,
     momentum: float,

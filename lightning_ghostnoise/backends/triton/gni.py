@@ -6,9 +6,12 @@ They compute :func:`lightning_ghostnoise.functional.noise.ghost_noise`,
 tests check them against those functions.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: the kernels' `tl.constexpr` annotations must be objects (Triton's
+# interpreter before 3.4 does not read the string form), and so must the signatures torch's custom_op
+# reads before torch 2.5.
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -151,21 +154,21 @@ def _gni_input_coefficients_kernel(
 
 def gni_coefficients(
     mv: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
     strength: Tensor,
     count: int,
     momentum: float,
     eps: float,
     shift_noise: bool,
     scale_noise: bool,
-    indices: Tensor | None = None,
+    indices: Optional[Tensor] = None,
     noise_eps: float = 1e-3,
-    normal: Tensor | None = None,
-    gamma: Tensor | None = None,
-    ghost_batch_size: int | None = None,
+    normal: Optional[Tensor] = None,
+    gamma: Optional[Tensor] = None,
+    ghost_batch_size: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """GNI's forward ``(B, C)`` math in one launch (see :mod:`lightning_ghostnoise.backends.gni_batch_norm`).
 
@@ -201,7 +204,7 @@ def gni_coefficients(
     return coef, stats
 
 
-def gni_input_coefficients(r: Tensor, coef: Tensor, stats: Tensor, weight: Tensor | None, count: int) -> Tensor:
+def gni_input_coefficients(r: Tensor, coef: Tensor, stats: Tensor, weight: Optional[Tensor], count: int) -> Tensor:
     """GNI's backward ``(B, C)`` math in one launch.
 
     Args:

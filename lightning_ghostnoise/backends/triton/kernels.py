@@ -6,7 +6,8 @@ float32. :class:`TritonPasses` offers them with the same methods as
 :mod:`lightning_ghostnoise.functional` (on CPU through Triton's interpreter).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: the kernels' `tl.constexpr` annotations must be objects
+# (Triton's interpreter before 3.4 does not read the string form).
 
 import torch
 import triton
