@@ -245,8 +245,7 @@ class GhostNoiseController:
         steps_per_epoch: Optional[int] = None,
         warn: bool = True,
     ) -> nn.Module:
-        """Rewrite ``model``'s normalization layers with ghost noise; returns the model (a new one only if
-        ``model`` is itself a normalization layer).
+        """Rewrite ``model``'s normalization layers with ghost noise, in place; returns ``model``.
 
         Parameters and buffers are shared with the plain layers, so an optimizer built before or after
         keeps valid references and ``state_dict`` keys do not change. Applying again reconfigures the

@@ -165,10 +165,18 @@ def find_norm_layers(
     return targets, skipped
 
 
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+def _become(target: nn.Module, source: nn.Module) -> None:
+    """Turn ``target`` into ``source`` in place: its class and state, keeping the object.
+
+    The layers are converted in place, not replaced, so everything holding the module object itself
+    keeps a valid reference: its parent, hooks, and the sharded strategies (FSDP, ``fully_shard``),
+    which put each module's unsharded parameters back on the object they recorded at wrap time.
+    ``source`` was built from ``target``'s own attributes (parameters and buffers shared).
+    """
+    state = dict(vars(source))
+    vars(target).clear()
+    vars(target).update(state)
+    target.__class__ = type(source)
 
 
 def apply_ghost_noise(
@@ -189,11 +197,12 @@ def apply_ghost_noise(
     report: Optional[SurgeryReport] = None,
     running_stats: Optional[RunningStats] = None,
 ) -> nn.Module:
-    """Rewrite ``model``'s normalization layers with ghost noise; returns the (possibly new) model.
+    """Rewrite ``model``'s normalization layers with ghost noise, in place; returns ``model``.
 
-    Parameters and buffers are shared with the originals (the optimizer's references stay valid) and
-    keep their names, so ``state_dict`` keys do not change. Applying again reconfigures the ghost
-    layers in place: noise is never stacked. Everything is validated before anything changes.
+    Each layer becomes its ghost counterpart in place: the same module object, with the same
+    parameters and buffers (the optimizer's, hooks' and sharded strategies' references stay valid),
+    under the same names, so ``state_dict`` keys do not change. Applying again reconfigures the ghost
+    layers: noise is never stacked. Everything is validated before anything changes.
 
     Args:
         model: any module.
@@ -254,11 +263,8 @@ def apply_ghost_noise(
         except (ValueError, TypeError) as err:
             raise type(err)(f"Cannot apply ghost noise to layer {name or '<root>'!r}: {err}") from err
         new_layers.append((name, layer))
-    for name, layer in new_layers:
-        if name == "":
-            model = layer
-        else:
-            _set_child(model, name, layer)
+    for (_, module), (_, layer) in zip(targets, new_layers):
+        _become(module, layer)
     out = report if report is not None else SurgeryReport()
     for name, layer in new_layers:
         out.replaced.setdefault(layer._base.__name__, []).append(name)
@@ -275,7 +281,9 @@ def apply_ghost_noise(
 
 
 def revert_ghost_noise(model: nn.Module) -> nn.Module:
-    """Put plain layers back (same parameters and buffers); returns the (possibly new) model.
+    """Turn the ghost layers back into plain layers, in place (same objects, parameters and buffers).
+
+    Returns ``model``.
 
     Example:
         >>> import torch
@@ -283,11 +291,8 @@ def revert_ghost_noise(model: nn.Module) -> nn.Module:
         >>> type(revert_ghost_noise(m)).__name__
         'BatchNorm1d'
     """
-    for name, layer in ghost_layers(model):
-        plain = layer.to_plain()
-        if name == "":
-            return plain
-        _set_child(model, name, plain)
+    for _, layer in ghost_layers(model):
+        _become(layer, layer.to_plain())
     return model
 
 

@@ -578,3 +578,25 @@ def test_torch_compile_sees_strength_changes():
     # and back to 1: noise again
     set_strength(model, 1.0)
     assert not torch.allclose(compiled(x2), plain(x2), atol=1e-3)
+
+
+def test_layers_are_converted_in_place_keeping_the_module_objects():
+    # sharded strategies (FSDP, fully_shard) and hooks hold the module objects themselves
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.LayerNorm(4))
+    bn, ln = model[1], model[2]
+    calls = []
+    bn.register_forward_hook(lambda module, args, out: calls.append(type(module).__name__))
+    weight = bn.weight
+    out = apply_ghost_noise(model, ghost_batch_size=2)
+    assert out is model and model[1] is bn and model[2] is ln
+    assert is_ghost_layer(bn) and is_ghost_layer(ln) and bn.weight is weight
+    model(torch.randn(8, 3))
+    apply_ghost_noise(model, ghost_batch_size=4, method="gbn")  # reconfigured, still the same objects
+    assert model[1] is bn and bn.method == "gbn" and bn.ghost_batch_size == 4
+    assert revert_ghost_noise(model) is model and model[1] is bn and model[2] is ln
+    assert type(bn) is nn.BatchNorm1d and type(ln) is nn.LayerNorm and bn.weight is weight
+    assert not any(name.startswith("_ghost") for name, _ in bn.named_buffers())
+    model(torch.randn(8, 3))
+    assert calls == ["GhostBatchNorm1d", "BatchNorm1d"]  # the hook survived both conversions
+    root = nn.BatchNorm1d(4)
+    assert apply_ghost_noise(root) is root and is_ghost_layer(root)
