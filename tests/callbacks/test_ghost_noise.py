@@ -34,6 +34,8 @@ from lightning_ghostnoise.layers import GhostBatchNorm1d, GhostBatchNorm2d
 from lightning_ghostnoise.schedules import Linear, Piecewise, to_ghost_batch_size
 from lightning_ghostnoise.seeding import derive_seed
 
+_LIGHTNING = tuple(int(p) for p in pl.__version__.split(".")[:2])
+
 PLAIN = (nn.BatchNorm2d, nn.BatchNorm2d)
 GHOST = (GhostBatchNorm2d, GhostBatchNorm2d)
 
@@ -678,6 +680,8 @@ def test_schedules_continue_exactly_after_resume(
     resumed = _ValueRecorder()
     make_trainer(tmp_path / "resumed", [_schedule_callback(), resumed], max_epochs=3).fit(BNModel(), ckpt_path=path)
     first = (1, 2) if "global_step" in save else (1, 0)
+    if "global_step" in save and _LIGHTNING < (2, 5):
+        first = (1, 1)  # Lightning < 2.5 repeats the batch whose end saved the checkpoint
     assert resumed.rows and tuple(resumed.rows[0][:2]) == first
     assert (resumed.rows[-1][0], resumed.rows[-1][1]) == (2, BATCHES_PER_EPOCH - 1)
     for epoch, batch_idx, s, n in resumed.rows:

@@ -400,11 +400,16 @@ def test_inequality():
 jsonargparse = pytest.importorskip("jsonargparse")
 
 
+def _instantiate(parser, cfg):
+    """``parser.instantiate`` (jsonargparse >= 4.49), ``instantiate_classes`` before it."""
+    return parser.instantiate(cfg) if hasattr(parser, "instantiate") else parser.instantiate_classes(cfg)
+
+
 def _parse(yaml_value: str):
     parser = jsonargparse.ArgumentParser(exit_on_error=False)
     parser.add_argument("--s", type=Union[float, Schedule])
     cfg = parser.parse_string(f"s: {yaml_value}")
-    return parser.instantiate(cfg).s
+    return _instantiate(parser, cfg).s
 
 
 @pytest.mark.parametrize("yaml_value, expected", [("0.5", 0.5), ("3", 3.0)])
@@ -480,11 +485,11 @@ strength:
       init_args: {start_value: 0.0, end_value: 1.0, start: 2, end: 4}
 """
     cfg = parser.parse_string(config)
-    init = parser.instantiate(cfg)
+    init = _instantiate(parser, cfg)
     assert init.ghost_batch_size == Piecewise({0: 64, 5: 16})
     assert init.strength == WarmUp(2, Linear(0.0, 1.0, start=2, end=4))
     # and the parsed config dumps back to YAML that parses to the same objects
-    again = parser.instantiate(parser.parse_string(parser.dump(cfg)))
+    again = _instantiate(parser, parser.parse_string(parser.dump(cfg)))
     assert again.ghost_batch_size == init.ghost_batch_size
     assert again.strength == init.strength
 
