@@ -49,6 +49,7 @@ NEWEST = (
     "matplotlib==3.11.2",
     "scikit-learn==1.9.1",
     "pytest==9.2.0",
+    "build==1.6.1",
     "ruff==0.17.6",
     "mypy==2.4.1",
 )
@@ -81,51 +82,37 @@ class Cell:
     pins: tuple[str, ...]
     about: str
     default: bool = True
+    #: What a cell below a floor checks (it is expected to fail; the report keeps why).
+    probe: str = ""
+    #: Versions installed with ``--no-deps`` after the package, past its metadata (for the probes).
+    force: tuple[str, ...] = ()
+
+
+# fmt: off
+#: The floors of pyproject.toml (and of the test extra's tools) on the oldest Python it allows.
+OLDEST = (
+    "lightning==2.4.0", "torchmetrics==1.0.0", "lightning-utilities==0.10.0", "jsonargparse==4.27.7",
+    "numpy==1.24.4", "scipy==1.9.0", "matplotlib==3.5.0", "scikit-learn==1.0", "pytest==7.0.1", "build==1.2.1",
+    "ruff==0.6.0", "mypy==1.10.0",
+)
 
 
 CELLS = (
-    Cell(
-        "oldest",
-        "3.9",
-        "2.4.0",
-        (
-            "lightning==2.2.0",
-            "torchmetrics==1.0.0",
-            "lightning-utilities==0.10.0",
-            "jsonargparse==4.27.0",
-            "numpy==1.24.4",
-            "scipy==1.9.0",
-            "matplotlib==3.5.0",
-            "scikit-learn==1.0",
-            "pytest==7.0.1",
-            "ruff==0.6.0",
-            "mypy==1.10.0",
-        ),
-        "the floors pyproject.toml promises",
-    ),
-    Cell(
-        "middle",
-        "3.10",
-        "2.6.0",
-        (
-            "lightning==2.5.0.post0",
-            "torchmetrics==1.6.1",
-            "lightning-utilities==0.11.9",
-            "jsonargparse==4.35.0",
-            "numpy==1.26.4",
-            "scipy==1.14.1",
-            "matplotlib==3.9.4",
-            "scikit-learn==1.6.0",
-            "pytest==8.3.4",
-            "ruff==0.8.4",
-            "mypy==1.14.1",
-        ),
-        "releases of early 2025 (torch 2.6, Lightning 2.5, NumPy 1.x)",
-    ),
+    Cell("oldest", "3.9", "2.4.0", OLDEST, "the floors pyproject.toml promises"),
+    Cell("middle", "3.10", "2.6.0",
+         ("lightning==2.5.0.post0", "torchmetrics==1.6.1", "lightning-utilities==0.11.9", "jsonargparse==4.35.0",
+          "numpy==1.26.4", "scipy==1.14.1", "matplotlib==3.9.4", "scikit-learn==1.6.0", "pytest==8.3.4",
+          "build==1.2.2.post1", "ruff==0.8.4", "mypy==1.14.1"),
+         "releases of early 2025 (torch 2.6, Triton 3.2, Lightning 2.5, NumPy 1.x)"),
     Cell("default", "3.11", "2.13.0", (*NEWEST, "triton==3.9.0"), "what scripts/setup.sh installs (torch CPU wheel)"),
     Cell("newest", "3.13", "2.14.1", NEWEST, "the newest releases the machine's pip constraint allows"),
     Cell("torch215", "3.12", "2.15.0", NEWEST, "the newest torch on PyPI (above the machine's pip cap)"),
+    Cell("lightning-2.3", "3.9", "2.4.0", OLDEST, "oldest, then Lightning 2.3.3 forced in", default=False,
+         probe="Lightning below the floor 2.4", force=("lightning==2.3.3",)),
+    Cell("jsonargparse-4.27.0", "3.9", "2.4.0", OLDEST, "oldest, then jsonargparse 4.27.0 forced in",
+         default=False, probe="jsonargparse below the floor 4.27.7", force=("jsonargparse==4.27.0",)),
 )
+# fmt: on
 
 #: pytest plugin loaded into each cell's run: records every outcome and where lightning_ghostnoise came from.
 PROBE = """
@@ -134,12 +121,16 @@ _out = {"passed": [], "failed": [], "skipped": [], "xfailed": [], "xpassed": [],
 
 def _short(report):
     text = getattr(report, "longreprtext", "") or str(report.longrepr)
-    return text[-1500:]
+    errors = [line for line in text.splitlines() if line.startswith("E ")][:8]
+    return "\n".join(errors + text.splitlines()[-1:])[-2000:]
 
 def pytest_collectreport(report):
     if report.failed:
         _out["errors"].append(report.nodeid or "collection")
         _out["messages"][report.nodeid or "collection"] = _short(report)
+    elif report.skipped:  # a module skipped as a whole (e.g. tests/gpu without CUDA)
+        _out["skipped"].append(report.nodeid)
+        _out["messages"][report.nodeid] = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else ""
 
 def pytest_runtest_logreport(report):
     xfail = hasattr(report, "wasxfail")
@@ -286,6 +277,8 @@ def run_cell(cell: Cell, args: argparse.Namespace, wheel: Path, src: Path, work:
         "python_minor": cell.python,
         "torch_pin": cell.torch,
         "constraints": [f"torch=={cell.torch}", *cell.pins],
+        "forced": list(cell.force),
+        "probe": cell.probe,
         "status": "error",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -323,9 +316,14 @@ def run_cell(cell: Cell, args: argparse.Namespace, wheel: Path, src: Path, work:
             ("torch", [str(py), "-m", "pip", "install", f"torch=={cell.torch}"]),
             ("package", [str(py), "-m", "pip", "install", f"{wheel}[test]"]),
         ]
+        if cell.force:
+            forced = cdir / "forced.txt"
+            forced.write_text("\n".join(cell.force) + "\n")
+            steps.append(("force", [str(py), "-m", "pip", "install", "--no-deps", "-c", str(forced), *cell.force]))
         for step, cmd in steps:
             t0 = time.monotonic()
-            code, tail = log_run(cmd, log, env=env, cwd=cwd, timeout=3600)
+            step_env = dict(env, PIP_CONSTRAINT=str(forced)) if step == "force" else env
+            code, tail = log_run(cmd, log, env=step_env, cwd=cwd, timeout=3600)
             record.setdefault("seconds", {})[step] = round(time.monotonic() - t0, 1)
             if code:
                 record["error"] = f"step '{step}' failed:\n{tail[-4000:]}"
@@ -334,9 +332,11 @@ def run_cell(cell: Cell, args: argparse.Namespace, wheel: Path, src: Path, work:
         record["freeze"] = frozen
         have = versions_of(frozen)
         record["versions"] = {"python": "", **{k: have[k] for k in SHOWN if k in have}}
+        wanted = {p.split("==")[0]: p for p in record["constraints"]}
+        wanted.update({p.split("==")[0]: p for p in cell.force})
         drift = [
             p
-            for p in record["constraints"]
+            for p in wanted.values()
             if have.get(re.sub(r"[-_.]+", "-", p.split("==")[0]).lower(), "").split("+")[0] != p.split("==")[1]
         ]
         if drift:
@@ -422,45 +422,74 @@ def prune_pip_cache(limit_gb: float) -> None:
     print(f"matrix: pip cache {cache} was {total:.1f} GB: removed {len(big)} large downloads ({freed:.1f} GB)")
 
 
+def _first_error(msg: str) -> str:
+    """The first ``E`` line of a failure (else its last line), short."""
+    lines = [line for line in msg.strip().splitlines() if line.strip()] or [""]
+    errors = [line[1:].strip() for line in lines if line.startswith("E ")]
+    return (errors[0] if errors else lines[-1]).replace("|", "\\|")[:240]
+
+
+def _cell_lines(rec: dict[str, Any]) -> list[str]:
+    secs = ", ".join(f"{k} {v:.0f} s" for k, v in rec.get("seconds", {}).items())
+    lines = [f"- **{rec['cell']}**: {rec['about']}; ran {rec['date']} from tree `{rec.get('tree', '?')}` ({secs})."]
+    if rec.get("forced"):
+        lines.append(f"  - forced in with `--no-deps` after the package: {', '.join(rec['forced'])}")
+    if rec.get("error"):
+        lines.append(f"  - {rec['status']}: `{_first_error(rec['error'])}`")
+    errors: dict[str, list[str]] = {}
+    for name, msg in rec.get("failures", {}).items():
+        errors.setdefault(_first_error(msg), []).append(name)
+    for err, names in sorted(errors.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(f"`{n}`" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        lines.append(f"  - {len(names)} failed with `{err}`: {shown}")
+    reasons: dict[str, int] = {}
+    for msg in rec.get("skips", {}).values():
+        reasons[msg] = reasons.get(msg, 0) + 1
+    for msg, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  - {n} skipped: {msg[:200]}")
+    return lines
+
+
 def write_markdown(data: dict[str, Any], path: Path) -> None:
+    """The Markdown report: the cells' versions and counts, then each cell's failures and skips."""
     cols = ("python", "torch", "lightning", "torchmetrics", "lightning-utilities", "jsonargparse", "numpy", "triton")
+    head = [
+        "| cell | " + " | ".join(cols) + " | passed | failed | skipped | time | result |",
+        "|---" * (len(cols) + 6) + "|",
+    ]
     lines = [
         "# Version matrix",
         "",
         f"`{data['command']}` on {data['machine']}. Each cell: a fresh venv, torch first, then the package's wheel "
-        f'with its `test` extra under the cell\'s constraints; `pytest -m "{FAST}"` against the installed package '
-        "and `ghostnoise --help`. Raw results: `version_matrix.json` (full `pip freeze` per cell).",
+        f'with its `test` extra under the cell\'s constraints; `pytest -m "{data["marker"]}"` against the installed '
+        "package (checked: every `lightning_ghostnoise` module the tests imported lies in the venv) and "
+        "`ghostnoise --help`. Raw results, with the full `pip freeze` of each cell: `version_matrix.json`.",
         "",
-        "| cell | " + " | ".join(cols) + " | passed | failed | skipped | time | result |",
-        "|---" * (len(cols) + 6) + "|",
     ]
-    for rec in data["cells"]:
-        ver, cnt = rec.get("versions", {}), rec.get("counts", {})
-        vals = [ver.get(c, rec["torch_pin"] if c == "torch" else "") for c in cols]
-        mins = rec.get("seconds", {}).get("total", 0) / 60
-        lines.append(
-            f"| {rec['cell']} | " + " | ".join(vals) + f" | {cnt.get('passed', '')} | "
-            f"{cnt.get('failed', 0) + cnt.get('errors', 0) if cnt else ''} | {cnt.get('skipped', '')} | "
-            f"{mins:.1f} min | {rec['status']} |"
-        )
-    lines += ["", "Each cell: what it stands for, when it ran, from which tree, what failed or was skipped.", ""]
-    for rec in data["cells"]:
-        lines.append(
-            f"- **{rec['cell']}** ({rec['about']}): {rec['date']}, tree {rec.get('tree', '?')}, "
-            f"steps {rec.get('seconds', {})} s."
-        )
-        if rec.get("error"):
-            lines.append(f"  - error: `{rec['error'].strip().splitlines()[-1][:300]}`")
-        for name, msg in rec.get("failures", {}).items():
-            lines.append(f"  - failed `{name}`: `{(msg.strip().splitlines() or [''])[-1][:300]}`")
-        reasons: dict[str, int] = {}
-        for msg in rec.get("skips", {}).values():
-            reasons[msg] = reasons.get(msg, 0) + 1
-        for msg, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  - skipped {n}: {msg[:200]}")
+    cells = [rec for rec in data["cells"] if not rec.get("probe")]
+    probes = [rec for rec in data["cells"] if rec.get("probe")]
+    for group, title in ((cells, None), (probes, "## Below the floors")):
+        if not group:
+            continue
+        if title:
+            lines += [title, "", "Cells that check why a floor is where it is: each is expected to fail.", ""]
+        lines += head
+        for rec in group:
+            ver, cnt = rec.get("versions", {}), rec.get("counts", {})
+            vals = [ver.get(c, rec["torch_pin"] if c == "torch" else "") for c in cols]
+            failed = cnt.get("failed", 0) + cnt.get("errors", 0) if cnt else ""
+            mins = rec.get("seconds", {}).get("total", 0) / 60
+            lines.append(
+                f"| {rec['cell']} | " + " | ".join(vals) + f" | {cnt.get('passed', '')} | {failed} | "
+                f"{cnt.get('skipped', '')} | {mins:.1f} min | {rec['status']} |"
+            )
+        lines.append("")
+        for rec in group:
+            lines += _cell_lines(rec)
+        lines.append("")
     if data.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in data["notes"]]
-    path.write_text("\n".join(lines) + "\n")
+        lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
+    path.write_text("\n".join(lines))
 
 
 #: What the runs showed about the floors (kept in the report).
@@ -489,8 +518,8 @@ def main() -> None:
     args.python = dict(item.split("=", 1) for item in args.python)
     if args.list:
         for c in CELLS:
-            print(f"{c.name:10} python {c.python:5} torch {c.torch:7} {'(default) ' if c.default else ''}{c.about}")
-            print(f"{'':10} {' '.join(c.pins)}")
+            print(f"{c.name:20} python {c.python:5} torch {c.torch:7} {'(default) ' if c.default else ''}{c.about}")
+            print(f"{'':20} {' '.join(c.pins + c.force)}")
         return
     names = [c.name for c in CELLS if c.default] if not args.cells else args.cells.split(",")
     if names == ["all"]:
