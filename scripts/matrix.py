@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,7 @@ FAST = "not slow and not ddp and not gpu"
 #: The newest releases on PyPI when the matrix was last updated (torch aside).
 NEWEST = (
     "lightning==2.6.6",
+    "pytorch-lightning==2.6.6",
     "torchmetrics==1.9.0",
     "lightning-utilities==0.15.3",
     "jsonargparse==4.53.0",
@@ -91,24 +93,25 @@ class Cell:
 # fmt: off
 #: The floors of pyproject.toml (and of the test extra's tools) on the oldest Python it allows.
 OLDEST = (
-    "lightning==2.4.0", "torchmetrics==1.0.0", "lightning-utilities==0.10.0", "jsonargparse==4.27.7",
-    "numpy==1.24.4", "scipy==1.9.0", "matplotlib==3.5.0", "scikit-learn==1.0", "pytest==7.0.1", "build==1.2.1",
-    "ruff==0.6.0", "mypy==1.10.0",
+    "lightning==2.4.0", "pytorch-lightning==2.4.0", "torchmetrics==1.0.0", "lightning-utilities==0.10.0",
+    "jsonargparse==4.27.7", "numpy==1.24.4", "scipy==1.9.0", "matplotlib==3.5.0", "scikit-learn==1.0",
+    "pytest==7.0.1", "build==1.2.1", "ruff==0.6.0", "mypy==1.10.0",
 )
 
 
 CELLS = (
     Cell("oldest", "3.9", "2.4.0", OLDEST, "the floors pyproject.toml promises"),
     Cell("middle", "3.10", "2.6.0",
-         ("lightning==2.5.0.post0", "torchmetrics==1.6.1", "lightning-utilities==0.11.9", "jsonargparse==4.35.0",
-          "numpy==1.26.4", "scipy==1.14.1", "matplotlib==3.9.4", "scikit-learn==1.6.0", "pytest==8.3.4",
-          "build==1.2.2.post1", "ruff==0.8.4", "mypy==1.14.1"),
+         ("lightning==2.5.0.post0", "pytorch-lightning==2.5.0.post0", "torchmetrics==1.6.1",
+          "lightning-utilities==0.11.9", "jsonargparse==4.35.0", "numpy==1.26.4", "scipy==1.14.1",
+          "matplotlib==3.9.4", "scikit-learn==1.6.0", "pytest==8.3.4", "build==1.2.2.post1", "ruff==0.8.4",
+          "mypy==1.14.1"),
          "releases of early 2025 (torch 2.6, Triton 3.2, Lightning 2.5, NumPy 1.x)"),
     Cell("default", "3.11", "2.13.0", (*NEWEST, "triton==3.9.0"), "what scripts/setup.sh installs (torch CPU wheel)"),
     Cell("newest", "3.13", "2.14.1", NEWEST, "the newest releases the machine's pip constraint allows"),
     Cell("torch215", "3.12", "2.15.0", NEWEST, "the newest torch on PyPI (above the machine's pip cap)"),
     Cell("lightning-2.3", "3.9", "2.4.0", OLDEST, "oldest, then Lightning 2.3.3 forced in", default=False,
-         probe="Lightning below the floor 2.4", force=("lightning==2.3.3",)),
+         probe="Lightning below the floor 2.4", force=("lightning==2.3.3", "pytorch-lightning==2.3.3")),
     Cell("jsonargparse-4.27.0", "3.9", "2.4.0", OLDEST, "oldest, then jsonargparse 4.27.0 forced in",
          default=False, probe="jsonargparse below the floor 4.27.7", force=("jsonargparse==4.27.0",)),
 )
@@ -122,7 +125,7 @@ _out = {"passed": [], "failed": [], "skipped": [], "xfailed": [], "xpassed": [],
 def _short(report):
     text = getattr(report, "longreprtext", "") or str(report.longrepr)
     errors = [line for line in text.splitlines() if line.startswith("E ")][:8]
-    return "\n".join(errors + text.splitlines()[-1:])[-2000:]
+    return "\\n".join(errors + text.splitlines()[-1:])[-2000:]
 
 def pytest_collectreport(report):
     if report.failed:
@@ -536,7 +539,7 @@ def main() -> None:
     out = args.out.resolve()
     data = json.loads(out.read_text()) if out.exists() else {}
     done = {rec["cell"]: rec for rec in data.get("cells", [])}
-    command = "python3 scripts/matrix.py" + (f" --cells {args.cells}" if args.cells else "")
+    command = " ".join(["python3 scripts/matrix.py", *map(shlex.quote, sys.argv[1:])])
     for cell in chosen:
         print(f"matrix: {cell.name}: python {cell.python}, torch {cell.torch} ...", flush=True)
         rec = run_cell(cell, args, wheel, src, work)
