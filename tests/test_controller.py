@@ -235,37 +235,38 @@ def test_callback_is_built_on_a_controller() -> None:
 
 @pytest.mark.ddp
 @pytest.mark.slow
-def test_fabric_two_processes_match_the_trainer(tmp_path: Path) -> None:
+def test_fabric_and_torchrun_loops_match_the_trainer_on_two_processes(tmp_path: Path) -> None:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
+        if k not in ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
     }
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    worker = str(ROOT / "tests" / "helpers" / "fabric_worker.py")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     records = {}
-    for mode in ("fabric", "trainer"):
+    for mode in ("fabric", "trainer", "torch"):
         out = tmp_path / mode
         out.mkdir()
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "tests" / "helpers" / "fabric_worker.py"), mode, str(out)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
+        launch = torchrun if mode == "torch" else [sys.executable]
+        proc = subprocess.run([*launch, worker, mode, str(out)], env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         records[mode] = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    fabric, trainer = records["fabric"], records["trainer"]
-    for rank in range(2):
-        f, t = fabric[rank], trainer[rank]
-        assert f["global_rank"] == t["global_rank"] == rank
-        assert f["base_seed"] == t["base_seed"] == 7  # seed_everything's seed in both
-        assert f["seeds"] == t["seeds"] and len(f["seeds"]) == 8
-        assert torch.equal(f["x"], t["x"])  # the same shard of the same data
-        assert torch.equal(f["bn_out"], t["bn_out"])
-        for key, value in t["state"].items():
-            assert torch.equal(f["state"][key], value), key
-        assert "BatchNorm2d" in f["plain_types"] and not any(n.startswith("Ghost") for n in f["plain_types"])
+    trainer = records["trainer"]
+    for mode in ("fabric", "torch"):
+        for rank in range(2):
+            f, t = records[mode][rank], trainer[rank]
+            assert f["global_rank"] == t["global_rank"] == rank
+            assert f["base_seed"] == t["base_seed"] == 7  # seed_everything's seed, or the controller's seed=7
+            assert f["seeds"] == t["seeds"] and len(f["seeds"]) == 8
+            assert torch.equal(f["x"], t["x"])  # the same shard of the same data
+            assert torch.equal(f["bn_out"], t["bn_out"])
+            for key, value in t["state"].items():
+                assert torch.equal(f["state"][key], value), (mode, key)
+    fabric = records["fabric"]
+    assert "BatchNorm2d" in fabric[0]["plain_types"] and not any(
+        n.startswith("Ghost") for n in fabric[0]["plain_types"]
+    )
     # distinct noise per global rank, one drawn seed shared by both processes
     assert fabric[0]["seeds"][0] != fabric[1]["seeds"][0]
     assert fabric[0]["drawn_seed"] == fabric[1]["drawn_seed"]

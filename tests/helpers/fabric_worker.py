@@ -3,7 +3,10 @@
 Usage: python tests/helpers/fabric_worker.py MODE OUT_DIR
   fabric:  Lightning Fabric, 2 CPU processes (DDP, gloo), a plain loop driving a GhostNoiseController.
   trainer: the Trainer, 2 CPU processes (DDP, gloo), with the GhostNoise callback.
-Both train the same network from the same seed on the same data (each rank its DistributedSampler
+  torch:   plain PyTorch under torchrun (``python -m torch.distributed.run --standalone --nproc_per_node 2
+           fabric_worker.py torch OUT_DIR``): DistributedDataParallel, a DistributedSampler, no Lightning;
+           the controller reads the rank from torch.distributed.
+All three train the same network from the same seed on the same data (each rank its DistributedSampler
 shard) for 2 epochs, and save per rank: every layer's noise seed at every step, the first
 BatchNorm output, the final weights and the base seed. The fabric mode also draws a seed with no
 global seed set, to show that every process ends with rank 0's.
@@ -146,6 +149,47 @@ def run_fabric(out_dir: str) -> None:
     torch.save(record, os.path.join(out_dir, f"rank{fabric.global_rank}.pt"))
 
 
+def run_torch(out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank = dist.get_rank()
+    torch.manual_seed(7)
+    body = Body()
+    dataset = data()
+    # the sampler Lightning builds: shuffled, seeded with the global seed, one epoch per set_epoch
+    sampler = DistributedSampler(dataset, shuffle=True, seed=7)
+    loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler)
+    controller = GhostNoiseController(ghost_batch_size=4, seed=7)
+    body = controller.apply(body, max_epochs=EPOCHS, steps_per_epoch=len(loader))  # before the DDP wrap
+    model = DistributedDataParallel(body)
+    optimizer = torch.optim.SGD(body.parameters(), lr=0.2)
+    seeds = []
+    for epoch in range(EPOCHS):
+        sampler.set_epoch(epoch)
+        for batch_idx, (x, y) in enumerate(loader):
+            controller.on_step(epoch, batch_idx)  # rank from torch.distributed
+            seeds.append(seeds_now(body))
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    body = controller.revert(body)
+    record = {
+        "seeds": seeds,
+        "bn_out": body.bn_outputs[0],
+        "x": body.first_x,
+        "w": body.first_w,
+        "state": {k: v.detach().clone() for k, v in body.state_dict().items()},
+        "base_seed": controller.base_seed,
+        "global_rank": rank,
+    }
+    torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
-    {"fabric": run_fabric, "trainer": run_trainer}[mode](out)
+    {"fabric": run_fabric, "trainer": run_trainer, "torch": run_torch}[mode](out)
