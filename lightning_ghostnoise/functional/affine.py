@@ -47,6 +47,10 @@ def inner_broadcast(x: Tensor, channel_dim: int, *others: Tensor) -> bool:
     run faster than one ``addcmul`` with two (see docs/performance.md, "How it is implemented")."""
     if x.device.type != "cpu" or x.dim() < 3 or x.shape[-1] == 1 or channel_dim % x.dim() == x.dim() - 1:
         return False
+    if torch.compiler.is_compiling():
+        # an eager-mode choice (the compiler fuses either form); torch 2.4's compiler cannot trace
+        # ``is_contiguous`` inside an autograd function (an illegal call in its strict mode)
+        return False
     return x.is_contiguous() and all(t.is_contiguous() for t in others)
 
 

@@ -291,7 +291,19 @@ def test_kernel_path_refuses_double_backward(use_kernels):
         torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
 
 
+def _ast_source_takes_constexprs() -> bool:
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    return "constexprs" in inspect.signature(ASTSource).parameters
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not _ast_source_takes_constexprs(),
+    reason="tests/helpers/compile_kernels.py builds ASTSource(constexprs=...), which this Triton does not take (3.0)",
+)
 def test_kernels_compile_for_h100():
     """Triton compiles every kernel variant for sm_90 (no GPU needed): catches what the interpreter cannot."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
