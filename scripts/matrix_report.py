@@ -103,6 +103,14 @@ NOTES = [
     "command of a cell gets the cell's constraints file through PIP_CONSTRAINT, which replaces the configured "
     "constraint for that command only; the machine's files are unchanged.",
     "Lightning 2.6.6 is the newest release on PyPI (no 2.7 to test): the cap lightning < 2.7 stays.",
-    "Not in the fast suite: the slow test_kernels_compile_for_h100 builds `ASTSource(constexprs=...)`, which "
-    "Triton 3.0 (torch 2.4) does not take (TypeError in tests/helpers/compile_kernels.py).",
+    "The whole suite beyond the fast one (`-m 'not gpu'`: slow, multi-process and packaging tests) on the oldest "
+    "cell's venv (Python 3.9, torch 2.4.0, Lightning 2.4.0), source tree a24ddbb: 1579 passed, 25 failed. Fixed in "
+    "the package: 19, torch 2.4's compiler could not trace `is_contiguous` inside the layers' autograd functions "
+    "(a graph break per layer; the eager-only choice it fed is now skipped under the compiler). Feature-detected "
+    "skips, each with its reason: torch 2.4's `fully_shard` needs CUDA (2 CPU ModelParallelStrategy tests; "
+    "tests/gpu covers it), Triton 3.0's ASTSource takes no `constexprs` (the sm_90 compile check), torch 2.4's "
+    "inductor has no `cpu_backend` (the launch-count benchmark), no git checkout in the matrix's snapshot "
+    "(the A/B benchmark). The installed-wheel test now installs the running torch. Re-run from the source tree "
+    "(the cell's venv kept by `--cells oldest --keep`, then `PYTHONPATH=. <venv>/bin/python -m pytest -m 'not gpu'` "
+    "at commit 42a5cda): 1599 passed, 5 skipped, 1 failed (that pin, fixed next; the test then passed alone in 90 s).",
 ]
