@@ -58,6 +58,21 @@ def seeds_now(model):
     return [layer.seed for _, layer in ghost_layers(model)]
 
 
+def save_record(out_dir: str, rank: int, body: Body, seeds, base_seed, **extra) -> None:
+    """What every mode saves for the comparison: per-step seeds, first input/weight/BN output, final weights."""
+    record = {
+        "seeds": seeds,
+        "bn_out": body.bn_outputs[0],
+        "x": body.first_x,
+        "w": body.first_w,
+        "state": {k: v.detach().clone() for k, v in body.state_dict().items()},
+        "base_seed": base_seed,
+        "global_rank": rank,
+        **extra,
+    }
+    torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
 class Module(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
@@ -92,16 +107,7 @@ def run_trainer(out_dir: str) -> None:
         default_root_dir=out_dir,
     )
     trainer.fit(module, torch.utils.data.DataLoader(data(), batch_size=BATCH, shuffle=True))
-    record = {
-        "seeds": module.seeds,
-        "bn_out": module.body.bn_outputs[0],
-        "x": module.body.first_x,
-        "w": module.body.first_w,
-        "state": {k: v.detach().clone() for k, v in module.body.state_dict().items()},
-        "base_seed": cb.base_seed,
-        "global_rank": trainer.global_rank,
-    }
-    torch.save(record, os.path.join(out_dir, f"rank{trainer.global_rank}.pt"))
+    save_record(out_dir, trainer.global_rank, module.body, module.seeds, cb.base_seed)
 
 
 def run_fabric(out_dir: str) -> None:
@@ -135,18 +141,15 @@ def run_fabric(out_dir: str) -> None:
     # no global seed: a seed drawn on each process, replaced by rank 0's
     os.environ.pop("PL_GLOBAL_SEED", None)
     drawn = GhostNoiseController().resolve_seed()
-    record = {
-        "seeds": seeds,
-        "bn_out": body.bn_outputs[0],
-        "x": body.first_x,
-        "w": body.first_w,
-        "state": {k: v.detach().clone() for k, v in body.state_dict().items()},
-        "base_seed": controller.base_seed,
-        "drawn_seed": drawn,
-        "global_rank": fabric.global_rank,
-        "plain_types": [type(m).__name__ for m in body.modules()],
-    }
-    torch.save(record, os.path.join(out_dir, f"rank{fabric.global_rank}.pt"))
+    save_record(
+        out_dir,
+        fabric.global_rank,
+        body,
+        seeds,
+        controller.base_seed,
+        drawn_seed=drawn,
+        plain_types=[type(m).__name__ for m in body.modules()],
+    )
 
 
 def run_torch(out_dir: str) -> None:
@@ -177,16 +180,7 @@ def run_torch(out_dir: str) -> None:
             loss.backward()
             optimizer.step()
     body = controller.revert(body)
-    record = {
-        "seeds": seeds,
-        "bn_out": body.bn_outputs[0],
-        "x": body.first_x,
-        "w": body.first_w,
-        "state": {k: v.detach().clone() for k, v in body.state_dict().items()},
-        "base_seed": controller.base_seed,
-        "global_rank": rank,
-    }
-    torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
+    save_record(out_dir, rank, body, seeds, controller.base_seed)
     dist.destroy_process_group()
 
 
