@@ -108,4 +108,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from clean_exit import run_then_destroy  # same directory, run as a script
+
+    run_then_destroy(main)

@@ -185,5 +185,7 @@ def run_torch(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    from clean_exit import run_then_destroy  # same directory, run as a script
+
     mode, out = sys.argv[1], sys.argv[2]
-    {"fabric": run_fabric, "trainer": run_trainer, "torch": run_torch}[mode](out)
+    run_then_destroy(lambda: {"fabric": run_fabric, "trainer": run_trainer, "torch": run_torch}[mode](out))
