@@ -111,6 +111,7 @@ def run_trainer(out_dir: str) -> None:
 
 
 def run_fabric(out_dir: str) -> None:
+    from clean_exit import end_process_group  # same directory
     from lightning.fabric import Fabric
     from lightning.fabric.strategies import DDPStrategy
 
@@ -138,6 +139,7 @@ def run_fabric(out_dir: str) -> None:
             fabric.backward(loss)
             optimizer.step()
     body = controller.revert(body)
+    del model  # the DDP wrapper, freed before the process group (as docs/usage.md shows)
     # no global seed: a seed drawn on each process, replaced by rank 0's
     os.environ.pop("PL_GLOBAL_SEED", None)
     drawn = GhostNoiseController().resolve_seed()
@@ -150,10 +152,12 @@ def run_fabric(out_dir: str) -> None:
         drawn_seed=drawn,
         plain_types=[type(m).__name__ for m in body.modules()],
     )
+    end_process_group()
 
 
 def run_torch(out_dir: str) -> None:
     import torch.distributed as dist
+    from clean_exit import end_process_group  # same directory
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader, DistributedSampler
 
@@ -181,7 +185,8 @@ def run_torch(out_dir: str) -> None:
             optimizer.step()
     body = controller.revert(body)
     save_record(out_dir, rank, body, seeds, controller.base_seed)
-    dist.destroy_process_group()
+    del model  # DDP's reducer holds the process group: free it first (as docs/usage.md shows)
+    end_process_group()
 
 
 if __name__ == "__main__":
