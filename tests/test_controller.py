@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Dict, List
@@ -13,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.processes import run_command, worker_env
 from helpers.tiny_lightning import BATCHES_PER_EPOCH, make_loader, one_thread, trainer_kwargs  # noqa: F401
 from torch import nn
 
@@ -236,12 +235,7 @@ def test_callback_is_built_on_a_controller() -> None:
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_fabric_and_torchrun_loops_match_the_trainer_on_two_processes(tmp_path: Path) -> None:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
-    }
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = worker_env()
     worker = str(ROOT / "tests" / "helpers" / "fabric_worker.py")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     records = {}
@@ -249,7 +243,7 @@ def test_fabric_and_torchrun_loops_match_the_trainer_on_two_processes(tmp_path: 
         out = tmp_path / mode
         out.mkdir()
         launch = torchrun if mode == "torch" else [sys.executable]
-        proc = subprocess.run([*launch, worker, mode, str(out)], env=env, capture_output=True, text=True, timeout=240)
+        proc = run_command([*launch, worker, mode, str(out)], env, timeout=240)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         records[mode] = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     trainer = records["trainer"]

@@ -9,13 +9,13 @@ while DDP is alive.
 from __future__ import annotations
 
 import ast
-import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
-from helpers.processes import HELPERS, free_port, worker_env
+from helpers.processes import HELPERS, free_port, run_command, worker_env
 
 WORKERS = sorted(HELPERS.glob("*_worker.py"))
 
@@ -68,7 +68,39 @@ def test_end_process_group_refuses_while_ddp_is_alive(tmp_path: Path) -> None:
     )
     env = worker_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     env["PYTHONPATH"] = str(HELPERS) + ":" + env["PYTHONPATH"]
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    proc = run_command([sys.executable, "-c", script], env, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "REFUSED: 1 DistributedDataParallel object(s) still alive" in proc.stdout
     assert proc.stdout.rstrip().endswith("ENDED")
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has ended, only its parent has not reaped it yet
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from Linux's /proc")
+def test_a_timed_out_command_is_killed_with_every_process_it_started(tmp_path: Path) -> None:
+    """A hung launcher's ranks must not outlive the test, even in a session of their own (torchrun's)."""
+    pid_file = tmp_path / "grandchild.pid"
+    script = textwrap.dedent(
+        f"""
+        import subprocess, sys, time
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)"],
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # not our pipes
+        )
+        open({str(pid_file)!r}, "w").write(str(child.pid))
+        time.sleep(60)
+        """
+    )
+    with pytest.raises(AssertionError, match="timed out after 5 s"):
+        run_command([sys.executable, "-c", script], worker_env(), timeout=5)
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(pid), f"process {pid}, started by the timed-out command, is still running"

@@ -2,9 +2,6 @@
 
 import csv
 import math
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List
@@ -13,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import reference as ref  # noqa: E402
+from helpers.processes import run_worker
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import nn
 
@@ -252,16 +250,7 @@ def test_noise_statistics_states_merge_like_one_metric():
 @pytest.mark.ddp
 def test_ddp_two_processes_log_the_merged_statistics(tmp_path):
     """2-process gloo DDP: rank 0 logs the statistics of both ranks' noise, not its own."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
-    }
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(tmp_path), "2"], env=env, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_worker(WORKER.name, tmp_path, 2)
     inputs = [torch.load(tmp_path / f"rank{r}.pt")["bn_in"] for r in range(2)]
     noise = [ref.ghost_statistics_noise(x, 4, False, 1e-5) for x in inputs]
     merged = _stats(torch.cat([noise[0][0], noise[1][0]]), torch.cat([noise[0][1], noise[1][1]]))

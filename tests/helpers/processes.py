@@ -14,6 +14,7 @@ and the world size.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -62,11 +63,58 @@ def _command(script: str, args: Sequence[object]) -> List[str]:
     return [sys.executable, str(HELPERS / script), *[str(a) for a in args]]
 
 
+def _descendants(pid: int) -> List[int]:
+    """Every process below ``pid``, children first (read from Linux's /proc; empty where there is none)."""
+    children: Dict[int, List[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the field after the command's ")"
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while the table was read
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found: List[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(proc: "subprocess.Popen[str]") -> None:
+    """Kill ``proc`` and every process it started, also those in sessions of their own.
+
+    Launchers start the ranks as children (Lightning's rank 1 below rank 0; torchrun's workers in new
+    sessions), so killing only ``proc`` would leave hung ranks running after a timeout.
+    """
+    for pid in [*_descendants(proc.pid), proc.pid]:  # listed before any is killed: orphans move to init
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def run_command(command: Sequence[str], env: Dict[str, str], timeout: float) -> "subprocess.CompletedProcess[str]":
+    """Run ``command`` with its output captured; after ``timeout`` seconds kill it with every process it
+    started and fail with the output so far."""
+    proc = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"{' '.join(command)} timed out after {timeout} s (killed with every process it started):\n"
+            f"{out[-3000:]}\n{err[-3000:]}"
+        ) from None
+    return subprocess.CompletedProcess(list(command), proc.returncode, out, err)
+
+
 def run_worker(script: str, *args: object, timeout: float = 240, env: Optional[Dict[str, str]] = None) -> None:
-    """Run ``tests/helpers/<script> args...`` in one process; fail with its output if it fails or times out."""
-    proc = subprocess.run(
-        _command(script, args), env=env or worker_env(), capture_output=True, text=True, timeout=timeout
-    )
+    """Run ``tests/helpers/<script> args...`` (and the ranks it launches); fail with its output if it
+    fails or times out."""
+    proc = run_command(_command(script, args), env or worker_env(), timeout)
     assert proc.returncode == 0, f"{script} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
@@ -102,7 +150,7 @@ def run_nodes(script: str, *args: object, num_nodes: int = 2, timeout: float = 2
             timed_out = True
             for other in procs:
                 if other.poll() is None:
-                    other.kill()
+                    kill_tree(other)
             out, _ = proc.communicate()
         outputs.append(out)
     report = "\n".join(
